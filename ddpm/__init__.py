@@ -1,7 +1,23 @@
-"""ddpm: denoising diffusion probabilistic models (Ho, Jain and Abbeel, 2020) and their successors."""
+"""ddpm: denoising diffusion probabilistic models (Ho, Jain and Abbeel, 2020) and their successors.
 
+The math lives in :mod:`ddpm.schedules` (β_t), :mod:`ddpm.diffusion` (the process),
+:mod:`ddpm.losses` (KL, decoder, L_simple / L_vlb / L_hybrid, bits/dim) and :mod:`ddpm.samplers`
+(DDPM, DDIM). Timesteps are 0-based everywhere: index i is the paper's t = i + 1.
+"""
+
+from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
+from ddpm.schedules import cosine_betas, even_timesteps, get_betas, linear_betas, space_timesteps
 
 __version__ = "0.1.0"
 
-__all__ = ["UserError", "__version__"]
+__all__ = [
+    "GaussianDiffusion",
+    "UserError",
+    "__version__",
+    "cosine_betas",
+    "even_timesteps",
+    "get_betas",
+    "linear_betas",
+    "space_timesteps",
+]
