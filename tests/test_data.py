@@ -258,8 +258,9 @@ def test_npz_rgba_is_composited_on_white(tmp_path):
 
 
 @pytest.mark.parametrize("convert", [
-    lambda u: u.astype(np.float32) / 255,  # [0, 1]
-    lambda u: u.astype(np.float64),  # [0, 255]
+    # Off the integers by 0.4 (of 255), so rounding is tested, not truncation.
+    lambda u: ((u - np.float32(0.4)).clip(0) / 255).astype(np.float32),  # [0, 1]
+    lambda u: (u - 0.4).clip(0),  # [0, 255]
     lambda u: u.astype(np.int64),
 ])
 def test_npz_accepts_floats_and_wide_integers_that_hold_8_bit_values(tmp_path, convert):
