@@ -383,7 +383,7 @@ def _prepare_all(items: Sequence[Any], decode: Callable[[Any], Image.Image], fit
 # Folders
 
 
-def _scan_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+def _scan_folder(folder: Path) -> tuple[list[str], list[int], list[str]]:
     """The image files under ``folder`` (any depth, by extension; hidden files and folders left
     out), their labels and the class names.
 
@@ -392,22 +392,26 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     round-robin over the classes (first file of each class, second of each, ...) so that a
     ``--limit`` keeps a balanced subset. Otherwise everything is unlabeled (-1), in path order.
     """
-    files: list[Path] = []
+    found: list[tuple[tuple[str, ...], str]] = []  # (path parts below folder, path)
     others = 0
+    # Strings, not pathlib: this loop meets every file of data sets with 100,000s of them.
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        below = os.path.relpath(dirpath, folder)
+        parts = () if below == "." else tuple(below.split(os.sep))
+        for name in filenames:
             if name.startswith("."):
                 continue
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(Path(dirpath, name))
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(((*parts, name), os.path.join(dirpath, name)))
             else:
                 others += 1
-    if not files:
+    if not found:
         raise UserError(f"--data {folder}: no image files in it ({others:,} other file(s)); "
                         f"expected .png, .jpg, .bmp, .gif, .webp, .tif, ... (archives unpacked)")
-    files.sort(key=lambda p: p.relative_to(folder).parts)
-    tops = [p.relative_to(folder).parts for p in files]
+    found.sort()
+    files = [path for _, path in found]
+    tops = [parts for parts, _ in found]
     class_names = sorted({parts[0] for parts in tops if len(parts) > 1})
     if len(class_names) < 2 or any(len(parts) == 1 for parts in tops):
         return files, [-1] * len(files), []
@@ -422,7 +426,7 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     return [files[i] for i in order], [labels[i] for i in order], class_names
 
 
-def _open_image(path: Path) -> Image.Image:
+def _open_image(path: str) -> Image.Image:
     """Decode an image file fully (a lazy open would defer truncation errors to later)."""
     with Image.open(path) as img:
         img.load()
