@@ -31,6 +31,7 @@ stop the run (unreadable files skipped, small images upscaled) are issued once p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -223,12 +224,13 @@ class ImageData:
         return x, self.labels[idx]
 
 
-def load_images(source: str | os.PathLike[str], image_size: int, channels: int | None = None,
+def load_images(source: str | os.PathLike[str], image_size: int | None, channels: int | None = None,
                 split: str = "train", root: str | None = None, limit: int | None = None,
                 progress: bool = False) -> ImageData:
     """Read ``source`` (a data set name, a folder of images or an ``.npz``) into an
     :class:`ImageData` of ``image_size x image_size`` images with ``channels`` (1, 3, or None for
-    the source's own).
+    the source's own). ``image_size=None`` keeps the source's own size: the shorter side of its
+    (first) image.
 
     ``split`` is ``"train"`` or ``"test"``; ``root`` is where torchvision downloads go (see
     :func:`default_root`); ``limit`` keeps only the first ``limit`` images (for folders, in the
@@ -237,7 +239,7 @@ def load_images(source: str | os.PathLike[str], image_size: int, channels: int |
     source = os.fspath(source)
     if not source:
         raise UserError("--data is empty; pass a folder of images, an .npz file or a data set name")
-    if image_size < 1:
+    if image_size is not None and image_size < 1:
         raise UserError(f"--image-size must be at least 1, got {image_size}")
     if channels not in (None, 1, 3):
         raise UserError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}")
@@ -279,10 +281,14 @@ def _dataset_name(source: str) -> str | None:
 class _Fit:
     """What every loader is asked for: the output size, channels, limit and progress bar."""
 
-    size: int
+    size: int | None  # None: the source's own, fixed by native() once an image is seen
     channels: int | None
     limit: int | None
     progress: bool
+
+    def native(self, width: int, height: int) -> _Fit:
+        """This fit, with the source's own size (the shorter side) if none was asked for."""
+        return self if self.size is not None else dataclasses.replace(self, size=min(width, height))
 
     def check_memory(self, n: int, channels: int, what: str) -> None:
         """Refuse a load whose pixels would take more than :data:`MAX_BYTES`."""
@@ -446,10 +452,23 @@ def _load_folder(folder: Path, split: str, fit: _Fit) -> ImageData:
     what = f"folder {folder}"
     files, labels, class_names = _scan_folder(folder)
     files, labels = files[: fit.limit], labels[: fit.limit]
+    if fit.size is None and files:
+        fit = fit.native(*_first_size(files))
     fit.check_memory(len(files), fit.channels or 3, what)
     images, ok = _prepare_all(files, _open_image, fit, what)
     kept = torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(ok)]
     return ImageData(images, kept, class_names, what, skipped=int((~ok).sum()))
+
+
+def _first_size(files: Sequence[str]) -> tuple[int, int]:
+    """(width, height) of the first file that opens as an image (the last one if none does)."""
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except Exception:  # the loader reports unreadable files; here only a size is wanted
+            continue
+    return (1, 1)
 
 
 def _one_line(error: BaseException) -> str:
@@ -534,6 +553,7 @@ def _from_arrays(x: np.ndarray, labels: np.ndarray | None, class_names: list[str
     """:class:`ImageData` from uint8 ``[N, H, W, C]`` images (C in 1, 3, 4) and labels or None."""
     x, labels = x[: fit.limit], None if labels is None else labels[: fit.limit]
     n, h, w, c = x.shape
+    fit = fit.native(w, h)
     channels = fit.channels or (1 if c == 1 else 3)
     fit.check_memory(n, channels, what)
     if (h, w) == (fit.size, fit.size) and (c == channels or (c, channels) == (1, 3)):
@@ -629,6 +649,8 @@ def _load_torchvision(name: str, split: str, root: Path, fit: _Fit) -> ImageData
     if data is None:
         # Files on disk (CelebA): decode them through the data set, a few at a time in threads.
         indices = range(len(dataset))[: fit.limit]
+        if fit.size is None and len(indices):
+            fit = fit.native(*dataset[0][0].size)
         fit.check_memory(len(indices), fit.channels or 3, what)
         images, ok = _prepare_all(indices, lambda i: dataset[i][0], fit, what)
         unlabeled = torch.full((len(images),), -1, dtype=torch.int64)

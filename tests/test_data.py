@@ -628,3 +628,16 @@ def test_real_cifar10_jpeg_tree(tmp_path):
     assert train.images.shape == (30, 3, 32, 32) and len(test) == 30
     assert train.class_names[:3] == ["airplane", "automobile", "bird"]
     assert train.labels[:10].tolist() == list(range(10))
+
+
+def test_native_size_when_no_image_size_is_given(tmp_path):
+    """image_size=None keeps the source's own size: arrays' side, a folder's first image's shorter side."""
+    x = np.arange(2 * 6 * 6, dtype=np.uint8).reshape(2, 6, 6)
+    np.savez(tmp_path / "a.npz", x_train=x)
+    data = load_images(tmp_path / "a.npz", None)
+    assert data.image_size == 6 and torch.equal(data.images[:, 0], torch.from_numpy(x))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (10, 7), (1, 2, 3)).save(folder / "a.png")
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(folder / "b.png")
+    assert load_images(folder, None).image_size == 7
