@@ -1,0 +1,211 @@
+"""Images in and out: [-1, 1] to uint8, grids of images, and atomic PNG, GIF and ``.npz`` writing.
+
+Only the core dependencies (torch, NumPy, Pillow). Image batches are ``[N, C, H, W]`` with C = 1
+(grey, written as Pillow mode ``'L'``) or C = 3 (``'RGB'``), either uint8 in 0..255 or floats in
+[-1, 1], the range the model works in (data are scaled as ``x / 127.5 - 1``, see
+:mod:`ddpm.data`). Floats outside [-1, 1], e.g. a noisy x_t, are clamped for display.
+
+Every writer is atomic: it writes a temporary file beside the target and renames it over the
+target, so a reader (or a run resumed after an interruption) never finds a half-written file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ddpm.errors import UserError
+
+PathLike = str | os.PathLike[str]
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Floats in [-1, 1] to uint8 0..255: ``round((x + 1) · 127.5)``, clamped; same shape and device.
+
+    The exact inverse of the data scaling ``v / 127.5 − 1`` on the 256 levels. Values outside
+    [-1, 1] are clamped; NaN (a diverged model) becomes mid-grey rather than an arbitrary byte.
+    """
+    # Half precision cannot hold (x + 1) · 127.5 exactly enough to round to the right level.
+    x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    x = torch.nan_to_num(x, nan=0.0)
+    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def as_uint8_images(images: Tensor) -> Tensor:
+    """A batch ``[N, C, H, W]`` (C = 1 or 3) as a uint8 CPU tensor: uint8 kept, floats through :func:`to_uint8`."""
+    _check_images(images)
+    if images.dtype == torch.uint8:
+        return images.detach().cpu()
+    return to_uint8(images).cpu()
+
+
+def as_float_images(images: Tensor) -> Tensor:
+    """A batch ``[N, C, H, W]`` as float32 on the CPU in [-1, 1]: uint8 scaled as ``v / 127.5 − 1``, like the data."""
+    _check_images(images)
+    if images.dtype == torch.uint8:
+        return images.detach().cpu().float() / 127.5 - 1.0
+    return images.detach().cpu().float()
+
+
+def _check_images(images: Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [N, C, H, W] with C = 1 or 3, got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(f"expected uint8 or floating-point images, got {images.dtype}")
+
+
+def make_grid(
+    images: Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255, scale: int = 1
+) -> Image.Image:
+    """One image showing a batch ``[N, C, H, W]`` (uint8, or floats in [-1, 1]) as a grid.
+
+    Tiles are laid out row by row, ``nrow`` per row (default ``ceil(sqrt(N))``; fewer if N is
+    smaller), each upscaled ``scale`` times by pixel repetition (nearest neighbour, so 8x8 digits
+    stay crisp), with ``padding`` pixels of grey level ``pad_value`` between and around them; the
+    padding is not scaled. With c = min(nrow, N) columns and r = ceil(N / c) rows the result is
+    ``c · (W·scale + padding) + padding`` wide and ``r · (H·scale + padding) + padding`` high.
+    Unused cells of the last row are padding. Grey (C = 1) gives mode ``'L'``, colour ``'RGB'``.
+    """
+    x = as_uint8_images(images)
+    N, C, H, W = x.shape
+    if N == 0:
+        raise ValueError("cannot make a grid of zero images")
+    if scale < 1 or padding < 0 or not 0 <= pad_value <= 255:
+        raise ValueError(f"need scale >= 1, padding >= 0 and pad_value in 0..255 (got {scale}, {padding}, {pad_value})")
+    cols = min(nrow or math.ceil(math.sqrt(N)), N)
+    rows = math.ceil(N / cols)
+    if scale > 1:
+        x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    h, w, p = H * scale, W * scale, padding
+    # Each tile takes the padding below and to its right; the empty cells are all padding. Then one
+    # reshape lays the cells out, and the border's top and left strips are added last.
+    cells = torch.full((rows * cols, C, h + p, w + p), pad_value, dtype=torch.uint8)
+    cells[:N, :, :h, :w] = x
+    grid = cells.reshape(rows, cols, C, h + p, w + p).permute(2, 0, 3, 1, 4).reshape(C, rows * (h + p), cols * (w + p))
+    grid = torch.nn.functional.pad(grid, (p, 0, p, 0), value=pad_value)
+    return _to_pil(grid)
+
+
+def _to_pil(chw: Tensor) -> Image.Image:
+    """A uint8 ``[C, H, W]`` tensor (C = 1 or 3) as a Pillow image, ``'L'`` or ``'RGB'``."""
+    array = chw.permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array[:, :, 0] if chw.shape[0] == 1 else array))
+
+
+def auto_scale(image_size: int) -> int:
+    """The upscale factor that makes a tile of ``image_size`` pixels comfortable to look at.
+
+    The smallest power of two that brings a tile to at least 48 px: 8 → 8 (64 px), 16 → 4,
+    28 and 32 → 2, 48 and larger → 1. Powers of two keep the nearest-neighbour blocks even.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    scale = 1
+    while image_size * scale < 48:
+        scale *= 2
+    return scale
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(file)`` on a new file beside ``path``, then rename it to ``path``; return ``path``.
+
+    Parent folders are created. Readers see either the old file or the complete new one; if
+    ``write`` fails, the temporary file is removed and the target is untouched. (Atomic against
+    interruption, not against power loss: there is no fsync, which would make writing thousands
+    of sample PNGs slow.)
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {path.parent}: {e.strerror or e}") from e
+    # A dot file with a random suffix: hidden from listings and globs, unique among concurrent writers.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        # "xb", not tempfile.mkstemp: the file gets the usual permissions (0666 less the umask), not 0600.
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        # A file-system error (no space, no permission) is the user's to fix; an OSError without an
+        # errno comes from the writer itself (Pillow raises those) and is a bug, so it keeps its traceback.
+        if isinstance(e, OSError) and e.errno is not None:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
+    return path
+
+
+def save_image(img: Image.Image, path: PathLike) -> Path:
+    """Write a Pillow image atomically, in the format its extension names (``.png``, ``.jpg``, ...)."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot tell the image format of {path}: give it an extension such as .png")
+    return atomic_write(path, lambda f: img.save(f, format=fmt))
+
+
+def save_gif(
+    frames: Sequence[Image.Image], path: PathLike, duration_ms: int | Sequence[int] = 100, loop: int = 0
+) -> Path:
+    """Write frames as an animated GIF, atomically.
+
+    ``duration_ms`` is one display time for every frame or one per frame (e.g. a longer last one);
+    ``loop=0`` repeats forever, n > 0 plays n + 1 times. Pillow merges consecutive identical frames
+    into one, adding their durations, so the file may hold fewer frames than given.
+    """
+    frames = list(frames)
+    durations = duration_ms if isinstance(duration_ms, int) else list(duration_ms)
+    if not frames:
+        raise ValueError("a GIF needs at least one frame")
+    if isinstance(durations, list) and len(durations) != len(frames):
+        raise ValueError(f"got {len(durations)} durations for {len(frames)} frames")
+    if len({f.size for f in frames}) > 1:
+        # GIF would silently crop or pad every frame to the first one's size.
+        raise ValueError(f"GIF frames must all have one size, got {sorted({f.size for f in frames})}")
+    return atomic_write(
+        path,
+        lambda f: frames[0].save(
+            f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=loop
+        ),
+    )
+
+
+def save_pngs(images: Tensor, directory: PathLike, start_index: int = 0) -> list[Path]:
+    """Write each image of a batch ``[N, C, H, W]`` to ``directory/NNNNNN.png``, numbered from ``start_index``.
+
+    One file per image, each written atomically, so a sampling run that stops part-way leaves only
+    whole files and can go on from the next number.
+    """
+    x = as_uint8_images(images)
+    directory = Path(directory)
+    return [save_image(_to_pil(img), directory / f"{start_index + i:06d}.png") for i, img in enumerate(x)]
+
+
+def save_npz(images: Tensor, path: PathLike, labels: Tensor | np.ndarray | None = None) -> Path:
+    """Write a batch ``[N, C, H, W]`` to an ``.npz`` file, atomically, in the layout FID tools read.
+
+    ``arr_0`` holds the images as uint8 ``[N, H, W, C]`` (C kept as 1 for grey), the array that
+    openai/guided-diffusion's ``evaluator.py`` reads; ``arr_1`` holds the int64 ``labels`` [N]
+    when given, as guided-diffusion's ``image_sample.py`` writes them. Uncompressed, like theirs.
+    """
+    arrays = {"arr_0": as_uint8_images(images).permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels, dtype=np.int64)
+        if labels.shape != (len(arrays["arr_0"]),):
+            raise ValueError(f"expected {len(arrays['arr_0'])} labels, got shape {labels.shape}")
+        arrays["arr_1"] = labels
+    # Writing to an open file keeps NumPy from appending ".npz" to a name that lacks it.
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
