@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.images import PathLike, as_float_images, atomic_write, auto_scale, make_grid, save_gif
+from ddpm.images import PathLike, as_float_images, atomic_write, auto_scale, make_grid, save_gif, save_image
 from ddpm.schedules import SCHEDULES, get_betas
 
 if TYPE_CHECKING:
@@ -154,6 +154,38 @@ def reverse_process_gif(
     images = [frame(x_t[i, :B], pred_x0[i, :B], f"x_t  t={int(ts[i]) + 1}") for i in steps]
     images.append(frame(pred_x0[-1, :B], pred_x0[-1, :B], "x_0  (sample)"))
     return save_gif(images, path, [duration_ms] * len(steps) + [final_hold_ms])
+
+
+def reverse_process_pictures(
+    model: Any,
+    diffusion: GaussianDiffusion,
+    out_dir: PathLike,
+    num_images: int = 8,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> list[Path]:
+    """Sample 16 images (at least ``num_images``) with their trajectory and write ``reverse.png``
+    (:func:`reverse_process_grid` of ``num_images``) and ``reverse.gif`` (:func:`reverse_process_gif`).
+
+    About 50 steps of the trajectory are recorded, whatever the number of sampling steps. A
+    class-conditional model gets the classes in turn.
+    """
+    config = model.config
+    n = max(num_images, 16)
+    device = torch.device(device)
+    kwargs = {"y": torch.arange(n, device=device) % config.num_classes} if config.num_classes else {}
+    total = steps or diffusion.num_timesteps
+    _, trajectory = diffusion.sample(
+        model, (n, config.in_channels, config.image_size, config.image_size), sampler=sampler, steps=steps, eta=eta,
+        generator=torch.Generator(device=device).manual_seed(seed), device=device, progress=progress,
+        return_trajectory=True, trajectory_every=max(1, total // 50), model_kwargs=kwargs)
+    out_dir = Path(out_dir)
+    grid = reverse_process_grid(trajectory, num_images=num_images)
+    return [save_image(grid, out_dir / "reverse.png"), reverse_process_gif(trajectory, out_dir / "reverse.gif")]
 
 
 def _unpack(trajectory: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,448 @@
+"""The ``ddpm`` command: argument parsing only; every verb calls a library function.
+
+A user's mistake (:class:`~ddpm.errors.UserError`) is printed as one line ``ddpm: error: ...``
+with a non-zero exit code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import textwrap
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ddpm.errors import UserError
+
+EPILOG_TRAIN = """\
+examples:
+  ddpm train --preset digits --out runs/digits                 # scikit-learn's 8x8 digits, CPU minutes
+  ddpm train --preset mnist --data mnist.npz --out runs/mnist --train.steps 5000
+  ddpm train --preset cifar10 --data ./cifar10/train --out runs/cifar --train.batch_size 256
+  ddpm train --out runs/mnist --resume                         # continue a stopped run exactly
+  torchrun --nproc_per_node=4 -m ddpm train --preset cifar10 --data cifar10 --out runs/c4
+
+--data is a folder of images (sub-folders per class give labels), an .npz with x_train/y_train,
+a torchvision name (mnist, fashion-mnist, cifar10, cifar100, celeba, ...: downloaded once), or
+digits. The run directory gets config.json, metrics.jsonl, samples/step_N.png and checkpoints/.
+Every configuration field below can be set; the resolved configuration is printed and saved.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ddpm`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # library warnings we report ourselves
+            return args.handler(args) or 0
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"ddpm: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("ddpm: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddpm",
+        description="Denoising diffusion probabilistic models: train, sample, evaluate and picture them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with 'ddpm demo' (no download, a few CPU minutes). 'ddpm VERB --help' explains each verb.",
+    )
+    parser.set_defaults(command=None, debug=False)
+    sub = parser.add_subparsers(title="verbs", metavar="VERB")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N or mps")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    _add_train(sub, common)
+    _add_sample(sub, common)
+    _add_eval(sub, common)
+    _add_viz(sub, common)
+    _add_export(sub, common)
+    _add_demo(sub, common)
+    return parser
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
+    from ddpm.config import RUN_PRESETS, SECTIONS, field_docs, field_types
+
+    p = sub.add_parser("train", parents=[common], help="train a model on images",
+                       description="Train a DDPM U-Net (Ho et al. 2020, Algorithm 1) with the paper's recipe.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN)
+    p.add_argument("--preset", default=None, choices=list(RUN_PRESETS),
+                   help="model size and recipe (default: digits for a new run; a resumed run keeps its own)")
+    p.add_argument("--data", default=None, help="training data (folder, .npz, torchvision name or digits)")
+    p.add_argument("--out", required=True, help="the run directory")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="start over in --out, deleting the old run's files")
+    unique = _unique_field_names()
+    for section, section_type in SECTIONS.items():
+        group = p.add_argument_group(f"{section} options")
+        docs = field_docs(section_type)
+        for field in dataclasses.fields(section_type):
+            key = f"{section}.{field.name}"
+            if key == "data.source":
+                continue  # that is --data
+            flags = [f"--{key}"]
+            if unique.get(field.name) == section and field.name not in ("steps", "device"):
+                flags.append(f"--{field.name.replace('_', '-')}")
+            default = field.default if field.default is not dataclasses.MISSING else None
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text = f"{docs.get(field.name, '')} (default {shown})".strip()
+            group.add_argument(*flags, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_metavar(field_types(
+                section_type)[field.name]), help=help_text.replace("%", "%%"))
+    p.set_defaults(handler=cmd_train, command="train")
+
+
+def _unique_field_names() -> dict[str, str]:
+    from ddpm.config import SECTIONS
+
+    seen: dict[str, list[str]] = {}
+    for section, section_type in SECTIONS.items():
+        for field in dataclasses.fields(section_type):
+            seen.setdefault(field.name, []).append(section)
+    return {name: sections[0] for name, sections in seen.items() if len(sections) == 1}
+
+
+def _metavar(annotation: Any) -> str:
+    name = getattr(annotation, "__name__", "")
+    return {"int": "N", "float": "X", "bool": "BOOL", "str": "TEXT"}.get(name, "N,N,...")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    return {key[len("cfg:"):]: value for key, value in vars(args).items() if key.startswith("cfg:")}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ddpm.config import RunConfig, get_config
+    from ddpm.train import train
+
+    overrides = _overrides(args)
+    if args.data is not None:
+        overrides["data.source"] = args.data
+    if args.device != "auto" or "train.device" not in overrides:
+        overrides.setdefault("train.device", args.device)
+    if args.resume:
+        saved = RunConfig.from_dict(_load_json(Path(args.out) / "config.json"))
+        base = saved if args.preset is None else get_config(args.preset)
+        config = base.replace(overrides)
+    else:
+        config = get_config(args.preset or "digits", overrides)
+        if not config.data.source:
+            raise UserError(f"--data is required with --preset {args.preset or 'digits'} "
+                            "(a folder, an .npz, a torchvision name or digits)")
+    explicit = set(overrides) - ({"train.device"} if args.device == "auto" else set())
+    result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
+                   progress=not args.quiet)
+    print(f"trained {result.step} steps in {result.seconds / 60:.1f} min ({result.images_per_second:.0f} img/s)")
+    if result.checkpoint:
+        print(f"checkpoint: {result.checkpoint}")
+    if result.sample_grid:
+        print(f"samples:    {result.sample_grid}")
+    print(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
+    return 0
+
+
+def _load_json(path: Path) -> Any:
+    from ddpm.checkpoints import load_json
+
+    if not path.is_file():
+        raise UserError(f"{path.parent} holds no run to resume (no config.json)")
+    return load_json(path)
+
+
+# ---------------------------------------------------------------------------- sample
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run directory, a checkpoint directory, a saved model, or a diffusers-layout "
+                                 "directory (e.g. google/ddpm-cifar10-32 downloaded)")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw training weights")
+
+
+def _sampler_arguments(p: argparse.ArgumentParser, default_steps: int | None) -> None:
+    p.add_argument("--sampler", default="ddim" if default_steps else "ddpm", choices=["ddpm", "ddim"],
+                   help="ancestral DDPM (Algorithm 2) or DDIM")
+    p.add_argument("--steps", type=int, default=default_steps,
+                   help="sampling steps K (respaced to {0, T/K, 2T/K, ...}; default: all T)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
+    p.add_argument("--seed", type=int, default=0, help="random seed (samples repeat for a seed and batch size)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call batch")
+
+
+def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "sample", parents=[common], help="draw images from a trained model",
+        description="Draw samples with DDPM (1000 steps) or DDIM (e.g. 50 steps) and write a PNG grid, PNGs or an .npz.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              ddpm sample runs/mnist --out out/mnist --num-images 64
+              ddpm sample runs/mnist --out out/fid --sampler ddim --steps 50 --num-images 10000 --npz --no-grid
+              ddpm sample ddpm-cifar10-32/ --out out/cifar --sampler ddim --steps 100
+              ddpm sample runs/cond --out out/sevens --label 7 --guidance-scale 3
+            """))
+    _model_arguments(p)
+    p.add_argument("--out", required=True, help="output directory")
+    _sampler_arguments(p, default_steps=None)
+    p.add_argument("--num-images", type=int, default=64, help="how many images")
+    p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale w (1: conditional model alone)")
+    p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+    p.add_argument("--pngs", action="store_true", help="write every image as images/NNNNNN.png")
+    p.add_argument("--npz", action="store_true", help="write samples.npz (uint8 NHWC arr_0, as FID tools take)")
+    p.set_defaults(handler=cmd_sample, command="sample")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ddpm.sampling import describe_run, generate, load_model, write_samples
+    from ddpm.train import resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, args.weights, device)
+    print(describe_run(loaded))
+    images, labels = generate(loaded, args.num_images, args.batch_size, args.sampler, args.steps, args.eta,
+                              args.seed, args.label, args.guidance_scale, device, progress=not args.quiet)
+    paths = write_samples(images, labels, args.out, grid=not args.no_grid, pngs=args.pngs, npz=args.npz)
+    _print_paths(paths)
+    return 0
+
+
+def _print_paths(paths: Sequence[Path]) -> None:
+    if len(paths) > 5:
+        print(f"wrote {len(paths)} files, e.g. {paths[0]} ... {paths[-1]}")
+    else:
+        for path in paths:
+            print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "eval", parents=[common], help="bits/dim of a data split; FID/KID/IS of samples",
+        description="Measure a model: the full variational bound in bits/dim on a data split (always), and FID, "
+                    "KID and IS of its samples against the data with --fid (needs torch-fidelity).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              ddpm eval runs/mnist --data mnist.npz --out out/eval              # test bits/dim of 1000 images
+              ddpm eval runs/mnist --data mnist.npz --out out/eval --limit 0    # all test images
+              ddpm eval runs/cifar --data cifar10 --out out/eval --fid --num-samples 10000 --inception pt_inception.pth
+            writes bpd.json (total, per-term breakdown) and bound.png (the terms over t)."""))
+    _model_arguments(p)
+    p.add_argument("--data", required=True, help="the data to score (folder, .npz, torchvision name or digits)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="which split (default test)")
+    p.add_argument("--limit", type=int, default=1000, help="score at most this many images (0: all; default 1000)")
+    p.add_argument("--out", required=True, help="output directory for the report")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--max-batch", type=int, default=1024, help="(image, t) pairs per model call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bpd", action="store_true", help="skip bits/dim")
+    p.add_argument("--fid", action="store_true", help="also FID/KID/IS of samples vs the data (torch-fidelity)")
+    p.add_argument("--samples", default=None, help="an .npz of samples for --fid (default: draw --num-samples)")
+    p.add_argument("--num-samples", type=int, default=10000, help="samples to draw for --fid")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="sampler for --fid samples")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps for --fid samples")
+    p.add_argument("--inception", default=None, help="local Inception weights file for torch-fidelity (offline)")
+    p.set_defaults(handler=cmd_eval, command="eval")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ddpm.evaluate import evaluate_bpd, evaluate_fid, write_bpd_report
+    from ddpm.sampling import describe_run, generate, load_model
+    from ddpm.train import resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, args.weights, device)
+    print(describe_run(loaded))
+    out = Path(args.out)
+    written: list[Path] = []
+    if not args.no_bpd:
+        report = evaluate_bpd(loaded, args.data, args.split, args.limit or None, args.batch_size, args.max_batch,
+                              args.seed, device, progress=not args.quiet)
+        written += write_bpd_report(report, out)
+        print(f"bits/dim: {report['bpd']:.4f} ± {report['bpd_stderr'] or 0:.4f} over {report['num_images']} images "
+              f"(L_T {report['prior_bpd']:.2e}, L_0 {report['decoder_bpd']:.4f})")
+    if args.fid:
+        from ddpm.data import load_images
+
+        cfg = loaded.model.config
+        reference = load_images(args.data, cfg.image_size, cfg.in_channels, split="train", limit=args.num_samples,
+                                progress=not args.quiet).images
+        if args.samples:
+            samples = _load_samples_npz(Path(args.samples))
+        else:
+            samples, _ = generate(loaded, args.num_samples, args.batch_size, args.sampler, args.steps, 0.0, args.seed,
+                                  device=device, progress=not args.quiet)
+        metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)
+        from ddpm.checkpoints import save_json
+
+        path = out / "fid.json"
+        save_json(path, {**metrics, "num_samples": len(samples), "num_reference": len(reference)})
+        written.append(path)
+        print("  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    _print_paths(written)
+    return 0
+
+
+def _load_samples_npz(path: Path) -> Any:
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise UserError(f"--samples {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arr = f["arr_0"]
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"--samples {path}: not an .npz with an arr_0 array ({e})") from e
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise UserError(f"--samples {path}: arr_0 must be uint8 [N, H, W, C], got {arr.dtype} {list(arr.shape)}")
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------- viz
+
+
+def _add_viz(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "viz", parents=[common], help="pictures of the forward and reverse processes and the schedules",
+        description="Make pictures: the forward process on real images, the noise schedules, and the reverse "
+                    "process of a trained model (a grid of x_t and predicted x_0, and an animated GIF).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              ddpm viz forward --data digits --out out/viz
+              ddpm viz schedules --out out/viz
+              ddpm viz reverse runs/digits --out out/viz --steps 100"""))
+    what = p.add_subparsers(title="pictures", metavar="WHAT")
+    f = what.add_parser("forward", parents=[common], help="real images noised by q(x_t|x_0) at t = 0, 50, 100, ...")
+    f.add_argument("--data", required=True, help="images to noise (folder, .npz, torchvision name or digits)")
+    f.add_argument("--out", required=True, help="output directory")
+    f.add_argument("--num-images", type=int, default=4, help="rows (images)")
+    f.add_argument("--image-size", type=int, default=None, help="resize to this (default: the data's own size)")
+    f.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    f.add_argument("--timesteps", type=int, default=1000, help="T")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(handler=cmd_viz_forward, command="viz")
+    s = what.add_parser("schedules", parents=[common], help="beta_t, alpha-bar_t and SNR, linear vs cosine")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--timesteps", type=int, default=1000, help="T")
+    s.set_defaults(handler=cmd_viz_schedules, command="viz")
+    r = what.add_parser("reverse", parents=[common], help="a trained model's reverse process: grid and GIF")
+    _model_arguments(r)
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--num-images", type=int, default=8, help="images in the grid (the GIF shows 16)")
+    _sampler_arguments(r, default_steps=None)
+    r.set_defaults(handler=cmd_viz_reverse, command="viz")
+    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1], command="viz")
+
+
+def cmd_viz_forward(args: argparse.Namespace) -> int:
+    import torch
+
+    from ddpm.config import DiffusionConfig
+    from ddpm.data import load_images
+    from ddpm.images import save_image
+    from ddpm.viz import forward_process_strip
+
+    data = load_images(args.data, args.image_size, split="train", limit=args.num_images, progress=False)
+    diffusion = DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule).build()
+    image = forward_process_strip(diffusion, data.images, generator=torch.Generator().manual_seed(args.seed))
+    _print_paths([save_image(image, Path(args.out) / f"forward_{args.schedule}.png")])
+    return 0
+
+
+def cmd_viz_schedules(args: argparse.Namespace) -> int:
+    from ddpm.viz import plot_schedules
+
+    _print_paths([Path(plot_schedules(args.timesteps, Path(args.out) / "schedules.png"))])
+    return 0
+
+
+def cmd_viz_reverse(args: argparse.Namespace) -> int:
+    from ddpm.sampling import describe_run, load_model
+    from ddpm.train import resolve_device
+    from ddpm.viz import reverse_process_pictures
+
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, args.weights, device)
+    print(describe_run(loaded))
+    _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out),
+                                          num_images=args.num_images, sampler=args.sampler, steps=args.steps,
+                                          eta=args.eta, seed=args.seed, device=device, progress=not args.quiet))
+    return 0
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("export", parents=[common], help="save a model's weights as a diffusers or ddpm directory",
+                       description="Write a trained model (EMA weights by default) in the diffusers layout "
+                                   "(UNet2DModel: config.json + diffusion_pytorch_model.safetensors) or ours.")
+    _model_arguments(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "ddpm"])
+    p.set_defaults(handler=cmd_export, command="export")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ddpm.sampling import export_model, load_model
+
+    _print_paths(export_model(load_model(args.model, args.weights, "cpu"), Path(args.out), args.format))
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "demo", parents=[common], help="train on the built-in 8x8 digits for a few minutes, then picture it",
+        description="The whole workflow with no download: train the 'digits' preset on scikit-learn's 8x8 digits "
+                    "for a few CPU minutes, then write a grid of samples, the forward process, the schedules and "
+                    "the reverse process (PNG and GIF).")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's 4000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    p.set_defaults(handler=cmd_demo, command="demo")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ddpm.demo import run_demo
+
+    paths = run_demo(Path(args.out), minutes=args.minutes, steps=args.steps, overwrite=args.overwrite,
+                     device=args.device, progress=not args.quiet)
+    print("the demo wrote:")
+    for name, path in paths.items():
+        print(f"  {name:<10} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

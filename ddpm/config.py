@@ -1,0 +1,340 @@
+"""Run configuration: a tree of dataclasses, named presets, and overrides from the command line.
+
+A run is described by a :class:`RunConfig` with four sections: ``model`` (the U-Net's
+:class:`~ddpm.models.unet.UNetConfig`), ``diffusion``, ``data`` and ``train``. A preset is data
+(a dict of section overrides on top of the defaults), and any field can be overridden by a
+``section.field=value`` string, which is what the CLI's ``--section.field value`` options produce.
+The resolved configuration is printed and saved as ``config.json`` with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddpm.diffusion import MEAN_TYPES, VAR_TYPES, GaussianDiffusion
+from ddpm.errors import UserError
+from ddpm.losses import LOSS_TYPES
+from ddpm.models.presets import get_preset
+from ddpm.models.unet import UNetConfig
+from ddpm.samplers import SAMPLERS
+from ddpm.schedules import SCHEDULES, get_betas
+from ddpm.timestep_sampling import TIMESTEP_SAMPLERS
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The diffusion process.
+
+    Attributes:
+        timesteps: T, the number of diffusion steps (1000 in the paper).
+        schedule: the noise schedule, linear (DDPM) or cosine (Improved DDPM).
+        mean_type: what the network predicts: eps (DDPM), x0, or v.
+        var_type: the reverse variance: fixed_small (β̃), fixed_large (β) or learned_range (Improved DDPM).
+    """
+
+    timesteps: int = 1000
+    schedule: str = "linear"
+    mean_type: str = "eps"
+    var_type: str = "fixed_small"
+
+    def __post_init__(self) -> None:
+        _check_choice("diffusion.schedule", self.schedule, SCHEDULES)
+        _check_choice("diffusion.mean_type", self.mean_type, MEAN_TYPES)
+        _check_choice("diffusion.var_type", self.var_type, VAR_TYPES)
+        _check_positive("diffusion.timesteps", self.timesteps)
+
+    def build(self) -> GaussianDiffusion:
+        """The :class:`GaussianDiffusion` this configuration describes."""
+        return GaussianDiffusion(get_betas(self.schedule, self.timesteps), self.mean_type, self.var_type)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training data.
+
+    Attributes:
+        source: a folder of images, an .npz with x_train/y_train, a torchvision name (mnist, cifar10, ...) or digits.
+        split: which split to train on (train or test).
+        limit: use at most this many images (0: all).
+        flip: random horizontal flips (the paper's CIFAR-10 recipe; off for digits).
+        root: where torchvision data sets are downloaded (default ~/.cache/ddpm/datasets or $DDPM_DATA_DIR).
+    """
+
+    source: str = ""
+    split: str = "train"
+    limit: int = 0
+    flip: bool = True
+    root: str = ""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.split", self.split, ("train", "test"))
+        _check_positive("data.limit", self.limit, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe and the run's bookkeeping. Defaults are the paper's CIFAR-10 recipe.
+
+    Attributes:
+        steps: optimizer steps to train for.
+        batch_size: images per step, summed over all processes.
+        lr: Adam's learning rate after warm-up.
+        warmup_steps: linear learning-rate warm-up from 0.
+        grad_clip: clip the global gradient norm to this (0: no clipping).
+        adam_beta1: Adam's β1.
+        adam_beta2: Adam's β2.
+        weight_decay: Adam's (L2) weight decay.
+        ema_decay: decay of the exponential moving average of the weights that sampling uses.
+        ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) at step n, so short runs get a useful EMA.
+        loss_type: simple (L_simple), vlb (L_vlb) or hybrid (L_simple + 0.001 L_vlb, for learned variances).
+        timestep_sampler: uniform, or loss-aware (Improved DDPM's importance sampling, for vlb).
+        class_cond: condition on the data's class labels (needs a labelled data set).
+        label_dropout: with class_cond, the probability of dropping a label to the null class (classifier-free guidance).
+        seed: the seed of every random draw in the run (data order, flips, t, noise, dropout).
+        log_every: write a metrics line every this many steps.
+        sample_every: save a grid of EMA samples every this many steps (0: only at the end).
+        sample_count: images in that grid.
+        sample_sampler: the sampler for those grids (ddpm or ddim).
+        sample_steps: sampling steps for those grids.
+        ckpt_every: save a checkpoint every this many steps (and always at the end).
+        keep_last: how many checkpoints to keep.
+        time_limit: stop (with a checkpoint) after this many minutes of training (0: no limit).
+        max_bad_steps: stop after this many non-finite losses or gradients in a row.
+        device: auto (CUDA if available), cpu, cuda, cuda:N or mps.
+        bf16: bfloat16 autocast on CUDA.
+        channels_last: channels-last memory format on CUDA.
+        compile: torch.compile the model.
+        threads: CPU threads for PyTorch (0: PyTorch's default).
+        tensorboard: also write TensorBoard logs (needs the tensorboard package).
+    """
+
+    steps: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    loss_type: str = "simple"
+    timestep_sampler: str = "uniform"
+    class_cond: bool = False
+    label_dropout: float = 0.1
+    seed: int = 0
+    log_every: int = 100
+    sample_every: int = 10_000
+    sample_count: int = 64
+    sample_sampler: str = "ddim"
+    sample_steps: int = 100
+    ckpt_every: int = 10_000
+    keep_last: int = 3
+    time_limit: float = 0.0
+    max_bad_steps: int = 20
+    device: str = "auto"
+    bf16: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    threads: int = 0
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "sample_count", "sample_steps", "ckpt_every", "keep_last",
+                     "max_bad_steps"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        for name in ("warmup_steps", "sample_every", "threads", "seed"):
+            _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        if not self.lr > 0:
+            raise UserError(f"train.lr must be positive, got {self.lr}")
+        for name in ("grad_clip", "weight_decay", "time_limit"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2", "ema_decay", "label_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        _check_choice("train.loss_type", self.loss_type, LOSS_TYPES)
+        _check_choice("train.timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        _check_choice("train.sample_sampler", self.sample_sampler, tuple(SAMPLERS))
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UserError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": UNetConfig,
+    "diffusion": DiffusionConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; saved as ``config.json`` in the run directory."""
+
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.diffusion.var_type == "learned_range" and not self.model.learned_sigma:
+            raise UserError("diffusion.var_type learned_range needs --model.learned_sigma true")
+        if self.model.learned_sigma and self.diffusion.var_type != "learned_range":
+            raise UserError("model.learned_sigma needs --diffusion.var_type learned_range")
+        if self.diffusion.var_type == "learned_range" and self.train.loss_type == "simple":
+            raise UserError("a learned variance is trained by the bound: use --train.loss_type hybrid or vlb")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary, one entry per section."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """The configuration from :meth:`to_dict`'s output; unknown sections or fields are user errors."""
+        unknown = sorted(set(values) - set(SECTIONS))
+        if unknown:
+            raise UserError(f"unknown config section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+        sections = {}
+        for name, section_type in SECTIONS.items():
+            given = dict(values.get(name, {}))
+            known = {f.name for f in dataclasses.fields(section_type)}
+            bad = sorted(set(given) - known)
+            if bad:
+                raise UserError(f"unknown field(s) {', '.join(f'{name}.{b}' for b in bad)} in the configuration")
+            sections[name] = section_type(**given)
+        return cls(**sections)
+
+    def replace(self, overrides: dict[str, str]) -> RunConfig:
+        """A copy with ``{"section.field": "text value"}`` overrides applied (parsed by field type)."""
+        values = self.to_dict()
+        for key, text in overrides.items():
+            section, _, name = key.partition(".")
+            types_ = field_types(SECTIONS.get(section, object)) if section in SECTIONS else {}
+            if name not in types_:
+                raise UserError(f"unknown option {key!r}; run 'ddpm train --help' for the list")
+            values[section][name] = parse_value(key, text, types_[name])
+        return RunConfig.from_dict(values)
+
+
+# Presets are data: a model preset name plus overrides of the other sections. The paper's
+# recipes (Ho et al. 2020, appendix B) for the image sets; the small ones are tuned for CPUs.
+RUN_PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": {
+        "model": "cifar10",
+        "diffusion": {"var_type": "fixed_large"},  # the paper's CIFAR-10 samples use σ² = β
+        "train": {"steps": 800_000, "batch_size": 128, "lr": 2e-4},
+    },
+    "celebahq256": {
+        "model": "celebahq256",
+        "train": {"steps": 500_000, "batch_size": 64, "lr": 2e-5, "sample_count": 16},
+    },
+    "lsun256": {
+        "model": "lsun256",
+        "train": {"steps": 1_200_000, "batch_size": 64, "lr": 2e-5, "sample_count": 16},
+    },
+    "mnist": {
+        "model": "mnist",
+        "data": {"flip": False},  # a mirrored digit is not a digit
+        "train": {"steps": 20_000, "batch_size": 128, "lr": 5e-4, "warmup_steps": 500, "ema_decay": 0.999,
+                  "log_every": 50, "sample_every": 2000, "ckpt_every": 1000, "sample_steps": 100},
+    },
+    "digits": {
+        "model": "digits",
+        "data": {"source": "digits", "flip": False},
+        "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "ema_decay": 0.999,
+                  "log_every": 50, "sample_every": 1000, "ckpt_every": 500, "sample_count": 100,
+                  "sample_steps": 100},
+    },
+    "tiny": {
+        "model": "tiny",
+        "diffusion": {"timesteps": 100},
+        "data": {"flip": False},
+        "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "log_every": 1,
+                  "sample_every": 10, "sample_count": 4, "sample_steps": 5, "ckpt_every": 10, "keep_last": 2},
+    },
+}
+
+
+def get_config(preset: str, overrides: dict[str, str] | None = None) -> RunConfig:
+    """The resolved configuration of a run preset with ``section.field`` overrides applied."""
+    if preset not in RUN_PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(RUN_PRESETS)}")
+    spec = RUN_PRESETS[preset]
+    values: dict[str, Any] = {"model": dataclasses.asdict(get_preset(spec["model"]))}
+    for section in ("diffusion", "data", "train"):
+        values[section] = dict(spec.get(section, {}))
+    return RunConfig.from_dict(values).replace(overrides or {})
+
+
+# ---------------------------------------------------------------------------- fields and parsing
+
+
+def field_types(section_type: type) -> dict[str, Any]:
+    """Field name → type annotation, with string annotations resolved."""
+    hints = typing.get_type_hints(section_type)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_type)}
+
+
+def field_docs(section_type: type) -> dict[str, str]:
+    """Field name → its one-line description from the class docstring's ``Attributes:`` list."""
+    docs: dict[str, str] = {}
+    in_attributes, current = False, None
+    for line in (section_type.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            in_attributes = True
+            continue
+        if not in_attributes or not stripped:
+            continue
+        match = re.match(r"(\w+): (.*)", stripped)
+        if match and match.group(1) in {f.name for f in dataclasses.fields(section_type)}:
+            current = match.group(1)
+            docs[current] = match.group(2)
+        elif current:
+            docs[current] += " " + stripped
+    return docs
+
+
+def parse_value(key: str, text: str, annotation: Any) -> Any:
+    """Parse an override's text by the field's type: int, float, bool, str or a tuple of ints."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        if origin is tuple or (origin in (types.UnionType, typing.Union)):
+            items = [t for t in re.split(r"[,\s]+", text.strip().strip("()[]")) if t]
+            return tuple(int(t) for t in items)
+        return text
+    except ValueError:
+        kind = getattr(annotation, "__name__", str(annotation))
+        raise UserError(f"--{key}: cannot read {text!r} as {kind}") from None
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: int, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise UserError(f"{name} must be an integer {bound}, got {value!r}")

@@ -1,0 +1,234 @@
+"""Sampling workflow: load a trained model from wherever it lives, draw images, write them out.
+
+A model can come from a run directory (its newest checkpoint), one checkpoint directory, a
+directory saved by :meth:`UNet.save_pretrained`, or a diffusers-layout directory such as the
+paper's published weights (``google/ddpm-cifar10-32``: ``config.json`` plus
+``diffusion_pytorch_model.safetensors`` or ``.bin``, with an optional ``scheduler_config.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ddpm import checkpoints
+from ddpm.config import DiffusionConfig, RunConfig
+from ddpm.errors import UserError
+from ddpm.images import auto_scale, make_grid, save_image, save_npz, save_pngs, to_uint8
+from ddpm.models.unet import UNet
+
+
+@dataclass
+class LoadedModel:
+    """A network with the diffusion it was trained with."""
+
+    model: UNet
+    diffusion: DiffusionConfig
+    description: str
+    run_config: RunConfig | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+
+def load_model(source: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model for sampling or evaluation from a run, checkpoint, pretrained or diffusers directory.
+
+    ``weights`` picks the EMA weights (``"ema"``, what the paper samples from) or the raw ones
+    (``"raw"``) of a training checkpoint; other sources have only one set.
+    """
+    if weights not in ("ema", "raw"):
+        raise UserError(f"--weights must be ema or raw, got {weights!r}")
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{path}: no such run, checkpoint or model directory")
+    if path.is_file():
+        raise UserError(f"{path} is a file; pass the directory that holds it (a run, checkpoint or model directory)")
+    if (path / "checkpoints").is_dir() or (path / "config.json").is_file() and _is_run_config(path / "config.json"):
+        found = checkpoints.latest_training_checkpoint(path / "checkpoints")
+        if found is None:
+            raise UserError(f"{path} has no readable checkpoint yet (checkpoints/step_*)")
+        return _from_checkpoint(*found, weights, device)
+    if (path / checkpoints.CHECKPOINT_META).is_file():
+        return _from_checkpoint(path, checkpoints.load_training_checkpoint(path), weights, device)
+    config_path = path / "config.json"
+    if not config_path.is_file() and (path / "unet" / "config.json").is_file():
+        path, config_path = path / "unet", path / "unet" / "config.json"  # a diffusers pipeline directory
+    if not config_path.is_file():
+        raise UserError(f"{path}: not a run, checkpoint or model directory (no config.json, no checkpoints/)")
+    config = checkpoints.load_json(config_path)
+    if isinstance(config, dict) and config.get("_class_name") == "UNet2DModel":
+        model = UNet.from_diffusers(path, device=device)
+        return LoadedModel(model.eval(), diffusion_from_diffusers(path), f"diffusers model {path}")
+    model = UNet.from_pretrained(path, device=device)
+    return LoadedModel(model.eval(), DiffusionConfig(), f"model {path}")
+
+
+def _is_run_config(path: Path) -> bool:
+    values = checkpoints.load_json(path)
+    return isinstance(values, dict) and {"model", "diffusion", "train"} <= set(values)
+
+
+def _from_checkpoint(path: Path, ckpt: checkpoints.TrainingCheckpoint, weights: str,
+                     device: str | torch.device) -> LoadedModel:
+    config = RunConfig.from_dict(ckpt.meta["config"])
+    model = UNet(config.model)
+    group = "ema" if weights == "ema" else "model"
+    model.load_weights(ckpt.group(group), source=path / f"{group}.safetensors")
+    description = f"{path} (step {ckpt.meta['step']}, {weights} weights)"
+    return LoadedModel(model.to(device).eval(), config.diffusion, description, config)
+
+
+def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
+    """Our diffusion for a diffusers scheduler config next to the model, or the paper's default.
+
+    Reads ``scheduler_config.json`` beside ``config.json`` or in ``../scheduler/``. Only the
+    schedules we implement are accepted: linear from 1e-4 to 0.02 over 1000 steps (DDPM) and
+    ``squaredcos_cap_v2`` (cosine); for T ≠ 1000 the linear ends must be scaled by 1000 / T, as
+    ours are.
+    """
+    candidates = [path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        return DiffusionConfig()  # the paper's: linear, T = 1000, ε, σ² = β̃
+    cfg = checkpoints.load_json(found)
+    T = int(cfg.get("num_train_timesteps", 1000))
+    schedule = cfg.get("beta_schedule", "linear")
+    if schedule == "linear":
+        scale = 1000 / T
+        ends = (cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02))
+        if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(ends, (1e-4 * scale, 0.02 * scale))):
+            raise UserError(f"{found}: only the paper's linear schedule is supported (beta from 1e-4 to 0.02 "
+                            f"for T=1000, both scaled by 1000/T otherwise); got {ends[0]} to {ends[1]} for T={T}")
+    elif schedule == "squaredcos_cap_v2":
+        schedule = "cosine"
+    else:
+        raise UserError(f"{found}: beta_schedule {schedule!r} is not supported (linear or squaredcos_cap_v2)")
+    mean_type = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}.get(cfg.get("prediction_type", "epsilon"))
+    var_type = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+                "fixed_large_log": "fixed_large", "learned_range": "learned_range"}.get(
+        cfg.get("variance_type", "fixed_small"))
+    if mean_type is None or var_type is None:
+        raise UserError(f"{found}: prediction_type / variance_type {cfg.get('prediction_type')!r} / "
+                        f"{cfg.get('variance_type')!r} is not supported")
+    return DiffusionConfig(timesteps=T, schedule=schedule, mean_type=mean_type, var_type=var_type)
+
+
+@torch.no_grad()
+def generate(
+    loaded: LoadedModel,
+    num_images: int,
+    batch_size: int = 64,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    label: int | None = None,
+    guidance_scale: float | None = None,
+    device: str | torch.device = "cpu",
+    bf16: bool = True,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Draw ``num_images`` samples: uint8 images [N, C, H, W] and their labels [N] (−1 if unconditional).
+
+    A class-conditional model gets ``label`` for every image, or the classes in turn; a
+    ``guidance_scale`` w ≠ 1 applies classifier-free guidance. The draws are reproducible for a
+    given seed and batch size.
+    """
+    if num_images < 1 or batch_size < 1:
+        raise UserError("--num-images and --batch-size must be at least 1")
+    device = torch.device(device)
+    model, config = loaded.model, loaded.model.config
+    if label is not None and not loaded.num_classes:
+        raise UserError("--label needs a class-conditional model; this one is unconditional")
+    if label is not None and not 0 <= label < loaded.num_classes:
+        raise UserError(f"--label {label} is out of range: the model has classes 0..{loaded.num_classes - 1}")
+    if guidance_scale is not None and not loaded.num_classes:
+        raise UserError("--guidance-scale needs a class-conditional model; this one is unconditional")
+    diffusion = loaded.diffusion.build()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    images, labels = [], []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else contextlib.nullcontext()
+    done = 0
+    with tqdm(total=num_images, desc=f"sampling ({sampler}, {steps or diffusion.num_timesteps} steps)",
+              unit="img", disable=not progress) as bar:
+        while done < num_images:
+            n = min(batch_size, num_images - done)
+            kwargs: dict[str, Any] = {}
+            if loaded.num_classes:
+                y = torch.full((n,), label) if label is not None else (torch.arange(done, done + n) % loaded.num_classes)
+                kwargs["y"] = y.to(device)
+                if guidance_scale is not None:
+                    kwargs["guidance_scale"] = guidance_scale
+                labels.append(y)
+            else:
+                labels.append(torch.full((n,), -1))
+            with autocast:
+                x = diffusion.sample(model, (n, *shape), sampler=sampler, steps=steps, eta=eta, generator=generator,
+                                     device=device, model_kwargs=kwargs, progress=progress and num_images <= n)
+            images.append(to_uint8(x.float().cpu()))
+            done += n
+            bar.update(n)
+    return torch.cat(images), torch.cat(labels)
+
+
+def write_samples(images: Tensor, labels: Tensor, out_dir: str | Path, grid: bool = True, pngs: bool = False,
+                  npz: bool = False, grid_max: int = 100, nrow: int | None = None) -> list[Path]:
+    """Write a PNG grid (the first ``grid_max`` images), individual PNGs and/or an .npz; return the paths."""
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    if grid:
+        grid_image = make_grid(images[:grid_max], nrow=nrow, scale=auto_scale(images.shape[-1]))
+        written.append(save_image(grid_image, out_dir / "grid.png"))
+    if pngs:
+        written.extend(save_pngs(images, out_dir / "images"))
+    if npz:
+        has_labels = bool((labels >= 0).any())
+        written.append(save_npz(images, out_dir / "samples.npz", labels=labels if has_labels else None))
+    return written
+
+
+def describe_run(loaded: LoadedModel) -> str:
+    """A one-paragraph summary of what was loaded, for the CLI to print."""
+    c = loaded.model.config
+    d = loaded.diffusion
+    return (f"{loaded.description}: {sum(p.numel() for p in loaded.model.parameters()):,} parameters, {c.image_size}x{c.image_size}x"
+            f"{c.in_channels}" + (f", {c.num_classes} classes" if c.num_classes else "") +
+            f"; diffusion {json.dumps(dataclasses.asdict(d))}")
+
+
+def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "diffusers") -> list[Path]:
+    """Write the model in the diffusers layout (with a matching ``scheduler_config.json``) or ours."""
+    out_dir = Path(out_dir)
+    if fmt == "ddpm":
+        loaded.model.save_pretrained(out_dir)
+        return [out_dir]
+    if fmt != "diffusers":
+        raise UserError(f"unknown export format {fmt!r}; choose diffusers or ddpm")
+    loaded.model.save_diffusers(out_dir)
+    d = loaded.diffusion
+    # diffusers does not rescale the linear schedule with T; writing the scaled ends makes its
+    # linspace(beta_start, beta_end, T) equal to ours.
+    scale = 1000 / d.timesteps
+    checkpoints.save_json(out_dir / "scheduler_config.json", {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": d.timesteps,
+        "beta_schedule": "linear" if d.schedule == "linear" else "squaredcos_cap_v2",
+        "beta_start": 1e-4 * scale,
+        "beta_end": 0.02 * scale,
+        "prediction_type": {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[d.mean_type],
+        "variance_type": d.var_type,
+        "clip_sample": True,
+    })
+    return [out_dir]
