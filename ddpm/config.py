@@ -190,6 +190,9 @@ class RunConfig:
             raise UserError("model.learned_sigma needs --diffusion.var_type learned_range")
         if self.diffusion.var_type == "learned_range" and self.train.loss_type == "simple":
             raise UserError("a learned variance is trained by the bound: use --train.loss_type hybrid or vlb")
+        if self.train.loss_type == "hybrid" and self.diffusion.var_type != "learned_range":
+            raise UserError("--train.loss_type hybrid trains a learned variance: add --diffusion.var_type "
+                            "learned_range --model.learned_sigma true, or use simple or vlb")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary, one entry per section."""

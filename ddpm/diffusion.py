@@ -44,7 +44,8 @@ class GaussianDiffusion:
             ``"v"`` (v = √ᾱ_t ε − √(1−ᾱ_t) x_0, [PD]).
         var_type: the reverse variance Σ_θ: ``"fixed_small"`` (σ² = β̃_t, [DDPM] section 3.2),
             ``"fixed_large"`` (σ² = β_t) or ``"learned_range"`` ([IDDPM] eq. 15: the model also
-            outputs v ∈ [-1, 1] and log σ² = ((v+1)/2) log β_t + ((1−v)/2) log β̃_t).
+            outputs v and log σ² = ((v+1)/2) log β_t + ((1−v)/2) log β̃_t; v = ±1 gives β and β̃,
+            and, as in [IDDPM], v is not constrained to [-1, 1]).
         timestep_map: for a respaced process, the timestep of the original process that each of
             these steps stands for; the model is always called with original timesteps.
 
@@ -83,20 +84,24 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_one_minus_alphas_cumprod = self.one_minus_alphas_cumprod.log()
+        self.sqrt_one_minus_alphas_cumprod = self.one_minus_alphas_cumprod.sqrt()
         self.sqrt_recip_alphas_cumprod = self.alphas_cumprod.rsqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
 
         # [DDPM] eq. 7: β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t. It is 0 at the first step (t = 1).
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # The log is clipped because β̃ is 0 at the start of the chain: the first entry borrows
-        # the second, as in the reference code (with T = 1 there is none, so β_1 stands in).
+        # the second, as improved-diffusion does (DDPM's own code floors it at 1e-20 instead;
+        # with T = 1 there is no second entry, so β_1 stands in).
         first = self.posterior_variance[1:2] if T > 1 else betas[:1]
         self.posterior_log_variance_clipped = torch.cat([first, self.posterior_variance[1:]]).log()
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
         )
+        self.log_betas = betas.log()
         # σ² = β_t, except at t = 1 where β̃_2 gives a better decoder likelihood (as in [IDDPM]).
         self.fixed_large_log_variance = torch.cat([first, betas[1:]]).log()
 
@@ -121,9 +126,11 @@ class GaussianDiffusion:
             buf = self._device_cache[key] = buf.to(device)
         return buf
 
-    def _coef(self, name: str, t: Tensor, x: Tensor) -> Tensor:
-        """The per-timestep coefficient ``name`` at ``t`` [B], shaped to broadcast against x."""
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    def coef(self, name: str, t: Tensor, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The float64 buffer ``name`` gathered at timesteps ``t`` [B] and shaped [B, 1, ...] to
+        broadcast against ``x``, in ``dtype`` (default: x's, but at least float32)."""
+        if dtype is None:
+            dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         c = self._buffer(name, x.device)[t.to(x.device)].to(dtype)
         return c.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -135,9 +142,9 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I), [DDPM] eq. 4."""
-        mean = self._coef("sqrt_alphas_cumprod", t, x0) * x0
-        variance = self._coef("alphas_cumprod", t, x0).neg().add(1.0).expand_as(x0)
-        log_variance = variance.log()
+        mean = self.coef("sqrt_alphas_cumprod", t, x0) * x0
+        variance = self.coef("one_minus_alphas_cumprod", t, x0).expand_as(x0)
+        log_variance = self.coef("log_one_minus_alphas_cumprod", t, x0).expand_as(x0)
         return mean, variance, log_variance
 
     def q_sample(
@@ -147,8 +154,8 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return (
-            self._coef("sqrt_alphas_cumprod", t, x0) * x0
-            + self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+            self.coef("sqrt_alphas_cumprod", t, x0) * x0
+            + self.coef("sqrt_one_minus_alphas_cumprod", t, x0) * noise
         )
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,9 +164,9 @@ class GaussianDiffusion:
         μ̃_t = √ᾱ_{t−1} β_t / (1 − ᾱ_t) · x_0 + √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · x_t and
         β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t. Shapes: all as x_t.
         """
-        mean = self._coef("posterior_mean_coef1", t, x_t) * x0 + self._coef("posterior_mean_coef2", t, x_t) * x_t
-        variance = self._coef("posterior_variance", t, x_t).expand_as(x_t)
-        log_variance = self._coef("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        mean = self.coef("posterior_mean_coef1", t, x_t) * x0 + self.coef("posterior_mean_coef2", t, x_t) * x_t
+        variance = self.coef("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self.coef("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------ parameterisations
@@ -167,28 +174,28 @@ class GaussianDiffusion:
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, [DDPM] eq. 4 solved for x_0 (the x̂_0 of eq. 15)."""
         return (
-            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+            self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self.coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t), [DDPM] eq. 4 solved for ε ([DDIM] eq. 12's ε)."""
-        return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._coef(
+        return (self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self.coef(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
     def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v, [PD] appendix D."""
         return (
-            self._coef("sqrt_alphas_cumprod", t, x_t) * x_t
-            - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * v
+            self.coef("sqrt_alphas_cumprod", t, x_t) * x_t
+            - self.coef("sqrt_one_minus_alphas_cumprod", t, x_t) * v
         )
 
     def get_v(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """The velocity v = √ᾱ_t ε − √(1 − ᾱ_t) x_0, [PD] appendix D."""
         return (
-            self._coef("sqrt_alphas_cumprod", t, x0) * eps
-            - self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+            self.coef("sqrt_alphas_cumprod", t, x0) * eps
+            - self.coef("sqrt_one_minus_alphas_cumprod", t, x0) * x0
         )
 
     def training_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -214,7 +221,7 @@ class GaussianDiffusion:
 
         ``model_kwargs`` is passed to the model. If it holds ``guidance_scale`` w (and ``y``,
         the class labels), the model is run on the batch twice over, once with ``y`` and once with
-        the null label −1, and the mean prediction becomes
+        the null label −1 (other per-example tensors are repeated), and the mean prediction becomes
         ``uncond + w · (cond − uncond)`` ([CFG] eq. 6 with w = 1 + their w); the learned-variance
         channels, if any, come from the conditional half. Since ε, x_0 and v are affine in one
         another at a fixed x_t, guiding any of them is the same guidance.
@@ -227,6 +234,9 @@ class GaussianDiffusion:
         y = kwargs.pop("y", None)
         if y is None:
             raise UserError("classifier-free guidance needs class labels: pass y with guidance_scale")
+        B = x_t.shape[0]
+        kwargs = {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.ndim and v.shape[0] == B else v
+                  for k, v in kwargs.items()}
         y_both = torch.cat([y, torch.full_like(y, NULL_LABEL)])
         out = model(torch.cat([x_t, x_t]), torch.cat([t_model, t_model]), y=y_both, **kwargs)
         cond, uncond = out.chunk(2)
@@ -267,8 +277,8 @@ class GaussianDiffusion:
                     f"learned_range needs a model with {2 * C} output channels, got {model_output.shape[1]}"
                 )
             prediction, v = model_output[:, :C], model_output[:, C:]
-            min_log = self._coef("posterior_log_variance_clipped", t, x_t)
-            max_log = self._coef("betas", t, x_t).log()
+            min_log = self.coef("posterior_log_variance_clipped", t, x_t)
+            max_log = self.coef("log_betas", t, x_t)
             frac = (v + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
         else:
@@ -276,7 +286,7 @@ class GaussianDiffusion:
                 raise ValueError(f"the model must output {C} channels, got {model_output.shape[1]}")
             prediction = model_output
             name = "posterior_log_variance_clipped" if self.var_type == "fixed_small" else "fixed_large_log_variance"
-            log_variance = self._coef(name, t, x_t).expand_as(x_t)
+            log_variance = self.coef(name, t, x_t).expand_as(x_t)
         pred_x0 = self.predict_x0(x_t, t, prediction)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)

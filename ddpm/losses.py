@@ -119,6 +119,9 @@ def training_losses(
         raise UserError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     if loss_type == "simple" and diffusion.var_type == "learned_range":
         raise UserError("a learned variance is trained by the bound: use loss_type hybrid or vlb, not simple")
+    if loss_type == "hybrid" and diffusion.var_type != "learned_range":
+        raise UserError("the hybrid loss trains a learned variance (its bound term has no gradient otherwise): "
+                        "use var_type learned_range, or loss_type simple or vlb")
     if noise is None:
         noise = torch.randn_like(x0)
     x_t = diffusion.q_sample(x0, t, noise=noise)

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ddpm.errors import UserError
-from ddpm.schedules import even_timesteps
+from ddpm.schedules import even_timesteps, space_timesteps
 
 if TYPE_CHECKING:
     from ddpm.diffusion import GaussianDiffusion, Model
@@ -40,9 +40,11 @@ def ddim_sigma(diffusion: GaussianDiffusion, t: Tensor, x: Tensor, eta: float) -
 
     η = 1 gives the DDPM posterior standard deviation √β̃_t, η = 0 the deterministic DDIM.
     """
-    acp = diffusion._coef("alphas_cumprod", t, x)
-    acp_prev = diffusion._coef("alphas_cumprod_prev", t, x)
-    return eta * ((1.0 - acp_prev) / (1.0 - acp) * (1.0 - acp / acp_prev)).sqrt()
+    # In float64: at the first steps 1 − ᾱ is small and float32 loses digits of σ.
+    acp = diffusion.coef("alphas_cumprod", t, x, dtype=torch.float64)
+    acp_prev = diffusion.coef("alphas_cumprod_prev", t, x, dtype=torch.float64)
+    sigma = eta * ((1.0 - acp_prev) / (1.0 - acp) * (1.0 - acp / acp_prev)).sqrt()
+    return sigma.to(diffusion.coef("alphas_cumprod", t, x).dtype)
 
 
 def ddim_step(
@@ -55,7 +57,7 @@ def ddim_step(
     ᾱ_0 = 1 and the step returns x̂_0.
     """
     sigma = ddim_sigma(diffusion, t, x_t, eta)
-    acp_prev = diffusion._coef("alphas_cumprod_prev", t, x_t)
+    acp_prev = diffusion.coef("alphas_cumprod_prev", t, x_t)
     direction = (1.0 - acp_prev - sigma**2).clamp(min=0.0).sqrt() * p["eps"]
     return acp_prev.sqrt() * p["pred_x0"] + direction + sigma * noise
 
@@ -86,9 +88,12 @@ def sample(
 
     Args:
         sampler: ``"ddpm"`` (ancestral, [DDPM] Algorithm 2) or ``"ddim"`` ([DDIM] eq. 12).
-        steps: K < T runs the process respaced onto the K kept steps
-            :func:`~ddpm.schedules.even_timesteps` (T, K) = {0, T/K, 2T/K, ...}; ``None`` uses
-            all T steps. ``timesteps`` gives the kept steps explicitly instead.
+        steps: K < T runs the process respaced onto K kept steps; ``None`` uses all T. DDIM keeps
+            {0, T/K, 2T/K, ...} (:func:`~ddpm.schedules.even_timesteps`, as the DDIM paper);
+            DDPM keeps K evenly spaced steps from 0 to T−1 inclusive
+            (:func:`~ddpm.schedules.space_timesteps`, improved-diffusion's respacing), so that
+            it starts from the step whose marginal is closest to N(0, I). ``timesteps`` gives the
+            kept steps explicitly instead.
         eta: DDIM's η in [0, 1] (0: deterministic; 1: DDPM's posterior variance).
         generator: makes the draws (x_T and every z) reproducible; it must live on ``device``.
         progress: show a progress bar over the steps.
@@ -107,7 +112,8 @@ def sample(
         raise UserError(f"eta must lie in [0, 1], got {eta}")
     step = SAMPLERS[sampler]
     if timesteps is None and steps is not None and steps != diffusion.num_timesteps:
-        timesteps = even_timesteps(diffusion.num_timesteps, steps)
+        T = diffusion.num_timesteps
+        timesteps = even_timesteps(T, steps) if sampler == "ddim" else space_timesteps(T, [steps])
     d = diffusion if timesteps is None else diffusion.respace(timesteps)
 
     if noise is not None:

@@ -4,19 +4,20 @@ A link such as ``[`GaussianDiffusion.q_sample`](../ddpm/diffusion.py#L143)`` mus
 defines the name in its text: ``def q_sample``, ``class LossAwareSampler``, or an assignment
 ``posterior_variance = ...`` (``self.`` and an annotation allowed). A dotted name ``Class.member``
 must also sit inside that class. When the code moves, the link fails here instead of silently
-pointing at the wrong line.
+pointing at the wrong line; ``python tools/relink_docs.py`` moves the links along.
 """
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from relink_docs import LINE_LINK, defines, enclosing_class  # noqa: E402
 DOC = ROOT / "docs" / "theory.md"
 
-# [`name`](../dir/file.py#L123): the name may be in backticks and end in "()".
-LINE_LINK = re.compile(r"\[`?([^\]`]+?)(?:\(\))?`?\]\(\.\./((?:ddpm|tests)/[\w/]+\.py)#L(\d+)\)")
 FILE_LINK = re.compile(r"\]\(\.\./([^)#\s]+)(?:#[^)]*)?\)")
 IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 ANCHOR_LINK = re.compile(r"\]\(#([^)\s]+)\)")
@@ -27,24 +28,6 @@ CODE_BLOCK = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 def doc_text() -> str:
     """The guide without HTML comments (figure placeholders) and fenced code blocks."""
     return CODE_BLOCK.sub("", COMMENT.sub("", DOC.read_text(encoding="utf-8")))
-
-
-def defines(line: str, name: str) -> bool:
-    """Whether ``line`` defines ``name``: def / class, or an assignment to it (maybe ``self.``, annotated)."""
-    n = re.escape(name)
-    return bool(
-        re.match(rf"\s*(?:async\s+)?(?:def|class)\s+{n}\b", line)
-        or re.match(rf"\s*(?:self\.)?{n}\s*(?::[^=]*)?=(?!=)", line)
-    )
-
-
-def enclosing_class(lines: list[str], index: int) -> str | None:
-    """The top-level class whose body holds line ``index`` (0-based), if any."""
-    for line in reversed(lines[:index]):
-        m = re.match(r"(class|def)\s+(\w+)", line)  # column 0 only: top level
-        if m:
-            return m.group(2) if m.group(1) == "class" else None
-    return None
 
 
 def line_links() -> list[tuple[str, str, int]]:

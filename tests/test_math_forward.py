@@ -86,6 +86,17 @@ def test_posterior_at_first_step_is_the_data():
     assert torch.all(var == 0)
 
 
+def test_forward_variance_keeps_float64_precision_for_float32_data():
+    """q's variance 1 − ᾱ_t comes from the float64 buffers, not from 1 − ᾱ in the data's dtype."""
+    d = GaussianDiffusion(linear_betas(1000))
+    t = torch.tensor([0, 1, 2])
+    _, var, log_var = d.q_mean_variance(torch.zeros(3, 1), t)
+    exact = 1 - torch.cumprod(1 - linear_betas(1000), 0)[t]
+    assert var.dtype == torch.float32
+    assert torch.allclose(var.double().flatten(), exact, rtol=1e-6)
+    assert torch.allclose(log_var.double().flatten(), exact.log(), rtol=1e-6)
+
+
 def test_linear_schedule_endpoints_and_scaling():
     b = linear_betas(1000)
     assert b.dtype == torch.float64 and len(b) == 1000

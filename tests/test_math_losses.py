@@ -133,6 +133,10 @@ def test_simple_loss_refuses_a_learned_variance():
         d.training_losses(_constant_model(0.0), torch.zeros(1, 1, 2, 2), torch.tensor([3]), "simple")
     with pytest.raises(UserError):
         d.training_losses(_constant_model(0.0), torch.zeros(1, 1, 2, 2), torch.tensor([3]), "l1")
+    # …and the hybrid loss refuses a fixed variance, for which its bound term would train nothing.
+    with pytest.raises(UserError, match="learned_range"):
+        GaussianDiffusion(linear_betas(1000)).training_losses(
+            _constant_model(0.0), torch.zeros(1, 1, 2, 2), torch.tensor([3]), "hybrid")
 
 
 def test_uniform_sampler():

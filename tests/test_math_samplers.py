@@ -37,10 +37,11 @@ def test_ddpm_last_step_adds_no_noise():
     x, traj = d.sample(wiggly_model, (4, 1, 4, 4), steps=10, generator=torch.Generator().manual_seed(0),
                        return_trajectory=True)
     assert torch.equal(x, traj["pred_x0"][-1])
-    assert traj["timesteps"].tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    # Respaced DDPM keeps both ends, 0 and T − 1 (improved-diffusion's respacing).
+    assert traj["timesteps"].tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     assert traj["x_t"].shape == (10, 4, 1, 4, 4)
     _, every3 = d.sample(wiggly_model, (4, 1, 4, 4), steps=10, return_trajectory=True, trajectory_every=3)
-    assert every3["timesteps"].tolist() == [900, 600, 300, 0]
+    assert every3["timesteps"].tolist() == [999, 666, 333, 0]
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
@@ -100,6 +101,19 @@ def test_classifier_free_guidance_combines_conditional_and_null_predictions():
     # Guided sampling runs end to end.
     samples = d.sample(model, (3, 1, 2, 2), sampler="ddim", steps=5, model_kwargs={"y": y, "guidance_scale": 2.0})
     assert samples.shape == (3, 1, 2, 2)
+
+
+def test_guidance_repeats_other_per_example_arguments():
+    seen = {}
+
+    def model(x, t, y, scale):
+        seen["scale"] = scale
+        return x * scale.reshape(-1, 1, 1, 1)
+
+    d = GaussianDiffusion(linear_betas(1000))
+    d.model_output(model, torch.ones(3, 1, 2, 2), torch.tensor([1, 2, 3]),
+                   {"y": torch.tensor([0, 1, 2]), "scale": torch.tensor([1.0, 2.0, 3.0]), "guidance_scale": 2.0})
+    assert seen["scale"].tolist() == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
 
 
 def test_guidance_keeps_the_conditional_variance_channels():
