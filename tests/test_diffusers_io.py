@@ -111,6 +111,8 @@ def test_config_round_trip(name):
         ("up_block_types", ["UpBlock2D", "UpBlock2D"]),
         ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D"]),
         ("block_out_channels", [32, 48]),
+        ("block_out_channels", []),
+        ("attention_head_dim", 0),
         ("out_channels", 4),
         ("sample_size", [8, 16]),
         ("num_class_embeds", 1),

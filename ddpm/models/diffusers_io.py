@@ -95,8 +95,10 @@ def config_from_diffusers(values: Mapping[str, Any], source: str | Path = "confi
             raise fail(f"unsupported {key}={value!r} (DDPM needs {accepted[0]!r})")
     v = {key: values.get(key, default) for key, default in _MAPPED.items()}
 
-    widths = list(v["block_out_channels"])
-    ch = widths[0]
+    widths = v["block_out_channels"]
+    if not isinstance(widths, (list, tuple)) or not widths or not all(_positive(w) for w in widths):
+        raise fail(f"block_out_channels {widths!r} is not a list of positive integers")
+    widths, ch = list(widths), widths[0]
     if any(w % ch for w in widths):
         raise fail(f"block_out_channels {widths} are not multiples of the first, ch={ch}")
     down, up = list(v["down_block_types"]), list(v["up_block_types"])
@@ -117,13 +119,15 @@ def config_from_diffusers(values: Mapping[str, Any], source: str | Path = "confi
         raise fail(f"out_channels {out_channels} is neither in_channels {in_channels} nor twice it")
     num_classes = 0
     if v["num_class_embeds"] is not None:
-        if v["num_class_embeds"] < 2:
-            raise fail(f"num_class_embeds={v['num_class_embeds']} leaves no class besides the null")
+        if not _positive(v["num_class_embeds"]) or v["num_class_embeds"] < 2:
+            raise fail(f"num_class_embeds={v['num_class_embeds']!r} leaves no class but the null")
         num_classes = v["num_class_embeds"] - 1
 
     # Attention layers of every attended level and of the middle.
     attended = [w for w, a in zip(widths, attention) if a] + [widths[-1]]
     head_dim = v["attention_head_dim"]
+    if head_dim is not None and not _positive(head_dim):
+        raise fail(f"attention_head_dim={head_dim!r} is not a positive integer")
     heads = {1} if head_dim is None else {w // head_dim for w in attended}
     if (head_dim is not None and any(w % head_dim for w in attended)) or len(heads) != 1:
         raise fail(
@@ -146,6 +150,10 @@ def config_from_diffusers(values: Mapping[str, Any], source: str | Path = "confi
         )
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
