@@ -70,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     config = get_preset(args.preset)
     torch.manual_seed(0)
     ours = UNet(config).to(device)
+    with torch.no_grad():
+        # Off DDPM's zero initialisation, so that the outputs compared below are not all zero.
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p), alpha=1e-2)
     theirs = UNet2DModel.from_config(config_to_diffusers(config)).to(device)
     theirs.load_state_dict(state_dict_to_diffusers(ours.state_dict(), config))
     counts = [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)]
@@ -87,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         "ours": (ours, lambda: ours(x, t, y)),
         "diffusers": (theirs, lambda: theirs(x, t, class_labels=y).sample),
     }
+    ours.eval(), theirs.eval()
     with torch.no_grad():
         diff = (calls["ours"][1]() - calls["diffusers"][1]()).abs().max().item()
     print(f"max |ours - diffusers| on this input: {diff:.2e}")
