@@ -14,7 +14,7 @@ import torch
 
 from ddpm.errors import UserError
 from ddpm.models import PRESETS, UNet, UNetConfig, get_preset, timestep_embedding
-from ddpm.models.unet import AttnBlock
+from ddpm.models.unet import AttnBlock, Upsample
 
 # Measured once and cross-checked: cifar10 against diffusers' UNet2DModel of google/ddpm-cifar10-32
 # (tests/test_diffusers_io.py) and the paper's "35.7M"; the 256 models against its "114M".
@@ -221,6 +221,14 @@ def test_attention_matches_ddpm_formula_in_float64(heads, jitter):
     proj = torch.cat(outs, dim=-1) @ block.proj_out.weight.T + block.proj_out.bias
     expected = x + proj.transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_upsample_equals_nearest_upsampling_then_conv_in_float64():
+    torch.manual_seed(0)
+    up = Upsample(64).double()
+    x = torch.randn(2, 64, 5, 7, dtype=torch.float64)
+    plain = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(up(x), plain, rtol=1e-12, atol=1e-12)
 
 
 # --- options ------------------------------------------------------------------------------------
