@@ -15,6 +15,7 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -164,6 +165,19 @@ def _machine(device: str) -> str:
     return text
 
 
+def _commit() -> str:
+    """The checked-out commit, so that an entry says which code it measured."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=RESULTS.parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True,
+                               cwd=RESULTS.parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit"
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+
+
 def _append(args: argparse.Namespace, argv: list[str], table: str, count: int) -> None:
     import diffusers
 
@@ -174,7 +188,7 @@ def _append(args: argparse.Namespace, argv: list[str], table: str, count: int) -
         f"- machine: {_machine(args.device)}\n"
         f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python "
         f"{platform.python_version()}\n"
-        f"- command: `python -m bench.unet_speed {' '.join(argv)}`\n"
+        f"- command: `python -m bench.unet_speed {' '.join(argv)}` at {_commit()}\n"
         f"- {count:,} parameters in both models; batch {args.batch}, {args.threads} threads, "
         f"device {args.device}, {args.warmup} warm-up + {args.repeats} timed runs each, medians\n\n"
         f"{table}\n"

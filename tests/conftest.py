@@ -1,4 +1,4 @@
-"""Shared fixture: weights away from DDPM's zero initialisation."""
+"""Shared fixtures: a fixed seed for every test, weights away from DDPM's zero initialisation."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ def _jitter(module: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:
             noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
             p.add_(noise, alpha=scale / math.sqrt(fan_in))
     return module
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

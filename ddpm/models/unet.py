@@ -292,12 +292,15 @@ class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = _conv3(channels, channels)
+        # A buffer so that it follows the module's device; not saved (no parameter).
+        self.register_buffer("taps", torch.tensor(_UPSAMPLE_TAPS), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        taps = torch.tensor(_UPSAMPLE_TAPS, dtype=x.dtype, device=x.device)
+        weight = self.conv.weight
+        taps = self.taps.to(weight.dtype)
         # kernels[a, a', o, i, p, q]: the 2x2 kernel of output parity (a, a') in rows and columns.
-        kernels = torch.einsum("apk,oikl,bql->aboipq", taps, self.conv.weight, taps)
+        kernels = torch.einsum("apk,oikl,bql->aboipq", taps, weight, taps)
         # Padding 1 and a 2x2 kernel give (h+1)x(w+1) outputs; parity a starts at row a.
         y = F.conv2d(x, kernels.reshape(4 * c, c, 2, 2), self.conv.bias.repeat(4), padding=1)
         y = y.view(b, 2, 2, c, h + 1, w + 1)
