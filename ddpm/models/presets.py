@@ -1,0 +1,65 @@
+"""Named U-Net sizes: the paper's models and small ones for CPUs and tests.
+
+A preset is data, a :class:`~ddpm.models.unet.UNetConfig`; change a field with
+``dataclasses.replace(get_preset("mnist"), num_classes=10)``. Parameter counts are measured (and
+checked in ``tests/test_unet.py``).
+"""
+
+from __future__ import annotations
+
+from ddpm.errors import UserError
+from ddpm.models.unet import UNetConfig
+
+PRESETS: dict[str, UNetConfig] = {
+    # Ho et al. 2020, appendix B: 35.7M parameters; exactly 35,746,307, the count of diffusers'
+    # UNet2DModel for google/ddpm-cifar10-32.
+    "cifar10": UNetConfig(
+        image_size=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+        attn_resolutions=(16,), dropout=0.1,
+    ),
+    # Appendix B's 256x256 models (114M parameters; 113,673,219 counted): six levels down to 8x8,
+    # attention at 16x16, no dropout. google/ddpm-celebahq-256 has this layout.
+    "celebahq256": UNetConfig(
+        image_size=256, in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+        attn_resolutions=(16,), dropout=0.0,
+    ),
+    # The LSUN church/bedroom/cat models: the same network (113,673,219 parameters).
+    "lsun256": UNetConfig(
+        image_size=256, in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+        attn_resolutions=(16,), dropout=0.0,
+    ),
+    # MNIST at its native 28x28: levels must divide 28, so three of them, 28 -> 14 -> 7. Width 32
+    # (widths 32, 64, 64) is about a sixteenth of CIFAR-10's FLOPs per pixel, plenty for grey
+    # strokes; attention at 7x7 (49 positions) costs almost nothing and, with the middle one, gives
+    # the network a global view. 1,623,169 parameters; a training step of batch 64 takes about
+    # 2.4 s on 2 CPU cores (27 images/s).
+    "mnist": UNetConfig(
+        image_size=28, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
+        attn_resolutions=(7,), dropout=0.1,
+    ),
+    # scikit-learn's 8x8 digits (1,797 images, 17 grey levels) at native size: two levels, 8 -> 4,
+    # attention at 4x4 and in the middle. 1,001,729 parameters; 240-300 images/s in training on 2
+    # CPU cores, and in a check 570 steps of batch 128 (under 5 minutes, linear schedule, EMA)
+    # already gave recognisable digits. Dropout 0.1 because 1,797 images are few.
+    "digits": UNetConfig(
+        image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2,
+        attn_resolutions=(4,), dropout=0.1,
+    ),
+    # For tests: every kind of block (shortcut, down/upsampling, attention, middle) at the least
+    # cost; forward and backward of a batch of 8 take about 70 ms on 2 CPU cores. 702,499
+    # parameters.
+    "tiny": UNetConfig(
+        image_size=8, in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+        attn_resolutions=(4,), dropout=0.0,
+    ),
+}
+
+
+def get_preset(name: str) -> UNetConfig:
+    """The :class:`UNetConfig` called ``name``; an unknown name raises :class:`UserError`."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown U-Net preset {name!r}; choose one of {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,608 @@
+"""The DDPM U-Net (Ho, Jain and Abbeel 2020, appendix B; their ``diffusion_tf/models/unet.py``).
+
+A PixelCNN++-style wide-ResNet U-Net: ``len(ch_mult)`` resolution levels, ``num_res_blocks``
+residual blocks per level on the way down and ``num_res_blocks + 1`` on the way up (each one eating
+a skip connection), single-head self-attention after every block at the resolutions in
+``attn_resolutions`` and in the middle (resblock, attention, resblock), GroupNorm(32, eps 1e-6) and
+SiLU throughout, and the timestep fed to every residual block through a sinusoidal embedding and a
+two-layer MLP.
+
+Parameter names follow the TF code (``down.1.block.0.temb_proj``, ``mid.attn_1``, ``up.0.upsample``,
+``norm_out``), ``up.i`` is the up path of level ``i`` as in the TF code, so ``self.up`` is run in
+reverse. The one change is that the attention's q, k and v projections are one ``qkv`` matrix: one
+matmul instead of three. :mod:`ddpm.models.diffusers_io` maps these names onto diffusers'
+``UNet2DModel``.
+
+Additions from later papers, all off by default: ``learned_sigma`` (Nichol and Dhariwal 2021,
+section 3.1: a second output block for the variance interpolation ``v``), class conditioning with a
+reserved null label (Ho and Salimans 2022, classifier-free guidance), and ``num_heads``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddpm.checkpoints import load_json, load_state_dict, save_json, save_state_dict
+from ddpm.errors import UserError
+
+GROUPS = 32  # GroupNorm groups, as tf.contrib.layers.group_norm in the DDPM code.
+NORM_EPS = 1e-6  # tf.contrib.layers.group_norm's epsilon.
+
+FORMAT = "ddpm-unet"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The shape of a :class:`UNet`; presets are in :mod:`ddpm.models.presets`.
+
+    The defaults are the paper's CIFAR-10 model (Ho et al. 2020, appendix B).
+
+    Attributes:
+        image_size: side of the square training images. It fixes which levels get attention
+            (level ``i`` works at ``image_size / 2**i``) and must be divisible by
+            ``2**(len(ch_mult) - 1)``. The network itself runs on any size the levels divide.
+        in_channels: image channels (3 for RGB, 1 for grey).
+        ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels, the time embedding ``4 * ch``.
+        ch_mult: width multiplier per level; one level per entry.
+        num_res_blocks: residual blocks per level on the way down (``+ 1`` on the way up).
+        attn_resolutions: resolutions whose blocks are followed by self-attention.
+        dropout: dropout rate inside every residual block (0.1 for CIFAR-10 in the paper).
+        learned_sigma: output ``2 * in_channels`` channels: epsilon, then the variance
+            interpolation ``v`` of Improved DDPM (Nichol and Dhariwal 2021, eq. 15).
+        num_classes: ``C > 0`` adds a class embedding with ``C + 1`` rows; row ``C`` is the null
+            label (label ``-1`` or ``y=None``) for classifier-free guidance.
+        num_heads: attention heads (DDPM uses one).
+    """
+
+    image_size: int = 32
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    learned_sigma: bool = False
+    num_classes: int = 0
+    num_heads: int = 1
+
+    def __post_init__(self) -> None:
+        # Lists from JSON become tuples so that configs compare and hash as values.
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        counts = ("image_size", "in_channels", "ch", "num_res_blocks", "num_classes", "num_heads")
+        for name in counts:
+            value = getattr(self, name)
+            if not _is_int(value) or value < (0 if name == "num_classes" else 1):
+                raise UserError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(_is_int(v) and v > 0 for v in value):
+                raise UserError(
+                    f"UNetConfig.{name} must be a list of positive integers, got {value!r}"
+                )
+        if not self.ch_mult:
+            raise UserError("UNetConfig.ch_mult must have at least one level")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise UserError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.learned_sigma, bool):
+            raise UserError(
+                f"UNetConfig.learned_sigma must be true or false, got {self.learned_sigma!r}"
+            )
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if self.image_size % factor:
+            raise UserError(
+                f"image_size {self.image_size} is not divisible by "
+                f"2**(len(ch_mult)-1)={factor}; use fewer levels or another size"
+            )
+        for width in (self.ch, *self.level_channels):
+            if width % GROUPS:
+                raise UserError(
+                    f"ch*mult={width} is not divisible by the {GROUPS} GroupNorm groups "
+                    f"(ch={self.ch}, ch_mult={list(self.ch_mult)})"
+                )
+        resolutions = self.resolutions
+        for res in self.attn_resolutions:
+            if res not in resolutions:
+                raise UserError(
+                    f"attn_resolutions has {res}, which is no level's resolution; "
+                    f"the levels are {', '.join(map(str, resolutions))}"
+                )
+        for width in self.attention_channels:
+            if width % self.num_heads:
+                raise UserError(f"num_heads {self.num_heads} does not divide {width} channels")
+
+    @property
+    def out_channels(self) -> int:
+        """``in_channels``, doubled by ``learned_sigma``."""
+        return self.in_channels * (2 if self.learned_sigma else 1)
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        """Channels of each level, ``ch * ch_mult[i]``."""
+        return tuple(self.ch * m for m in self.ch_mult)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Side of the feature maps at each level for ``image_size`` inputs."""
+        return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+
+    @property
+    def attention_levels(self) -> tuple[bool, ...]:
+        """Whether each level's blocks are followed by self-attention."""
+        return tuple(res in self.attn_resolutions for res in self.resolutions)
+
+    @property
+    def attention_channels(self) -> tuple[int, ...]:
+        """Widths of all attention layers' levels, the middle's included."""
+        attended = [c for c, a in zip(self.level_channels, self.attention_levels) if a]
+        return (*attended, self.level_channels[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary (tuples become lists on dumping)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> UNetConfig:
+        """The config from :meth:`to_dict`'s output; an unknown key raises :class:`UserError`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(
+                f"unknown U-Net config key(s) {', '.join(unknown)}; "
+                f"valid keys are {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def timestep_embedding(t: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoidal embedding of timesteps, DDPM's ``get_timestep_embedding`` (after Vaswani 2017).
+
+    With ``half = dim // 2`` and ``f_i = exp(-log(10000) * i / (half - 1))``, row ``b`` is
+    ``[sin(t_b f_0), ..., sin(t_b f_{half-1}), cos(t_b f_0), ..., cos(t_b f_{half-1})]``,
+    zero-padded when ``dim`` is odd. ``t`` has shape ``[B]`` (integers or floats); the result
+    ``[B, dim]``. DDPM and diffusers compute it in float32, and so does the U-Net.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(10000) * torch.arange(half, dtype=dtype, device=t.device) / (half - 1)
+    )
+    args = t.to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GROUPS, channels, eps=NORM_EPS)
+
+
+def _norm_act(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    # SiLU in place on the normalised copy: one large allocation less per call (~2% of a CPU
+    # step), and autograd supports it (GroupNorm's backward keeps its input, not its output).
+    return F.silu(norm(x), inplace=True)
+
+
+def _conv3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1 if stride == 1 else 0)
+
+
+class ResBlock(nn.Module):
+    """DDPM's ``resnet_block``: GN, SiLU, conv, + time embedding, GN, SiLU, dropout, conv, + skip.
+
+    The time embedding goes through SiLU and a per-block linear map and is added after the first
+    convolution; a 1x1 convolution (``nin_shortcut``) matches widths on the skip path.
+    """
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = _norm(c_in)
+        self.conv1 = _conv3(c_in, c_out)
+        self.temb_proj = nn.Linear(temb_dim, c_out)
+        self.norm2 = _norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _conv3(c_out, c_out)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
+        """``x`` [B, c_in, H, W] and ``temb_act = silu(temb)`` [B, 4ch] -> [B, c_out, H, W]."""
+        h = self.conv1(_norm_act(self.norm1, x))
+        # In place: neither the convolution nor the addition needs this tensor for backward.
+        h += self.temb_proj(temb_act)[:, :, None, None]
+        h = self.conv2(self.dropout(_norm_act(self.norm2, h)))
+        h += x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return h
+
+
+class AttnBlock(nn.Module):
+    """DDPM's ``attn_block``: x + proj_out(softmax(q k^T / sqrt(d)) v) over the H*W positions.
+
+    q, k, v are per-position linear maps of GroupNorm(x) (DDPM's ``nin``, a 1x1 convolution), stored
+    as one ``[3C, C]`` matrix. The product runs in
+    :func:`torch.nn.functional.scaled_dot_product_attention`, whose default scale is DDPM's
+    ``C ** -0.5`` per head.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` [B, C, H, W] -> [B, C, H, W]."""
+        b, c, height, width = x.shape
+        # Tokens last-dim-contiguous, [B, L, C]: the layout the linear maps and the attention kernel
+        # want, and the one the output projection returns, so only the two ends transpose.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        qkv = self.qkv(tokens).view(b, height * width, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d]
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.proj_out(h.transpose(1, 2).reshape(b, height * width, c))
+        return x + h.transpose(1, 2).view(b, c, height, width)
+
+
+class Downsample(nn.Module):
+    """3x3 convolution, stride 2, with TF 'SAME' padding: one zero row and column, bottom-right."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = _conv3(channels, channels, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+# Which 3x3 kernel taps land on the same input pixel after nearest upsampling: output row 2i + a
+# sees input rows (i - 1, i) with taps (k0, k1 + k2) when a = 0, and rows (i, i + 1) with taps
+# (k0 + k1, k2) when a = 1. Indexed [a, input row of the 2x2 window, tap]; the same for columns.
+_UPSAMPLE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling by 2, then a 3x3 convolution (DDPM's ``upsample``).
+
+    Computed without the upsampled tensor: each output pixel's 3x3 window covers a 2x2 block of
+    input pixels, so the layer is four 2x2 convolutions of the input, one per output-pixel parity,
+    with kernels summed from the 3x3 one, interleaved. That is 16 instead of 36 multiply-adds per
+    input pixel and channel pair (about 7% of a CIFAR-10 forward pass on CPU). The parameter is
+    still the 3x3 kernel, as in diffusers' ``Upsample2D``.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = _conv3(channels, channels)
+        # A buffer so that it follows the module's device; not saved (no parameter).
+        self.register_buffer("taps", torch.tensor(_UPSAMPLE_TAPS), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        weight = self.conv.weight
+        taps = self.taps.to(weight.dtype)
+        # kernels[a, a', o, i, p, q]: the 2x2 kernel of output parity (a, a') in rows and columns.
+        kernels = torch.einsum("apk,oikl,bql->aboipq", taps, weight, taps)
+        # Padding 1 and a 2x2 kernel give (h+1)x(w+1) outputs; parity a starts at row a.
+        y = F.conv2d(x, kernels.reshape(4 * c, c, 2, 2), self.conv.bias.repeat(4), padding=1)
+        y = y.view(b, 2, 2, c, h + 1, w + 1)
+        rows = [
+            torch.stack([y[:, a, a2, :, a : a + h, a2 : a2 + w] for a2 in (0, 1)], dim=-1)
+            for a in (0, 1)
+        ]
+        return torch.stack(rows, dim=3).view(b, c, 2 * h, 2 * w)  # [b, c, h, a, w, a'].
+
+
+class Level(nn.Module):
+    """One resolution of the down or up path: residual blocks, each followed by ``attn[i]``
+    (attention or identity), then an optional resampling."""
+
+    def __init__(
+        self,
+        widths_in: Sequence[int],
+        c_out: int,
+        temb_dim: int,
+        dropout: float,
+        attention: bool,
+        num_heads: int,
+        resample: nn.Module | None,
+    ) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(ResBlock(c, c_out, temb_dim, dropout) for c in widths_in)
+        self.attn = nn.ModuleList(
+            AttnBlock(c_out, num_heads) if attention else nn.Identity() for _ in widths_in
+        )
+        self.resample = resample
+
+
+class Middle(nn.Module):
+    """DDPM's middle: resblock, attention, resblock at the lowest resolution."""
+
+    def __init__(self, channels: int, temb_dim: int, dropout: float, num_heads: int) -> None:
+        super().__init__()
+        self.block_1 = ResBlock(channels, channels, temb_dim, dropout)
+        self.attn_1 = AttnBlock(channels, num_heads)
+        self.block_2 = ResBlock(channels, channels, temb_dim, dropout)
+
+    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, temb_act)), temb_act)
+
+
+class TimeEmbedding(nn.Module):
+    """Timestep -> sinusoidal embedding of width ``ch`` -> Linear, SiLU, Linear to ``4 ch``."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.ch = ch
+        self.dense0 = nn.Linear(ch, 4 * ch)
+        self.dense1 = nn.Linear(4 * ch, 4 * ch)
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = timestep_embedding(t, self.ch).to(self.dense0.weight.dtype)
+        return self.dense1(F.silu(self.dense0(emb)))
+
+
+class UNet(nn.Module):
+    """The DDPM noise-prediction network ``eps_theta(x_t, t)`` (Ho et al. 2020, appendix B).
+
+    Build it from a :class:`UNetConfig` (``UNet(get_preset("cifar10"))``) and call it as
+    ``unet(x_t, t, y=None)``. Initialisation follows the DDPM TF code: Xavier-uniform weights
+    (TF's variance scaling, fan_avg, uniform), zero biases, and zero weights for the last
+    convolution of every residual block, the attention output projections and the output
+    convolution (``init_scale=0.``), so that every residual branch starts as the identity and the
+    network starts by predicting 0.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(f"UNet takes a UNetConfig, got {type(config).__name__}")
+        self.config = config
+        ch, temb_dim, drop, heads = config.ch, 4 * config.ch, config.dropout, config.num_heads
+        widths = config.level_channels
+        num_levels = len(widths)
+
+        self.temb = TimeEmbedding(ch)
+        # Row num_classes is the null label of classifier-free guidance (Ho and Salimans 2022).
+        self.class_emb = (
+            nn.Embedding(config.num_classes + 1, temb_dim) if config.num_classes else None
+        )
+        self.conv_in = _conv3(config.in_channels, ch)
+
+        # Widths of the skip connections, in the order the down path produces them.
+        skips = [ch]
+        self.down = nn.ModuleList()
+        c_in = ch
+        for i, (c_out, attn) in enumerate(zip(widths, config.attention_levels)):
+            last = i == num_levels - 1
+            blocks_in = [c_in] + [c_out] * (config.num_res_blocks - 1)
+            resample = None if last else Downsample(c_out)
+            self.down.append(Level(blocks_in, c_out, temb_dim, drop, attn, heads, resample))
+            skips += [c_out] * (config.num_res_blocks + (0 if last else 1))
+            c_in = c_out
+
+        self.mid = Middle(c_in, temb_dim, drop, heads)
+
+        up: list[Level] = []
+        for i in reversed(range(num_levels)):
+            c_out = widths[i]
+            blocks_in = []
+            for _ in range(config.num_res_blocks + 1):
+                blocks_in.append(c_in + skips.pop())
+                c_in = c_out
+            resample = Upsample(c_out) if i else None
+            up.append(Level(blocks_in, c_out, temb_dim, drop, config.attention_levels[i], heads,
+                            resample))
+        # Indexed by level as in the TF code (up.0 is the full-resolution level).
+        self.up = nn.ModuleList(reversed(up))
+
+        self.norm_out = _norm(c_in)
+        self.conv_out = _conv3(c_in, config.out_channels)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: UNetConfig | Mapping[str, Any]) -> UNet:
+        """A freshly initialised U-Net from a config or its dictionary."""
+        if not isinstance(config, UNetConfig):
+            config = UNetConfig.from_dict(config)
+        return cls(config)
+
+    def reset_parameters(self) -> None:
+        """DDPM's initialisation (see the class docstring)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.conv_out.weight)
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                nn.init.zeros_(module.conv2.weight)
+            elif isinstance(module, AttnBlock):
+                nn.init.zeros_(module.proj_out.weight)
+                # Per block, so that the fused q, k, v get the fans of three separate maps.
+                for weight in module.qkv.weight.chunk(3):
+                    nn.init.xavier_uniform_(weight)
+
+    def forward(self, x_t: Tensor, t: Tensor | int | float, y: Tensor | None = None) -> Tensor:
+        """Predict the noise (and, with ``learned_sigma``, ``v``) in ``x_t``.
+
+        Args:
+            x_t: noisy images ``[B, in_channels, H, W]``; H and W divisible by
+                ``2**(len(ch_mult) - 1)``.
+            t: 0-based timesteps ``[B]`` (index i is the paper's t = i + 1), integer or float, or
+                one scalar for the whole batch. They enter the sinusoidal embedding as they are.
+            y: class labels ``[B]`` in ``[0, num_classes)``, ``-1`` for "no label"; ``None`` means
+                no label for every sample. Only for class-conditional models.
+
+        Returns:
+            ``[B, out_channels, H, W]``: epsilon, followed by ``v`` when ``learned_sigma``.
+        """
+        config = self.config
+        batch = self._check_input(x_t)
+        temb = self.temb(_per_sample(t, batch, x_t.device, "t"))
+        if self.class_emb is not None:
+            temb = temb + self.class_emb(self._labels(y, batch, x_t.device))
+        elif y is not None:
+            raise ValueError("y given to a U-Net without class conditioning (num_classes=0)")
+        # Every residual block applies SiLU to the embedding first (DDPM's nonlinearity(temb)).
+        temb_act = F.silu(temb)
+
+        h = self.conv_in(x_t)
+        skips = [h]
+        for level in self.down:
+            for block, attn in zip(level.block, level.attn):
+                h = attn(block(h, temb_act))
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+        h = self.mid(h, temb_act)
+        for level in reversed(self.up):
+            for block, attn in zip(level.block, level.attn):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb_act))
+            if level.resample is not None:
+                h = level.resample(h)
+        assert not skips and h.shape[1] == config.level_channels[0]
+        return self.conv_out(_norm_act(self.norm_out, h))
+
+    def _check_input(self, x_t: Tensor) -> int:
+        config = self.config
+        factor = 2 ** (len(config.ch_mult) - 1)
+        if x_t.ndim != 4 or x_t.shape[1] != config.in_channels:
+            raise ValueError(
+                f"x_t must be [B, {config.in_channels}, H, W], got {tuple(x_t.shape)}"
+            )
+        if x_t.shape[2] % factor or x_t.shape[3] % factor:
+            raise ValueError(
+                f"x_t is {x_t.shape[2]}x{x_t.shape[3]}; H and W must be divisible by {factor}"
+            )
+        return x_t.shape[0]
+
+    def _labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        null = self.config.num_classes
+        if y is None:
+            return torch.full((batch,), null, dtype=torch.long, device=device)
+        y = _per_sample(y, batch, device, "y").long()
+        return torch.where(y < 0, torch.full_like(y, null), y)
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of scalar parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    # --- weights -----------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` (the :class:`UNetConfig` with a format marker) and
+        ``model.safetensors`` into ``directory``, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # Weights first: a config.json next to them says the pair is complete.
+        save_state_dict(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": FORMAT})
+        save_json(
+            directory / CONFIG_NAME,
+            {"format": FORMAT, "format_version": FORMAT_VERSION, **self.config.to_dict()},
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> UNet:
+        """Load a U-Net written by :meth:`save_pretrained`.
+
+        Raises :class:`UserError` for a missing directory or file, a file that is not ours
+        (a diffusers directory is pointed to :meth:`from_diffusers`), or weights that do not fit
+        the config.
+        """
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not directory.is_dir():
+            raise UserError(f"{directory}: not a directory with a saved U-Net")
+        values = load_json(config_path)
+        if not isinstance(values, dict) or values.get("format") != FORMAT:
+            hint = (
+                " (a diffusers model: load it with UNet.from_diffusers)"
+                if isinstance(values, dict) and values.get("_class_name") == "UNet2DModel"
+                else ""
+            )
+            raise UserError(f"{config_path}: not a ddpm U-Net config (no format {FORMAT!r}){hint}")
+        values = dict(values)
+        values.pop("format")
+        version = values.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise UserError(
+                f"{config_path}: format_version {version!r}, this ddpm reads {FORMAT_VERSION}"
+            )
+        model = cls(UNetConfig.from_dict(values))
+        weights_path = directory / WEIGHTS_NAME
+        model.load_weights(load_state_dict(weights_path), source=weights_path)
+        return model.to(device)
+
+    def load_weights(
+        self, state_dict: Mapping[str, Tensor], source: str | Path = "weights"
+    ) -> None:
+        """Copy ``state_dict`` into the model, or raise :class:`UserError` naming ``source`` and
+        the missing, unexpected and wrongly shaped keys when it does not fit the architecture."""
+        expected = self.state_dict()
+        problems = []
+        for label, keys in (
+            ("missing", [k for k in expected if k not in state_dict]),
+            ("unexpected", [k for k in state_dict if k not in expected]),
+            ("shape mismatch", [
+                f"{k} {list(state_dict[k].shape)} != {list(v.shape)}"
+                for k, v in expected.items()
+                if k in state_dict and state_dict[k].shape != v.shape
+            ]),
+        ):
+            if keys:
+                shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+                problems.append(f"{len(keys)} {label} ({shown})")
+        if problems:
+            raise UserError(
+                f"{source}: weights do not fit this U-Net config: {'; '.join(problems)}"
+            )
+        self.load_state_dict(state_dict)
+
+    @classmethod
+    def from_diffusers(cls, path: str | Path, device: str | torch.device = "cpu") -> UNet:
+        """Load a diffusers ``UNet2DModel`` directory in the DDPM layout (e.g. the paper's
+        google/ddpm-* weights); see :func:`ddpm.models.diffusers_io.load_diffusers`."""
+        # Imported here: diffusers_io builds on this module.
+        from ddpm.models.diffusers_io import load_diffusers
+
+        return load_diffusers(path, device=device)
+
+    def save_diffusers(self, path: str | Path) -> None:
+        """Write a directory that ``diffusers.UNet2DModel.from_pretrained`` loads; see
+        :func:`ddpm.models.diffusers_io.save_diffusers`."""
+        from ddpm.models.diffusers_io import save_diffusers
+
+        save_diffusers(self, path)
+
+
+def _per_sample(value: Tensor | int | float, batch: int, device: torch.device, name: str) -> Tensor:
+    """``value`` as a ``[batch]`` tensor: a scalar or one-element tensor is repeated."""
+    value = torch.as_tensor(value, device=device)
+    if value.ndim == 0 or value.shape == (1,):
+        return value.reshape(1).expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(
+            f"{name} must be a scalar or have shape [{batch}], got {tuple(value.shape)}"
+        )
+    return value
