@@ -192,7 +192,7 @@ def _sampler_arguments(p: argparse.ArgumentParser, default_steps: int | None) ->
 def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "sample", parents=[common], help="draw images from a trained model",
-        description="Draw samples with DDPM (1000 steps) or DDIM (e.g. 50 steps) and write a PNG grid, PNGs or an .npz.",
+        description="Draw samples with DDPM (1000 steps) or DDIM (e.g. 50 steps); write a PNG grid, PNGs or an .npz.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent("""\
             examples:

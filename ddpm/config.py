@@ -95,7 +95,7 @@ class TrainConfig:
         loss_type: simple (L_simple), vlb (L_vlb) or hybrid (L_simple + 0.001 L_vlb, for learned variances).
         timestep_sampler: uniform, or loss-aware (Improved DDPM's importance sampling, for vlb).
         class_cond: condition on the data's class labels (needs a labelled data set).
-        label_dropout: with class_cond, the probability of dropping a label to the null class (classifier-free guidance).
+        label_dropout: with class_cond, the chance of dropping a label to the null class (classifier-free guidance).
         seed: the seed of every random draw in the run (data order, flips, t, noise, dropout).
         log_every: write a metrics line every this many steps.
         sample_every: save a grid of EMA samples every this many steps (0: only at the end).

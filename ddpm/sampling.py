@@ -159,7 +159,8 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     shape = (config.in_channels, config.image_size, config.image_size)
     images, labels = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else contextlib.nullcontext()
+    use_bf16 = device.type == "cuda" and bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     done = 0
     with tqdm(total=num_images, desc=f"sampling ({sampler}, {steps or diffusion.num_timesteps} steps)",
               unit="img", disable=not progress) as bar:
@@ -167,7 +168,7 @@ def generate(
             n = min(batch_size, num_images - done)
             kwargs: dict[str, Any] = {}
             if loaded.num_classes:
-                y = torch.full((n,), label) if label is not None else (torch.arange(done, done + n) % loaded.num_classes)
+                y = torch.arange(done, done + n) % loaded.num_classes if label is None else torch.full((n,), label)
                 kwargs["y"] = y.to(device)
                 if guidance_scale is not None:
                     kwargs["guidance_scale"] = guidance_scale
@@ -203,9 +204,10 @@ def describe_run(loaded: LoadedModel) -> str:
     """A one-paragraph summary of what was loaded, for the CLI to print."""
     c = loaded.model.config
     d = loaded.diffusion
-    return (f"{loaded.description}: {sum(p.numel() for p in loaded.model.parameters()):,} parameters, {c.image_size}x{c.image_size}x"
-            f"{c.in_channels}" + (f", {c.num_classes} classes" if c.num_classes else "") +
-            f"; diffusion {json.dumps(dataclasses.asdict(d))}")
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    classes = f", {c.num_classes} classes" if c.num_classes else ""
+    return (f"{loaded.description}: {n_params:,} parameters, {c.image_size}x{c.image_size}x{c.in_channels}"
+            f"{classes}; diffusion {json.dumps(dataclasses.asdict(d))}")
 
 
 def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "diffusers") -> list[Path]:

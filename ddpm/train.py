@@ -465,7 +465,8 @@ def train(
             return None
         x = sample_grid(ema, diffusion, config, device)
         nrow = config.model.num_classes or None
-        return save_image(make_grid(x, nrow=nrow, scale=auto_scale(config.model.image_size)), out_dir / "samples" / f"step_{step:08d}.png")
+        grid = make_grid(x, nrow=nrow, scale=auto_scale(config.model.image_size))
+        return save_image(grid, out_dir / "samples" / f"step_{step:08d}.png")
 
     step, last_ckpt, last_grid = start_step, None, None
     window: dict[str, float] = {}

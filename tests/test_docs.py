@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from relink_docs import LINE_LINK, defines, enclosing_class  # noqa: E402
+
 DOC = ROOT / "docs" / "theory.md"
 
 FILE_LINK = re.compile(r"\]\(\.\./([^)#\s]+)(?:#[^)]*)?\)")

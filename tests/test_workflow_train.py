@@ -73,7 +73,8 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, npz, variant):
     extra = {"model.dropout": "0.1", "train.steps": "24", "train.ckpt_every": "6", "train.sample_every": "0",
              "train.keep_last": "10"}
     if variant != "simple":
-        extra |= {"diffusion.timesteps": "10", "diffusion.schedule": "cosine", "diffusion.var_type": "learned_range", "model.learned_sigma": "true",
+        extra |= {"diffusion.timesteps": "10", "diffusion.schedule": "cosine", "diffusion.var_type": "learned_range",
+                  "model.learned_sigma": "true",
                   "train.loss_type": "hybrid", "train.timestep_sampler": "loss-aware"}
     config = tiny(npz, **extra)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
