@@ -161,6 +161,8 @@ def load_json(path: str | Path) -> Any:
 
 CHECKPOINT_META = "meta.json"
 _CHECKPOINT_NAME = re.compile(r"step_(\d+)")
+# Group names become file names: letters and underscores only, so none can leave the directory.
+_GROUP_NAME = re.compile(r"[a-z_]+")
 
 
 @dataclass
@@ -192,6 +194,8 @@ def save_training_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         groups = sorted(group for group, state in tensors.items() if state)  # safetensors has no empty files
+        if not all(_GROUP_NAME.fullmatch(g) for g in groups):
+            raise ValueError(f"checkpoint group names must be lower-case words, got {groups}")
         for group in groups:
             save_state_dict(tmp / f"{group}.safetensors", tensors[group])
         # meta.json last: a checkpoint without it was never finished.
@@ -219,7 +223,9 @@ def list_training_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_NAME.fullmatch(p.name))]
+    # Symbolic links are not followed: a checkpoint lives inside the run directory.
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and not p.is_symlink() and (m := _CHECKPOINT_NAME.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -231,7 +237,10 @@ def load_training_checkpoint(path: str | Path, device: str | torch.device = "cpu
     meta = load_json(path / CHECKPOINT_META)
     if not isinstance(meta, dict) or "groups" not in meta or "step" not in meta:
         raise UserError(f"{path / CHECKPOINT_META}: not a ddpm training checkpoint")
-    tensors = {group: load_state_dict(path / f"{group}.safetensors", device) for group in meta["groups"]}
+    groups = meta["groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, str) and _GROUP_NAME.fullmatch(g) for g in groups):
+        raise UserError(f"{path / CHECKPOINT_META}: invalid groups {groups!r} (names must be lower-case words)")
+    tensors = {group: load_state_dict(path / f"{group}.safetensors", device) for group in groups}
     return TrainingCheckpoint(path, tensors, meta)
 
 

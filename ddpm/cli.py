@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ddpm.data import DataWarning
 from ddpm.errors import UserError
 
 EPILOG_TRAIN = """\
@@ -41,13 +42,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # library warnings we report ourselves
+            # The library's warnings about the user's input (skipped files, upscaled images) as
+            # one line each; everything else keeps Python's default display.
+            warnings.simplefilter("always", DataWarning)
+            default_show = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                if issubclass(category, DataWarning):
+                    print(f"ddpm: warning: {message}", file=sys.stderr)
+                else:
+                    default_show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show
             return args.handler(args) or 0
     except UserError as e:
         if args.debug:
             raise
-        print(f"ddpm: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        print(f"ddpm: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -426,8 +438,9 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
                     "for a few CPU minutes, then write a grid of samples, the forward process, the schedules and "
                     "the reverse process (PNG and GIF).")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's 4000)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow)")
+    p.add_argument("--sample-steps", type=int, default=None, help="DDPM sampling steps (default: all 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     p.set_defaults(handler=cmd_demo, command="demo")
 
@@ -436,7 +449,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ddpm.demo import run_demo
 
     paths = run_demo(Path(args.out), minutes=args.minutes, steps=args.steps, overwrite=args.overwrite,
-                     device=args.device, progress=not args.quiet)
+                     device=args.device, progress=not args.quiet, sample_steps=args.sample_steps)
     print("the demo wrote:")
     for name, path in paths.items():
         print(f"  {name:<10} {path}")

@@ -20,9 +20,12 @@ from ddpm.train import resolve_device, train
 from ddpm.viz import forward_process_strip, plot_schedules, reverse_process_pictures
 
 
-def run_demo(out: Path, minutes: float = 5.0, steps: int | None = None, overwrite: bool = False,
-             device: str = "auto", progress: bool = True) -> dict[str, Path]:
-    """Train on the digits for at most ``minutes`` and write the pictures; returns name → path."""
+def run_demo(out: Path, minutes: float = 4.0, steps: int | None = None, overwrite: bool = False,
+             device: str = "auto", progress: bool = True, sample_steps: int | None = None) -> dict[str, Path]:
+    """Train on the digits for at most ``minutes`` and write the pictures; returns name → path.
+
+    Samples are drawn with DDPM's ancestral sampler over all T steps, or ``sample_steps``.
+    """
     if minutes <= 0:
         raise UserError(f"--minutes must be positive, got {minutes}")
     overrides = {"train.time_limit": str(minutes), "train.device": device}
@@ -30,13 +33,14 @@ def run_demo(out: Path, minutes: float = 5.0, steps: int | None = None, overwrit
         overrides["train.steps"] = str(steps)
     config = get_config("digits", overrides)
     run_dir = out / "run"
-    result = train(config, run_dir, overwrite=overwrite, progress=progress)
+    train(config, run_dir, overwrite=overwrite, progress=progress)
 
     dev = resolve_device(device)
     loaded = load_model(run_dir, "ema", dev)
     diffusion = loaded.diffusion.build()
     paths: dict[str, Path] = {"run": run_dir}
-    images, labels = generate(loaded, 100, batch_size=100, sampler="ddpm", seed=0, device=dev, progress=progress)
+    images, labels = generate(loaded, 100, batch_size=100, sampler="ddpm", steps=sample_steps, seed=0, device=dev,
+                              progress=progress)
     paths["samples"] = write_samples(images, labels, out / "samples", nrow=10)[0]
     digits = load_images("digits", 8, split="test", limit=6)
     paths["forward"] = save_image(
@@ -46,8 +50,8 @@ def run_demo(out: Path, minutes: float = 5.0, steps: int | None = None, overwrit
         paths["schedules"] = Path(plot_schedules(config.diffusion.timesteps, out / "schedules.png"))
     except UserError:
         pass  # matplotlib is an optional extra; the other pictures need only Pillow
-    reverse = reverse_process_pictures(loaded.model, diffusion, out, num_images=8, device=dev, progress=progress)
+    reverse = reverse_process_pictures(loaded.model, diffusion, out, num_images=8, steps=sample_steps, device=dev,
+                                       progress=progress)
     paths["reverse"], paths["animation"] = reverse[0], reverse[1]
     paths["metrics"] = run_dir / "metrics.jsonl"
-    del result
     return paths

@@ -12,3 +12,5 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one line by the CLI, never as a traceback."""
 
     exit_code: int = 2
+    #: How the CLI labels the message: ``ddpm: error: ...``.
+    label: str = "error"

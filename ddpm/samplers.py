@@ -65,6 +65,16 @@ def ddim_step(
 SAMPLERS: dict[str, Step] = {"ddpm": ddpm_step, "ddim": ddim_step}
 
 
+def check_sampler_arguments(T: int, sampler: str, steps: int | None, eta: float) -> None:
+    """Raise :class:`UserError` unless ``sampler``, ``steps`` (1..T or None) and ``eta`` (in [0, 1]) are valid."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 0.0 <= eta <= 1.0:
+        raise UserError(f"eta must lie in [0, 1], got {eta}")
+    if steps is not None and not 1 <= steps <= T:
+        raise UserError(f"the number of sampling steps must be between 1 and T={T}, got {steps}")
+
+
 @torch.no_grad()
 def sample(
     diffusion: GaussianDiffusion,
@@ -106,13 +116,10 @@ def sample(
 
     Returns x_0 [*shape] (and the trajectory if asked).
     """
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 0.0 <= eta <= 1.0:
-        raise UserError(f"eta must lie in [0, 1], got {eta}")
+    check_sampler_arguments(diffusion.num_timesteps, sampler, steps, eta)
     step = SAMPLERS[sampler]
-    if timesteps is None and steps is not None and steps != diffusion.num_timesteps:
-        T = diffusion.num_timesteps
+    T = diffusion.num_timesteps
+    if timesteps is None and steps is not None and steps != T:
         timesteps = even_timesteps(T, steps) if sampler == "ddim" else space_timesteps(T, [steps])
     d = diffusion if timesteps is None else diffusion.respace(timesteps)
 

@@ -25,6 +25,7 @@ from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import UserError
 from ddpm.images import auto_scale, make_grid, save_image, save_npz, save_pngs, to_uint8
 from ddpm.models.unet import UNet
+from ddpm.samplers import check_sampler_arguments
 
 
 @dataclass
@@ -156,6 +157,7 @@ def generate(
     if guidance_scale is not None and not loaded.num_classes:
         raise UserError("--guidance-scale needs a class-conditional model; this one is unconditional")
     diffusion = loaded.diffusion.build()
+    check_sampler_arguments(diffusion.num_timesteps, sampler, steps, eta)
     generator = torch.Generator(device=device).manual_seed(seed)
     shape = (config.in_channels, config.image_size, config.image_size)
     images, labels = [], []

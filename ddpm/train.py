@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ddpm import checkpoints
 from ddpm.config import RunConfig
-from ddpm.data import DataWarning, ImageData, load_images
+from ddpm.data import ImageData, load_images
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.images import auto_scale, make_grid, save_image
@@ -64,6 +63,7 @@ class Interrupted(UserError):
         where = f"; checkpoint {checkpoint}" if checkpoint else ""
         super().__init__(f"interrupted by {name}{where}; continue with --resume")
         self.exit_code = 128 + signum
+        self.label = "stopped"
 
 
 class Diverged(UserError):
@@ -163,7 +163,8 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
     for name in existing:
         path = out_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        # A link is removed, never followed: --overwrite deletes nothing outside the run directory.
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def resume_config(saved: RunConfig, requested: RunConfig, explicit: set[str]) -> RunConfig:
@@ -373,13 +374,9 @@ def train(
 
     # Data.
     if data is None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DataWarning)
-            data = load_images(config.data.source, config.model.image_size, config.model.in_channels,
-                               split=config.data.split, root=config.data.root or None,
-                               limit=config.data.limit or None, progress=progress and procs.is_main)
-        for w in caught:
-            say(f"warning: {w.message}")
+        data = load_images(config.data.source, config.model.image_size, config.model.in_channels,
+                           split=config.data.split, root=config.data.root or None,
+                           limit=config.data.limit or None, progress=progress and procs.is_main)
     say(f"data: {data.describe()}")
     if cfg.class_cond:
         if data.num_classes == 0:

@@ -96,7 +96,7 @@ def test_config_round_trip(name):
         ("flip_sin_to_cos", True),
         ("freq_shift", 0),
         ("downsample_padding", 1),
-        ("norm_num_groups", 16),
+        ("attn_norm_num_groups", 8),
         ("norm_eps", 1e-5),
         ("act_fn", "gelu"),
         ("resnet_time_scale_shift", "scale_shift"),
@@ -229,6 +229,7 @@ VARIANTS = {
     "classes": ({**SMALL, "num_class_embeds": 5}, None),
     "learned sigma": ({**SMALL, "out_channels": 6}, None),
     "four heads": ({**SMALL, "attention_head_dim": 16}, None),
+    "eight groups": ({**SMALL, "norm_num_groups": 8}, None),
     "attention everywhere, grey": (
         {**SMALL, "in_channels": 1, "out_channels": 1, "layers_per_block": 2,
          "down_block_types": ["AttnDownBlock2D", "AttnDownBlock2D"],
@@ -262,6 +263,7 @@ EXPORTS = {
         get_preset("tiny"), num_classes=3, learned_sigma=True
     ),
     "two heads": dataclasses.replace(get_preset("tiny"), num_heads=2),
+    "narrow, eight groups": dataclasses.replace(get_preset("tiny"), ch=16, norm_groups=8),
     "digits": get_preset("digits"),
 }
 

@@ -22,8 +22,8 @@ PARAM_COUNTS = {
     "cifar10": 35_746_307,
     "celebahq256": 113_673_219,
     "lsun256": 113_673_219,
-    "mnist": 1_623_169,
-    "digits": 1_001_729,
+    "mnist": 280_177,
+    "digits": 176_849,
     "tiny": 702_499,
 }
 
@@ -279,6 +279,8 @@ def test_bad_inputs_are_refused(shape, message):
     [
         ({"image_size": 30}, r"image_size 30 is not divisible by 2\*\*\(len\(ch_mult\)-1\)=8"),
         ({"ch": 48}, "not divisible by the 32 GroupNorm groups"),
+        ({"ch": 16, "norm_groups": 6}, "not divisible by the 6 GroupNorm groups"),
+        ({"norm_groups": 0}, "norm_groups must be a positive integer"),
         ({"ch": 32, "ch_mult": (1, 1.5)}, "ch_mult must be a list of positive integers"),
         ({"ch_mult": ()}, "at least one level"),
         ({"attn_resolutions": (12,)}, "no level's resolution; the levels are 32, 16, 8, 4"),

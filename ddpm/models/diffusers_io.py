@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ddpm.checkpoints import load_json, load_state_dict, save_json, save_state_dict
 from ddpm.errors import UserError
-from ddpm.models.unet import GROUPS, NORM_EPS, UNet, UNetConfig
+from ddpm.models.unet import NORM_EPS, UNet, UNetConfig
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -47,8 +47,6 @@ _FIXED: dict[str, tuple[tuple[Any, ...], Any]] = {
     "downsample_type": (("conv",), "conv"),
     "upsample_type": (("conv",), "conv"),
     "act_fn": (("silu", "swish"), "silu"),
-    "norm_num_groups": ((GROUPS,), 32),
-    "attn_norm_num_groups": ((None, GROUPS), None),
     "norm_eps": ((NORM_EPS,), 1e-5),
     "resnet_time_scale_shift": (("default",), "default"),
     "add_attention": ((True,), True),
@@ -67,6 +65,8 @@ _MAPPED: dict[str, Any] = {
     "dropout": 0.0,
     "attention_head_dim": 8,
     "num_class_embeds": None,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,  # None: the same as norm_num_groups.
     # Only used by the "learned" time embedding, which is rejected above.
     "num_train_timesteps": None,
 }
@@ -134,6 +134,9 @@ def config_from_diffusers(values: Mapping[str, Any], source: str | Path = "confi
             f"attention_head_dim={head_dim} gives a different number of heads per level for "
             f"widths {attended}"
         )
+    groups = v["norm_num_groups"]
+    if v["attn_norm_num_groups"] not in (None, groups):
+        raise fail(f"attn_norm_num_groups={v['attn_norm_num_groups']!r} differs from norm_num_groups={groups!r}")
     resolutions = [size // 2**i for i in range(len(widths))]
     try:
         return UNetConfig(
@@ -147,6 +150,7 @@ def config_from_diffusers(values: Mapping[str, Any], source: str | Path = "confi
             learned_sigma=out_channels == 2 * in_channels,
             num_classes=num_classes,
             num_heads=heads.pop(),
+            norm_groups=groups,
         )
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
@@ -188,6 +192,8 @@ def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         "dropout": config.dropout,
         "attention_head_dim": head_dim,
         "num_class_embeds": config.num_classes + 1 if config.num_classes else None,
+        "norm_num_groups": config.norm_groups,
+        "attn_norm_num_groups": None,
         "num_train_timesteps": None,
     }
 

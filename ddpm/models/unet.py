@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ddpm.checkpoints import load_json, load_state_dict, save_json, save_state_dict
 from ddpm.errors import UserError
 
-GROUPS = 32  # GroupNorm groups, as tf.contrib.layers.group_norm in the DDPM code.
+GROUPS = 32  # GroupNorm groups, as tf.contrib.layers.group_norm in the DDPM code (the default).
 NORM_EPS = 1e-6  # tf.contrib.layers.group_norm's epsilon.
 
 FORMAT = "ddpm-unet"
@@ -64,6 +64,7 @@ class UNetConfig:
         num_classes: ``C > 0`` adds a class embedding with ``C + 1`` rows; row ``C`` is the null
             label (label ``-1`` or ``y=None``) for classifier-free guidance.
         num_heads: attention heads (DDPM uses one).
+        norm_groups: GroupNorm groups (DDPM: 32). Fewer allow narrower CPU-sized models (ch=16).
     """
 
     image_size: int = 32
@@ -76,6 +77,7 @@ class UNetConfig:
     learned_sigma: bool = False
     num_classes: int = 0
     num_heads: int = 1
+    norm_groups: int = GROUPS
 
     def __post_init__(self) -> None:
         # Lists from JSON become tuples so that configs compare and hash as values.
@@ -86,7 +88,7 @@ class UNetConfig:
         self._validate()
 
     def _validate(self) -> None:
-        counts = ("image_size", "in_channels", "ch", "num_res_blocks", "num_classes", "num_heads")
+        counts = ("image_size", "in_channels", "ch", "num_res_blocks", "num_classes", "num_heads", "norm_groups")
         for name in counts:
             value = getattr(self, name)
             if not _is_int(value) or value < (0 if name == "num_classes" else 1):
@@ -112,9 +114,9 @@ class UNetConfig:
                 f"2**(len(ch_mult)-1)={factor}; use fewer levels or another size"
             )
         for width in (self.ch, *self.level_channels):
-            if width % GROUPS:
+            if width % self.norm_groups:
                 raise UserError(
-                    f"ch*mult={width} is not divisible by the {GROUPS} GroupNorm groups "
+                    f"ch*mult={width} is not divisible by the {self.norm_groups} GroupNorm groups "
                     f"(ch={self.ch}, ch_mult={list(self.ch_mult)})"
                 )
         resolutions = self.resolutions
@@ -192,8 +194,8 @@ def timestep_embedding(t: Tensor, dim: int, dtype: torch.dtype = torch.float32) 
     return F.pad(emb, (0, dim % 2))
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUPS, channels, eps=NORM_EPS)
+def _norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS)
 
 
 def _norm_act(norm: nn.GroupNorm, x: Tensor) -> Tensor:
@@ -213,12 +215,12 @@ class ResBlock(nn.Module):
     convolution; a 1x1 convolution (``nin_shortcut``) matches widths on the skip path.
     """
 
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float) -> None:
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int = GROUPS) -> None:
         super().__init__()
-        self.norm1 = _norm(c_in)
+        self.norm1 = _norm(c_in, groups)
         self.conv1 = _conv3(c_in, c_out)
         self.temb_proj = nn.Linear(temb_dim, c_out)
-        self.norm2 = _norm(c_out)
+        self.norm2 = _norm(c_out, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3(c_out, c_out)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
@@ -242,10 +244,10 @@ class AttnBlock(nn.Module):
     ``C ** -0.5`` per head.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1) -> None:
+    def __init__(self, channels: int, num_heads: int = 1, groups: int = GROUPS) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = nn.Linear(channels, channels)
 
@@ -324,11 +326,12 @@ class Level(nn.Module):
         attention: bool,
         num_heads: int,
         resample: nn.Module | None,
+        groups: int = GROUPS,
     ) -> None:
         super().__init__()
-        self.block = nn.ModuleList(ResBlock(c, c_out, temb_dim, dropout) for c in widths_in)
+        self.block = nn.ModuleList(ResBlock(c, c_out, temb_dim, dropout, groups) for c in widths_in)
         self.attn = nn.ModuleList(
-            AttnBlock(c_out, num_heads) if attention else nn.Identity() for _ in widths_in
+            AttnBlock(c_out, num_heads, groups) if attention else nn.Identity() for _ in widths_in
         )
         self.resample = resample
 
@@ -336,11 +339,11 @@ class Level(nn.Module):
 class Middle(nn.Module):
     """DDPM's middle: resblock, attention, resblock at the lowest resolution."""
 
-    def __init__(self, channels: int, temb_dim: int, dropout: float, num_heads: int) -> None:
+    def __init__(self, channels: int, temb_dim: int, dropout: float, num_heads: int, groups: int = GROUPS) -> None:
         super().__init__()
-        self.block_1 = ResBlock(channels, channels, temb_dim, dropout)
-        self.attn_1 = AttnBlock(channels, num_heads)
-        self.block_2 = ResBlock(channels, channels, temb_dim, dropout)
+        self.block_1 = ResBlock(channels, channels, temb_dim, dropout, groups)
+        self.attn_1 = AttnBlock(channels, num_heads, groups)
+        self.block_2 = ResBlock(channels, channels, temb_dim, dropout, groups)
 
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x, temb_act)), temb_act)
@@ -377,6 +380,7 @@ class UNet(nn.Module):
             raise TypeError(f"UNet takes a UNetConfig, got {type(config).__name__}")
         self.config = config
         ch, temb_dim, drop, heads = config.ch, 4 * config.ch, config.dropout, config.num_heads
+        groups = config.norm_groups
         widths = config.level_channels
         num_levels = len(widths)
 
@@ -395,11 +399,11 @@ class UNet(nn.Module):
             last = i == num_levels - 1
             blocks_in = [c_in] + [c_out] * (config.num_res_blocks - 1)
             resample = None if last else Downsample(c_out)
-            self.down.append(Level(blocks_in, c_out, temb_dim, drop, attn, heads, resample))
+            self.down.append(Level(blocks_in, c_out, temb_dim, drop, attn, heads, resample, groups))
             skips += [c_out] * (config.num_res_blocks + (0 if last else 1))
             c_in = c_out
 
-        self.mid = Middle(c_in, temb_dim, drop, heads)
+        self.mid = Middle(c_in, temb_dim, drop, heads, groups)
 
         up: list[Level] = []
         for i in reversed(range(num_levels)):
@@ -410,11 +414,11 @@ class UNet(nn.Module):
                 c_in = c_out
             resample = Upsample(c_out) if i else None
             up.append(Level(blocks_in, c_out, temb_dim, drop, config.attention_levels[i], heads,
-                            resample))
+                            resample, groups))
         # Indexed by level as in the TF code (up.0 is the full-resolution level).
         self.up = nn.ModuleList(reversed(up))
 
-        self.norm_out = _norm(c_in)
+        self.norm_out = _norm(c_in, groups)
         self.conv_out = _conv3(c_in, config.out_channels)
         self.reset_parameters()
 
