@@ -11,10 +11,8 @@ The run resumed after every kill must end with exactly the losses of a run never
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -25,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import common
 from ddpm.checkpoints import latest_training_checkpoint, list_training_checkpoints
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def _train_command(data: Path, out: Path, steps: int, resume: bool, extra: tuple[str, ...] = ()) -> list[str]:
@@ -125,15 +122,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         counts["seconds"] = round(time.perf_counter() - start)
     print(json.dumps(counts))
     if args.append:
-        entry = (f"\n## {datetime.date.today().isoformat()}: kill -9 loop\n\n"
-                 f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs\n"
-                 f"- command: `python -m bench.kill_loop {' '.join(argv or sys.argv[1:])}`\n\n"
-                 f"| kills | survived | checkpoints lost | kills mid-write | losses equal to an unkilled run |\n"
-                 f"|---:|---:|---:|---:|---|\n"
-                 f"| {counts['kills']} | {counts['survived']} | {counts['lost']} | {counts['mid_write']} | "
-                 f"{'yes' if counts['same_losses_as_unkilled_run'] else 'NO'} |\n")
-        with RESULTS.open("a") as f:
-            f.write(entry)
+        table = common.markdown_table(
+            ["kills", "survived", "checkpoints lost", "kills mid-write", "losses equal to an unkilled run"],
+            [[counts["kills"], counts["survived"], counts["lost"], counts["mid_write"],
+              "yes" if counts["same_losses_as_unkilled_run"] else "NO"]])
+        common.append_entry("kill -9 loop", "bench.kill_loop", argv,
+                            [f"{steps} training steps of the tiny preset, a checkpoint after each; "
+                             f"{counts['seconds']} s in all"], table)
     return counts
 
 

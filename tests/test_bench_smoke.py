@@ -16,3 +16,54 @@ def test_unet_speed_runs_on_the_tiny_preset(capsys):
     assert set(results) == {"forward", "train step"}
     assert all(r["ratio"] > 0 for r in results.values())
     assert "702,499 parameters in both" in capsys.readouterr().out
+
+
+def test_train_throughput_runs_on_the_tiny_preset(capsys):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pytest.importorskip("diffusers", reason="the benchmark compares against diffusers")
+    from bench.train_throughput import main
+
+    results = main(["--preset", "tiny", "--models", "ours,diffusers", "--batch", "2", "--repeats", "1",
+                    "--warmup", "0"])
+    assert set(results) == {"ours", "diffusers"}
+    assert results["ours"]["params"] == results["diffusers"]["params"] == 702_499
+    assert all(r["img_per_s"] > 0 and r["flops"] > 0 and r["memory_mb"] > 0 for r in results.values())
+    assert "| ours | 702,499 |" in capsys.readouterr().out
+
+
+def test_sample_throughput_runs_and_ddim_agrees_with_diffusers():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pytest.importorskip("diffusers", reason="the benchmark compares against diffusers")
+    from bench.sample_throughput import main
+
+    results = main(["--preset", "mnist", "--batch", "1", "--timed-steps", "2", "--repeats", "1", "--warmup", "0"])
+    assert results["ddpm"]["timed_steps"] == 2 and results["ddpm"]["steps"] == 1000
+    assert results["ddim"]["ours_img_per_s"] > 0
+    # Same x_T, same weights, same rule: what is left is float32 rounding of the two codes (ours
+    # keeps its coefficients in float64), amplified at most by 1/sqrt(alpha-bar) <= 160 per step.
+    agreement = results["ddim_max_abs_diff"]
+    assert agreement["clipped"] < 1e-4
+    assert agreement["unclipped"] < 5e-3
+
+
+def test_quality_runs_on_a_small_fake_mnist(tmp_path):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pytest.importorskip("diffusers", reason="the benchmark compares against diffusers")
+    import json
+
+    import numpy as np
+
+    from bench.quality import main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "mnist.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (128, 28, 28), dtype=np.uint8), y_train=rng.integers(0, 10, 128),
+             x_test=rng.integers(0, 256, (32, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 32))
+    out = main(["--data", str(data), "--minutes", "0.03", "--slices", "2", "--bpd-images", "1", "--samples", "8",
+                "--sample-steps", "2", "--classifier-epochs", "1", "--out", str(tmp_path / "q"),
+                "--img", str(tmp_path / "img")])
+    assert out["train"]["ours"]["steps"] > 0 and out["train"]["diffusers"]["steps"] > 0
+    for name in ("ours", "diffusers"):
+        assert out["score"][name]["bpd"] > 0 and np.isfinite(out["score"][name]["fd"])
+        assert (tmp_path / "img" / f"quality_mnist_{name}.png").is_file()
+    assert json.loads((tmp_path / "q" / "score.json").read_text())["ours"]["bpd_images"] == 1

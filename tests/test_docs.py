@@ -82,3 +82,24 @@ def test_internal_anchors_exist():
 
 def test_display_math_is_balanced():
     assert doc_text().count("$$") % 2 == 0
+
+
+RELATIVE_LINK = re.compile(r"\]\((?!https?://|#|mailto:)([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/gallery.md", "bench/RESULTS.md"])
+def test_relative_links_of_the_other_pages_exist(page):
+    path = ROOT / page
+    text = CODE_BLOCK.sub("", COMMENT.sub("", path.read_text(encoding="utf-8")))
+    targets = RELATIVE_LINK.findall(text)
+    for target in targets:
+        assert (path.parent / target).resolve().exists(), f"{page}: broken link {target}"
+
+
+def test_the_gallery_stays_small():
+    text = (ROOT / "docs" / "gallery.md").read_text(encoding="utf-8")
+    sizes = {src: (DOC.parent / src).resolve().stat().st_size for src in IMAGE.findall(text)}
+    assert len(sizes) >= 3
+    assert max(sizes.values()) < 100_000
+    assert sum(sizes.values()) < 500_000, f"the gallery's images total {sum(sizes.values()):,} bytes"
+    assert "MNIST_SECTION" not in text and "PRESET_TABLE" not in (ROOT / "README.md").read_text(encoding="utf-8")

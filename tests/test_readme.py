@@ -45,8 +45,8 @@ def shrink(command: str) -> list[str]:
     argv = shlex.split(command)
     out: list[str] = []
     skip = False
-    replace = {"--preset": "tiny", "--steps": "3", "--train.steps": "4", "--num-images": "4", "--limit": "2", "--minutes": "0.05",
-               "--nproc_per_node": "2", "--nproc-per-node": "2"}
+    replace = {"--preset": "tiny", "--steps": "3", "--train.steps": "4", "--num-images": "4", "--limit": "2",
+               "--minutes": "0.05", "--nproc_per_node": "2", "--nproc-per-node": "2"}
     for arg in argv:
         if skip:
             skip = False

@@ -1,0 +1,204 @@
+"""What every benchmark shares: the machine and code a number came from, timed runs, RESULTS.md entries.
+
+A benchmark entry must let a reader repeat it: :func:`append_entry` writes the date, the machine
+(:func:`machine`), the library versions (:func:`versions`), the exact command and the commit it
+ran at (:func:`commit`) above the script's own table. Timings come from :func:`time_alternating`:
+the contenders run in turn, in an order that flips every round, so that a slow spell of a shared
+machine hits all of them alike, and medians are compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+#: The MNIST arrays the benchmarks read by default; every script takes the path as an option.
+DEFAULT_MNIST = "/work/shared/data/mnist.npz"
+#: The peers whose versions an entry names (when installed).
+PEERS = ("diffusers", "denoising-diffusion-pytorch")
+
+
+def say(message: str) -> None:
+    """Progress on stdout, flushed at once (long runs are watched through a log file)."""
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------- where a number came from
+
+
+def machine(device: str | torch.device = "cpu") -> str:
+    """``AMD EPYC 7B13, 2 logical CPUs, Linux`` (plus the GPU's name for a CUDA device)."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    text = f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}"
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def versions() -> str:
+    """``torch 2.13.0+cpu, diffusers 0.42.1, Python 3.11.7``: the libraries whose code was timed."""
+    parts = [f"torch {torch.__version__}"]
+    for name in PEERS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            parts.append(f"{name} {importlib.metadata.version(name)}")
+    return ", ".join(parts + [f"Python {platform.python_version()}"])
+
+
+def commit() -> str:
+    """The checked-out commit (``commit 1a2b3c4``), so that an entry says which code it measured."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=RESULTS.parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=RESULTS.parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit"
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+
+
+def command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line that reproduces this run: ``python -m bench.x --opt value``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python", "-m", module, *args])
+
+
+def append_entry(title: str, module: str, argv: Sequence[str] | None, facts: Sequence[str], body: str,
+                 device: str | torch.device = "cpu", path: Path = RESULTS) -> None:
+    """Append a dated entry to RESULTS.md: machine, versions, command and commit, ``facts``, then ``body``."""
+    if not path.exists():
+        path.write_text("# Benchmarks\n")
+    lines = [
+        f"\n## {datetime.date.today().isoformat()}: {title}\n",
+        f"- machine: {machine(device)}",
+        f"- {versions()}",
+        f"- command: `{command(module, argv)}` at {commit()}",
+        *(f"- {fact}" for fact in facts),
+        "",
+        body.rstrip(),
+        "",
+    ]
+    with path.open("a") as f:
+        f.write("\n".join(lines))
+    say(f"appended to {path}")
+
+
+# ---------------------------------------------------------------------------- running things fairly
+
+
+def set_threads(threads: int) -> int:
+    """Use ``threads`` CPU threads (0: PyTorch's default); returns the number in use."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the device's queue drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_alternating(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device,
+                     label: str = "") -> dict[str, list[float]]:
+    """Time every function ``warmup + repeats`` times, in turns; returns the timed runs (seconds) by name.
+
+    Round r runs the functions in the given order when r is even and in reverse when it is odd, so
+    that neither side always runs first (after the other has warmed the caches, or during a slow
+    spell of a shared machine). The first ``warmup`` rounds are not kept.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(warmup + repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            elapsed = time_call(fns[name], device)
+            if r >= warmup:
+                times[name].append(elapsed)
+            if label:
+                kind = "warm-up" if r < warmup else f"run {r - warmup + 1}/{repeats}"
+                say(f"  {label} {name}: {kind} {elapsed:.3f} s")
+    return times
+
+
+def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """The median of each list of timings."""
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when asked; on other devices nothing (float32 throughout)."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------- models and tables
+
+
+def perturb(module: nn.Module, scale: float = 1e-2, seed: int = 0) -> nn.Module:
+    """Move every parameter off DDPM's zero initialisation (in place), so that outputs differ from zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator).to(p), alpha=scale)
+    return module
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def diffusers_twin(model: nn.Module) -> nn.Module:
+    """diffusers' ``UNet2DModel`` in our U-Net's layout, holding its weights (same parameter count, same outputs)."""
+    from diffusers import UNet2DModel
+
+    from ddpm.models.diffusers_io import config_to_diffusers, state_dict_to_diffusers
+
+    twin = UNet2DModel.from_config(config_to_diffusers(model.config))
+    twin.load_state_dict(state_dict_to_diffusers(model.state_dict(), model.config))
+    return twin.to(next(model.parameters()).device)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub table; the first column left-aligned, the others right-aligned (they hold numbers)."""
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def stubbed_forward(module: nn.Module, output: object) -> Iterator[nn.Module]:
+    """Make ``module(...)`` return ``output`` at once, to time what a loop costs beyond the network.
+
+    The stub goes through ``nn.Module.__call__`` (hooks and all) like the real forward.
+    """
+    module.forward = lambda *args, **kwargs: output  # an instance attribute shadows the method
+    try:
+        yield module
+    finally:
+        del module.forward
