@@ -135,7 +135,7 @@ class Contender:
         return (sum(saved.values()) + 4 * weights) / 2**20  # weights, gradients, Adam's m and v
 
 
-def matmul_ceiling(device: torch.device, bf16: bool, repeats: int = 5) -> float:
+def matmul_ceiling(device: torch.device, bf16: bool, repeats: int = 10) -> float:
     """FLOP/s of a large square matmul in the step's dtype: what the device can do at best."""
     dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
     n = 8192 if device.type == "cuda" else 2048
@@ -165,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         results[name] = {"params": c.params, "flops": c.flops_per_image(), "memory_mb": c.memory_mb()}
     times = common.time_alternating({n: c.step for n, c in contenders.items()}, args.repeats, args.warmup, device,
                                     label="step")
+    # Measured again after the steps, and the better reading kept: a slow spell of a shared
+    # machine during one reading would otherwise inflate every MFU.
+    ceiling = max(ceiling, matmul_ceiling(device, args.bf16))
+    common.say(f"matmul ceiling (best of two readings): {ceiling / 1e12:.3f} TFLOP/s")
     if "ours" in results and "diffusers" in results:
         # One network, so one model-FLOP count: the textbook one that diffusers' layers execute
         # (ours computes upsample + 3x3 conv as four 2x2 convs, fewer FLOPs for the same function).
