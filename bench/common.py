@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -190,15 +190,3 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
-
-@contextlib.contextmanager
-def stubbed_forward(module: nn.Module, output: object) -> Iterator[nn.Module]:
-    """Make ``module(...)`` return ``output`` at once, to time what a loop costs beyond the network.
-
-    The stub goes through ``nn.Module.__call__`` (hooks and all) like the real forward.
-    """
-    module.forward = lambda *args, **kwargs: output  # an instance attribute shadows the method
-    try:
-        yield module
-    finally:
-        del module.forward

@@ -71,8 +71,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 class DiffusersRecipe:
     """The training loop of diffusers' train_unconditional.py, on one process, without accelerate."""
 
-    def __init__(self, ours: UNet, data: ImageData, steps_per_epoch_batch: int = 16, epochs: int = 100,
-                 seed: int = 0) -> None:
+    def __init__(self, ours: UNet, data: ImageData, batch: int = 16, epochs: int = 100, seed: int = 0) -> None:
         from diffusers import DDPMScheduler, UNet2DModel
         from diffusers.optimization import get_cosine_schedule_with_warmup
         from diffusers.training_utils import EMAModel
@@ -83,7 +82,7 @@ class DiffusersRecipe:
         self.model = UNet2DModel.from_config(config_to_diffusers(ours.config))
         if common.num_parameters(self.model) != common.num_parameters(ours):
             raise RuntimeError("the diffusers twin does not have our parameter count")
-        self.batch = steps_per_epoch_batch
+        self.batch = batch
         self.data = data
         self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.95, 0.999),

@@ -44,16 +44,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def diffusers_schedulers(diffusion_cfg) -> tuple[object, object]:
-    from diffusers import DDIMScheduler, DDPMScheduler
+def ddpm_scheduler(diffusion_cfg) -> object:
+    """diffusers' DDPMScheduler on our run's schedule (the paper's linear one, T = 1000)."""
+    from diffusers import DDPMScheduler
 
     if diffusion_cfg.schedule != "linear" or diffusion_cfg.timesteps != 1000:
         raise SystemExit("the comparison needs the paper's linear schedule with T = 1000")
-    variance = {"fixed_small": "fixed_small", "fixed_large": "fixed_large"}[diffusion_cfg.var_type]
-    ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type=variance, clip_sample=True)
-    ddim = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, set_alpha_to_one=True,
+    if diffusion_cfg.var_type not in ("fixed_small", "fixed_large"):
+        raise SystemExit("the comparison needs a fixed variance (fixed_small or fixed_large)")
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type=diffusion_cfg.var_type,
+                         clip_sample=True)
+
+
+def ddim_scheduler(clip: bool = True) -> object:
+    """diffusers' DDIMScheduler keeping ours' steps {0, T/K, ...}: leading spacing, no offset, ᾱ_{-1} = 1."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip, set_alpha_to_one=True,
                          steps_offset=0, timestep_spacing="leading")
-    return ddpm, ddim
 
 
 def ddim_agreement(ours: UNet, twin: torch.nn.Module, diffusion, batch: int, device: torch.device,
@@ -64,10 +72,7 @@ def ddim_agreement(ours: UNet, twin: torch.nn.Module, diffusion, batch: int, dev
     (improved-diffusion's rule; diffusers needs ``use_clipped_model_output=True`` for it, while its
     pipeline's default keeps the unclipped ε in the direction term).
     """
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip,
-                              set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    scheduler = ddim_scheduler(clip)
     c = ours.config
     x_T = torch.randn((batch, c.in_channels, c.image_size, c.image_size),
                       generator=torch.Generator().manual_seed(7)).to(device)
@@ -90,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     ours = common.perturb(UNet(get_preset(args.preset))).to(device).eval()
     twin = common.diffusers_twin(ours).eval()
     diffusion = get_config(args.preset).diffusion.build()
-    ddpm_s, ddim_s = diffusers_schedulers(get_config(args.preset).diffusion)
-    pipes = {"ddpm": DDPMPipeline(unet=twin, scheduler=ddpm_s), "ddim": DDIMPipeline(unet=twin, scheduler=ddim_s)}
+    pipes = {"ddpm": DDPMPipeline(unet=twin, scheduler=ddpm_scheduler(get_config(args.preset).diffusion)),
+             "ddim": DDIMPipeline(unet=twin, scheduler=ddim_scheduler())}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     c = ours.config
