@@ -4,7 +4,9 @@ A benchmark entry must let a reader repeat it: :func:`append_entry` writes the d
 (:func:`machine`), the library versions (:func:`versions`), the exact command and the commit it
 ran at (:func:`commit`) above the script's own table. Timings come from :func:`time_alternating`:
 the contenders run in turn, in an order that flips every round, so that a slow spell of a shared
-machine hits all of them alike, and medians are compared.
+machine hits all of them alike, and medians are compared. :func:`paired_ratio` turns the runs of two
+contenders into a ratio with a confidence interval: on a shared machine the spread between rounds
+is often larger than the difference being measured, and a ratio without its interval hides that.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -20,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -148,6 +152,48 @@ def time_alternating(fns: Mapping[str, Callable[[], object]], repeats: int, warm
 def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
     """The median of each list of timings."""
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+class Ratio(NamedTuple):
+    """The median of per-round ratios, a distribution-free confidence interval for it, and its coverage."""
+
+    median: float
+    low: float
+    high: float
+    coverage: float
+    rounds: int
+
+    def excludes(self, value: float) -> bool:
+        """Whether ``value`` lies outside the interval (the data tell the two apart)."""
+        return not self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float], level: float = 0.95) -> Ratio:
+    """Median of ``numerator[i] / denominator[i]`` with an order-statistic interval for the true median.
+
+    The pairs are the runs of one round of :func:`time_alternating`, adjacent in time, so that a
+    slow spell of the machine divides out. For the median m of a continuous distribution, the
+    number of ratios below m is Binomial(n, 1/2); the interval from the k-th smallest to the k-th
+    largest ratio misses m with probability 2 P(Bin(n, 1/2) <= k - 1). k is the largest with
+    coverage at least ``level``; with too few rounds for that (n < 6 at 95%) it is the full range
+    and ``coverage`` says how much less it is.
+    """
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"need equally many runs, at least one: got {len(numerator)} and {len(denominator)}")
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    n = len(ratios)
+
+    def coverage(k: int) -> float:
+        tail = sum(math.comb(n, j) for j in range(k)) / 2**n
+        return 1.0 - 2.0 * tail
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return Ratio(statistics.median(ratios), ratios[k - 1], ratios[n - k], coverage(k), n)
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:

@@ -2,8 +2,8 @@
 
 Ours runs :meth:`ddpm.GaussianDiffusion.sample`; diffusers runs ``DDPMPipeline`` and
 ``DDIMPipeline`` (progress bars off, ``output_type="np"``) on ``UNet2DModel`` holding the same
-weights in the same layout. Both end with uint8-ready images. Runs alternate in one process and
-medians are compared.
+weights in the same layout. Both end with uint8-ready images. Runs alternate in one process; the
+ratio is the median of per-round ratios, with an order-statistic interval for it.
 
 A full DDPM-1000 run of the CIFAR-10 network takes most of an hour on two CPU cores, so
 ``--timed-steps N`` times a chain of N steps and projects to the full count (every step costs one
@@ -118,18 +118,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
                                output_type="np", **kwargs)
 
         fns: dict[str, Callable[[], None]] = {"ours": run_ours, "diffusers": run_theirs}
-        med = common.medians(common.time_alternating(fns, args.repeats, args.warmup, device,
-                                                     label=f"{sampler}-{steps}"))
+        times = common.time_alternating(fns, args.repeats, args.warmup, device, label=f"{sampler}-{steps}")
+        med = common.medians(times)
+        ratio = common.paired_ratio(times["diffusers"], times["ours"])
         scale = full / steps
         results[sampler] = {"steps": full, "timed_steps": steps, **{f"{k}_img_per_s": args.batch / (v * scale)
                                                                    for k, v in med.items()}}
-        results[sampler]["ratio"] = med["diffusers"] / med["ours"]
+        results[sampler].update(ratio=ratio.median, low=ratio.low, high=ratio.high, coverage=ratio.coverage)
     diff = {clip: ddim_agreement(ours, twin, diffusion, min(args.batch, 8), device, clip) for clip in (False, True)}
     rows = [[f"{s.upper()}-{r['steps']}", f"{r['ours_img_per_s']:.4g}", f"{r['diffusers_img_per_s']:.4g}",
-             f"{r['ratio']:.3f}", "measured" if r["timed_steps"] == r["steps"] else f"from {r['timed_steps']} steps"]
+             f"{r['ratio']:.3f}", f"{r['low']:.3f}–{r['high']:.3f} ({100 * r['coverage']:.0f}%)",
+             "measured" if r["timed_steps"] == r["steps"] else f"from {r['timed_steps']} steps"]
             for s, r in results.items()]
     table = common.markdown_table(["sampler", "ours img/s", "diffusers img/s", "ours / diffusers throughput",
-                                   "full chain"], rows)
+                                   "interval (coverage)", "full chain"], rows)
     print(table)
     agreement = (f"DDIM-50 (η = 0) from the same x_T as diffusers' DDIMScheduler: max |difference| "
                  f"{diff[False]:.2e} without clipping, {diff[True]:.2e} with x̂0 clipped (ε re-derived on both sides)")

@@ -4,8 +4,9 @@ One training step is what a trainer does per batch: sample t and ε, forward, MS
 an Adam step. Ours and diffusers' ``UNet2DModel`` have the identical layout (parameter counts
 checked equal) and the same weights; lucidrains' ``Unet(dim=64, dim_mults=(1, 2, 4, 8))`` is the
 configuration of that library's README, a different network (its own count is shown). All run
-with the same batch, precision, device and threads, alternating in one process, and medians are
-compared.
+with the same batch, precision, device and threads, alternating in one process; the ratio to
+diffusers is the median of per-round ratios, with an order-statistic interval for it
+(``common.paired_ratio``).
 
 Also measured in the same run:
 
@@ -173,26 +174,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         # One network, so one model-FLOP count: the textbook one that diffusers' layers execute
         # (ours computes upsample + 3x3 conv as four 2x2 convs, fewer FLOPs for the same function).
         results["ours"]["flops"] = results["diffusers"]["flops"]
-    base = common.medians(times).get("diffusers")
     for name, median in common.medians(times).items():
         r = results[name]
         r["step_s"] = median
         r["img_per_s"] = args.batch / median
         r["mfu"] = r["flops"] * r["img_per_s"] / ceiling
-        r["vs_diffusers"] = base / median if base else float("nan")
+        ratio = common.paired_ratio(times["diffusers"], times[name]) if "diffusers" in times else None
+        r["vs_diffusers"] = ratio.median if ratio else float("nan")
+        r["vs_diffusers_interval"] = (f"{ratio.low:.3f}–{ratio.high:.3f} ({100 * ratio.coverage:.0f}%)"
+                                      if ratio and name != "diffusers" else "")
     rows = [[name, f"{r['params']:,}", f"{r['flops'] / 1e9:.2f}", f"{r['step_s'] * 1000:.1f}", f"{r['img_per_s']:.2f}",
-             f"{r['vs_diffusers']:.3f}", f"{100 * r['mfu']:.1f}%", f"{r['memory_mb']:.0f}"]
+             f"{r['vs_diffusers']:.3f}", r["vs_diffusers_interval"], f"{100 * r['mfu']:.1f}%", f"{r['memory_mb']:.0f}"]
             for name, r in results.items()]
     memory = "peak allocated (MiB)" if device.type == "cuda" else "saved + weights×4 (MiB)"
     table = common.markdown_table(["model", "params", "GFLOP/img (fwd+bwd)", "step (ms)", "img/s",
-                                   "throughput vs diffusers", "MFU", memory], rows)
+                                   "throughput vs diffusers", "interval (coverage)", "MFU", memory], rows)
     print(table)
     if args.append:
         flags = [f for f in ("bf16", "channels_last", "compile", "fused") if getattr(args, f)]
         common.append_entry(
             f"training throughput, preset {args.preset}", "bench.train_throughput", argv,
             [f"batch {args.batch}, {threads} threads, device {device}, {args.warmup} warm-up + {args.repeats} "
-             f"timed steps each, alternating, medians; options: {', '.join(flags) or 'none (float32)'}",
+             f"timed steps each, alternating, medians; ratios are medians of per-round ratios "
+             f"with an order-statistic interval; options: {', '.join(flags) or 'none (float32)'}",
              f"MFU against a {'bf16' if args.bf16 and device.type == 'cuda' else 'float32'} matmul ceiling "
              f"measured in the same run: {ceiling / 1e12:.3f} TFLOP/s",
              "lucidrains: `Unet(dim=64, dim_mults=(1, 2, 4, 8))`, a different network from the other two"],

@@ -1,11 +1,12 @@
 """Speed of our U-Net against diffusers' UNet2DModel in the same layout.
 
 Both models get the same weights, inputs, batch and thread count; runs alternate in one process
-(which model goes first alternates too, against drift), after warm-up, and the medians are
-compared. Forward is timed in eval mode without gradients (sampling); a training step is forward,
-MSE to a noise target, backward and an Adam step, in train mode (dropout on).
+(which model goes first alternates too, against drift), after warm-up; the table gives the median
+of the per-round time ratios and a distribution-free interval for it (``common.paired_ratio``).
+Forward is timed in eval mode without gradients (sampling); a training step is forward, MSE to a
+noise target, backward and an Adam step, in train mode (dropout on).
 
-    python -m bench.unet_speed --preset cifar10 --batch 8 --repeats 5 --append
+    python -m bench.unet_speed --preset cifar10 --batch 8 --repeats 12 --append
 """
 
 from __future__ import annotations
@@ -95,11 +96,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     for task, make in (("forward", forward), ("train step", train_step)):
         # make(name) again before every call: it also puts the model in the task's mode.
         fns = {name: (lambda name=name, make=make: make(name)()) for name in calls}
-        medians = common.medians(common.time_alternating(fns, args.repeats, args.warmup, device))
-        results[task] = {**medians, "ratio": medians["ours"] / medians["diffusers"]}
+        times = common.time_alternating(fns, args.repeats, args.warmup, device)
+        medians = common.medians(times)
+        ratio = common.paired_ratio(times["ours"], times["diffusers"])
+        results[task] = {**medians, "ratio": ratio.median, "low": ratio.low, "high": ratio.high,
+                         "coverage": ratio.coverage}
         print(f"{task}: ours {medians['ours'] * 1e3:.1f} ms, diffusers "
-              f"{medians['diffusers'] * 1e3:.1f} ms, ratio {results[task]['ratio']:.3f}",
-              flush=True)
+              f"{medians['diffusers'] * 1e3:.1f} ms, time ratio {ratio} "
+              f"({100 * ratio.coverage:.0f}% interval)", flush=True)
 
     table = _table(results)
     print(table)
@@ -113,9 +117,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 def _table(results: dict[str, dict[str, float]]) -> str:
-    rows = [[task, f"{r['ours'] * 1e3:.1f}", f"{r['diffusers'] * 1e3:.1f}", f"{r['ratio']:.3f}"]
+    rows = [[task, f"{r['ours'] * 1e3:.1f}", f"{r['diffusers'] * 1e3:.1f}", f"{r['ratio']:.3f}",
+             f"{r['low']:.3f}–{r['high']:.3f} ({100 * r['coverage']:.0f}%)"]
             for task, r in results.items()]
-    return common.markdown_table(["task", "ours (ms)", "diffusers (ms)", "ours / diffusers"], rows)
+    return common.markdown_table(["task", "ours (ms)", "diffusers (ms)", "ours / diffusers (time)",
+                                  "interval (coverage)"], rows)
 
 
 if __name__ == "__main__":
