@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from bench import common
+from bench.cuda_graph import GraphedModel
 from ddpm.config import get_config
 from ddpm.models import UNet, get_preset
 
@@ -41,6 +42,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--append", action="store_true", help="append a dated entry to bench/RESULTS.md")
+    gpu = parser.add_argument_group("GPU options (bf16, channels-last and compile apply to both contenders)")
+    gpu.add_argument("--bf16", action="store_true", help="bfloat16 autocast around the network calls (CUDA only)")
+    gpu.add_argument("--channels-last", action="store_true", help="both networks in channels_last memory format")
+    gpu.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    gpu.add_argument("--cuda-graph", action="store_true",
+                     help="ours replays its network from a captured CUDA graph (bench.cuda_graph; on a "
+                          "CPU the same buffer logic runs eagerly)")
     return parser.parse_args(argv)
 
 
@@ -95,8 +103,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     ours = common.perturb(UNet(get_preset(args.preset))).to(device).eval()
     twin = common.diffusers_twin(ours).eval()
     diffusion = get_config(args.preset).diffusion.build()
-    pipes = {"ddpm": DDPMPipeline(unet=twin, scheduler=ddpm_scheduler(get_config(args.preset).diffusion)),
-             "ddim": DDIMPipeline(unet=twin, scheduler=ddim_scheduler())}
+    net_ours, net_theirs = ours, twin
+    if args.channels_last:
+        ours.to(memory_format=torch.channels_last), twin.to(memory_format=torch.channels_last)
+    if args.compile:
+        net_ours, net_theirs = torch.compile(ours), torch.compile(twin)
+    if args.cuda_graph:
+        net_ours = GraphedModel(net_ours)
+    pipes = {"ddpm": DDPMPipeline(unet=net_theirs, scheduler=ddpm_scheduler(get_config(args.preset).diffusion)),
+             "ddim": DDIMPipeline(unet=net_theirs, scheduler=ddim_scheduler())}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     c = ours.config
@@ -107,13 +122,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         g_ours, g_theirs = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(0)
 
         def run_ours(sampler: str = sampler, steps: int = steps, g: torch.Generator = g_ours) -> None:
-            with torch.inference_mode():
-                x = diffusion.sample(ours, shape, sampler=sampler, steps=steps, generator=g, device=device)
+            with torch.inference_mode(), common.autocast(device, args.bf16):
+                x = diffusion.sample(net_ours, shape, sampler=sampler, steps=steps, generator=g, device=device)
                 x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu().numpy()
 
         def run_theirs(sampler: str = sampler, steps: int = steps, g: torch.Generator = g_theirs) -> None:
             kwargs = {"eta": 0.0} if sampler == "ddim" else {}
-            with torch.inference_mode():
+            with torch.inference_mode(), common.autocast(device, args.bf16):
                 pipes[sampler](batch_size=args.batch, generator=g, num_inference_steps=steps,
                                output_type="np", **kwargs)
 
@@ -124,14 +139,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         scale = full / steps
         results[sampler] = {"steps": full, "timed_steps": steps, **{f"{k}_img_per_s": args.batch / (v * scale)
                                                                    for k, v in med.items()}}
+        results[sampler]["ours_50k_min"] = 50_000 / results[sampler]["ours_img_per_s"] / 60
         results[sampler].update(ratio=ratio.median, low=ratio.low, high=ratio.high, coverage=ratio.coverage)
     diff = {clip: ddim_agreement(ours, twin, diffusion, min(args.batch, 8), device, clip) for clip in (False, True)}
     rows = [[f"{s.upper()}-{r['steps']}", f"{r['ours_img_per_s']:.4g}", f"{r['diffusers_img_per_s']:.4g}",
              f"{r['ratio']:.3f}", f"{r['low']:.3f}–{r['high']:.3f} ({100 * r['coverage']:.0f}%)",
+             f"{r['ours_50k_min']:,.0f}",
              "measured" if r["timed_steps"] == r["steps"] else f"from {r['timed_steps']} steps"]
             for s, r in results.items()]
     table = common.markdown_table(["sampler", "ours img/s", "diffusers img/s", "ours / diffusers throughput",
-                                   "interval (coverage)", "full chain"], rows)
+                                   "interval (coverage)", "ours: 50k images (min)", "full chain"], rows)
     print(table)
     agreement = (f"DDIM-50 (η = 0) from the same x_T as diffusers' DDIMScheduler: max |difference| "
                  f"{diff[False]:.2e} without clipping, {diff[True]:.2e} with x̂0 clipped (ε re-derived on both sides)")
@@ -141,11 +158,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         common.append_entry(
             f"sampling throughput, preset {args.preset}", "bench.sample_throughput", argv,
             [f"{common.num_parameters(ours):,} parameters in both networks; batch {args.batch}, {threads} threads, "
-             f"device {device}, {args.warmup} warm-up + {args.repeats} timed runs each, alternating, medians",
+             f"device {device}, {args.warmup} warm-up + {args.repeats} timed runs each, alternating, medians; "
+             f"options: {_options(args, device)}",
              "projected rows time a chain of the stated length and scale to the full step count",
              agreement],
             table, device=device)
     return results
+
+
+def _options(args: argparse.Namespace, device: torch.device) -> str:
+    flags = [f for f in ("bf16", "channels_last", "compile") if getattr(args, f)]
+    if args.cuda_graph:
+        flags.append("cuda_graph (ours only)" if device.type == "cuda" else "cuda_graph (eager stand-in: no CUDA)")
+    return ", ".join(flags) or "none (float32)"
 
 
 if __name__ == "__main__":

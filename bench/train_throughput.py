@@ -17,10 +17,13 @@ Also measured in the same run:
 - memory: on CUDA the peak allocated by a step; on the CPU the bytes autograd saves for backward
   (activations, counted once per storage) plus weights, gradients and Adam's two moments.
 
-GPU options (``--bf16 --channels-last --compile --fused``) apply to every contender alike.
+GPU options (``--bf16 --channels-last --compile --fused``) apply to every contender alike, except
+``diffusers-example``: diffusers' UNet2DModel trained as its ``train_unconditional.py`` example
+ships (float32, AdamW, no compile), the baseline of the GPU target "2x diffusers' example setup".
 
     python -m bench.train_throughput --batch 8 --repeats 5 --append
-    python -m bench.train_throughput --device cuda --batch 128 --bf16 --channels-last --fused --append
+    python -m bench.train_throughput --device cuda --batch 128 --models ours,diffusers,diffusers-example,lucidrains \
+        --bf16 --channels-last --fused --compile --append
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def build(name: str, ours: UNet) -> tuple[nn.Module, Callable[[nn.Module, Tensor
     """The network and how to call it: ``call(net, x_t, t) -> ε̂``."""
     if name == "ours":
         return ours, lambda net, x, t: net(x, t)
-    if name == "diffusers":
+    if name in ("diffusers", "diffusers-example"):
         twin = common.diffusers_twin(ours)
         if common.num_parameters(twin) != common.num_parameters(ours):
             raise RuntimeError("diffusers' twin does not have our parameter count")
@@ -69,7 +72,7 @@ def build(name: str, ours: UNet) -> tuple[nn.Module, Callable[[nn.Module, Tensor
         c = ours.config
         net = Unet(dim=64, dim_mults=(1, 2, 4, 8), channels=c.in_channels, dropout=c.dropout)
         return net, lambda net, x, t: net(x, t)
-    raise SystemExit(f"unknown model {name!r}: choose from ours, diffusers, lucidrains")
+    raise SystemExit(f"unknown model {name!r}: choose from ours, diffusers, diffusers-example, lucidrains")
 
 
 class Contender:
@@ -80,20 +83,27 @@ class Contender:
         net, self.call = build(name, ours)
         self.params = common.num_parameters(net)
         self.net = common.perturb(net, seed=1).to(device).train()
-        if args.channels_last:
+        # diffusers' train_unconditional.py as it ships: float32, AdamW (lr 1e-4, betas 0.95, 0.999, weight decay 1e-6),
+        # no compile; the GPU options are what the others add on top of their defaults.
+        example = name == "diffusers-example"
+        channels_last, compile_, bf16 = (args.channels_last, args.compile, args.bf16) if not example else (0, 0, 0)
+        if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        fused = {"fused": True} if args.fused and device.type == "cuda" else {}
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=2e-4, **fused)
-        self.forward = torch.compile(self.net) if args.compile else self.net
+        if example:
+            self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
+        else:
+            fused = {"fused": True} if args.fused and device.type == "cuda" else {}
+            self.optimizer = torch.optim.Adam(self.net.parameters(), lr=2e-4, **fused)
+        self.forward = torch.compile(self.net) if compile_ else self.net
         c = ours.config
         g = torch.Generator().manual_seed(0)
         shape = (args.batch, c.in_channels, c.image_size, c.image_size)
         self.x = torch.randn(shape, generator=g).to(device)
         self.noise = torch.randn(shape, generator=g).to(device)
         self.t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
-        if args.channels_last:
+        if channels_last:
             self.x = self.x.to(memory_format=torch.channels_last)
-        self.device, self.bf16 = device, args.bf16
+        self.device, self.bf16 = device, bf16
 
     def loss(self) -> Tensor:
         with common.autocast(self.device, self.bf16):
@@ -170,25 +180,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     # machine during one reading would otherwise inflate every MFU.
     ceiling = max(ceiling, matmul_ceiling(device, args.bf16))
     common.say(f"matmul ceiling (best of two readings): {ceiling / 1e12:.3f} TFLOP/s")
-    if "ours" in results and "diffusers" in results:
+    twin = next((b for b in ("diffusers", "diffusers-example") if b in results), None)
+    if "ours" in results and twin:
         # One network, so one model-FLOP count: the textbook one that diffusers' layers execute
         # (ours computes upsample + 3x3 conv as four 2x2 convs, fewer FLOPs for the same function).
-        results["ours"]["flops"] = results["diffusers"]["flops"]
+        results["ours"]["flops"] = results[twin]["flops"]
+    baselines = [b for b in ("diffusers", "diffusers-example") if b in times]
     for name, median in common.medians(times).items():
         r = results[name]
         r["step_s"] = median
         r["img_per_s"] = args.batch / median
         r["mfu"] = r["flops"] * r["img_per_s"] / ceiling
-        ratio = common.paired_ratio(times["diffusers"], times[name]) if "diffusers" in times else None
-        r["vs_diffusers"] = ratio.median if ratio else float("nan")
-        r["vs_diffusers_interval"] = (f"{ratio.low:.3f}–{ratio.high:.3f} ({100 * ratio.coverage:.0f}%)"
-                                      if ratio and name != "diffusers" else "")
+        for base in baselines:
+            ratio = common.paired_ratio(times[base], times[name])
+            r[f"vs_{base}"] = ratio.median
+            r[f"vs_{base}_interval"] = (f"{ratio.low:.3f}–{ratio.high:.3f} ({100 * ratio.coverage:.0f}%)"
+                                        if name != base else "")
     rows = [[name, f"{r['params']:,}", f"{r['flops'] / 1e9:.2f}", f"{r['step_s'] * 1000:.1f}", f"{r['img_per_s']:.2f}",
-             f"{r['vs_diffusers']:.3f}", r["vs_diffusers_interval"], f"{100 * r['mfu']:.1f}%", f"{r['memory_mb']:.0f}"]
+             *[cell for base in baselines for cell in (f"{r[f'vs_{base}']:.3f}", r[f"vs_{base}_interval"])],
+             f"{100 * r['mfu']:.1f}%", f"{r['memory_mb']:.0f}"]
             for name, r in results.items()]
     memory = "peak allocated (MiB)" if device.type == "cuda" else "saved + weights×4 (MiB)"
     table = common.markdown_table(["model", "params", "GFLOP/img (fwd+bwd)", "step (ms)", "img/s",
-                                   "throughput vs diffusers", "interval (coverage)", "MFU", memory], rows)
+                                   *[h for b in baselines for h in (f"throughput vs {b}", "interval (coverage)")],
+                                   "MFU", memory], rows)
     print(table)
     if args.append:
         flags = [f for f in ("bf16", "channels_last", "compile", "fused") if getattr(args, f)]

@@ -23,20 +23,24 @@ def test_train_throughput_runs_on_the_tiny_preset(capsys):
     pytest.importorskip("diffusers", reason="the benchmark compares against diffusers")
     from bench.train_throughput import main
 
-    results = main(["--preset", "tiny", "--models", "ours,diffusers", "--batch", "2", "--repeats", "1",
-                    "--warmup", "0"])
-    assert set(results) == {"ours", "diffusers"}
+    results = main(["--preset", "tiny", "--models", "ours,diffusers,diffusers-example", "--batch", "2",
+                    "--repeats", "2", "--warmup", "0", "--channels-last"])
+    assert set(results) == {"ours", "diffusers", "diffusers-example"}
     assert results["ours"]["params"] == results["diffusers"]["params"] == 702_499
     assert all(r["img_per_s"] > 0 and r["flops"] > 0 and r["memory_mb"] > 0 for r in results.values())
-    assert "| ours | 702,499 |" in capsys.readouterr().out
+    assert results["diffusers"]["vs_diffusers"] == 1.0 and results["ours"]["vs_diffusers-example"] > 0
+    out = capsys.readouterr().out
+    assert "| ours | 702,499 |" in out and "throughput vs diffusers-example" in out
 
 
-def test_sample_throughput_runs_and_ddim_agrees_with_diffusers():
+@pytest.mark.parametrize("options", [[], ["--cuda-graph", "--channels-last"]])
+def test_sample_throughput_runs_and_ddim_agrees_with_diffusers(options):
     os.environ["HF_HUB_OFFLINE"] = "1"
     pytest.importorskip("diffusers", reason="the benchmark compares against diffusers")
     from bench.sample_throughput import main
 
-    results = main(["--preset", "mnist", "--batch", "1", "--timed-steps", "2", "--repeats", "1", "--warmup", "0"])
+    results = main(["--preset", "mnist", "--batch", "1", "--timed-steps", "2", "--repeats", "1", "--warmup", "0",
+                    *options])
     assert results["ddpm"]["timed_steps"] == 2 and results["ddpm"]["steps"] == 1000
     assert results["ddim"]["ours_img_per_s"] > 0
     # Same x_T, same weights, same rule: what is left is float32 rounding of the two codes (ours
