@@ -70,8 +70,10 @@ def commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True, cwd=RESULTS.parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=RESULTS.parent).stdout.strip()
+        # RESULTS.md itself left out: an entry appended minutes earlier is not a change to the code.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                f":(top,exclude)bench/{RESULTS.name}"], capture_output=True,
+                               text=True, check=True, cwd=RESULTS.parent.parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "an unknown commit"
     return f"commit {head}" + (" with uncommitted changes" if dirty else "")
