@@ -4,7 +4,7 @@
 # The device machine has PyTorch but no diffusers or denoising-diffusion-pytorch, and no network.
 # Here (with PyPI), once:   bash bench/gpu_suite.sh wheels      # -> .whl/ (git-ignored, ~6.5 MB)
 # Then one device `run` per part, each well inside a call's 10 minutes, with carry [".whl"]:
-#   bash bench/gpu_suite.sh tests    # ~2 min: the CUDA graph test, the bench smoke tests and the U-Net tests on the GPU
+#   bash bench/gpu_suite.sh tests    # ~2 min: the CUDA tests (graph replay, GPU vs CPU forward in fp32, channels_last, bf16)
 #   bash bench/gpu_suite.sh train    # ~8 min: training throughput, float32 and with every GPU option
 #   bash bench/gpu_suite.sh sample   # ~8 min: sampling throughput, DDPM-1000 / DDIM-50, 50k projection
 #   bash bench/gpu_suite.sh extra    # ~8 min, if time is left: lucidrains compiled, ours not compiled

@@ -318,3 +318,35 @@ def test_unknown_preset_lists_the_valid_names():
 def test_presets_are_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_preset("cifar10").ch = 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="comparing the GPU with the CPU needs a CUDA device")
+def test_gpu_forward_agrees_with_the_cpu_in_float32_channels_last_and_bf16():
+    torch.manual_seed(0)
+    cpu = UNet(dataclasses.replace(get_preset("tiny"), image_size=16, attn_resolutions=(8,)))
+    with torch.no_grad():  # off the zero initialisation, so that the output depends on every layer
+        for p in cpu.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cpu.eval()
+    gpu = UNet(cpu.config).cuda().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 10, 50, 99])
+    with torch.no_grad():
+        reference = cpu(x, t)
+        scale = reference.norm().item()
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            fp32 = gpu(x.cuda(), t.cuda()).cpu()
+            gpu.to(memory_format=torch.channels_last)
+            last = gpu(x.cuda().contiguous(memory_format=torch.channels_last), t.cuda()).cpu()
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = gpu(x.cuda(), t.cuda()).float().cpu()
+    # float32 on both sides: only summation order differs (relative ~1e-6 per layer).
+    assert (fp32 - reference).norm().item() <= 1e-4 * scale
+    assert (last - reference).norm().item() <= 1e-4 * scale
+    # bf16 keeps 8 bits of mantissa (relative 2^-9 per rounding); a few dozen roundings in a row
+    # stay well inside 5% of the output's norm, while a wrong kernel or layout is off by O(1).
+    assert (bf16 - reference).norm().item() <= 5e-2 * scale
