@@ -3,8 +3,9 @@
 A sampler calls the same network on tensors of the same shapes a thousand times; at small batches
 on a GPU the launch of its few hundred kernels costs more than their work. :class:`GraphedModel`
 captures one call into a CUDA graph and replays it: each call copies its inputs into static
-buffers, replays the graph and returns a copy of the static output. Shapes, dtypes and non-tensor
-arguments are baked into a capture, so a call that changes any of them captures again.
+buffers, replays the graph and returns a copy of the static output. Shapes, dtypes, non-tensor
+arguments and the autocast state are baked into a capture, so a call that changes any of them
+captures again.
 
 Only the network is captured; the sampler's elementwise steps run as usual. The network must not
 synchronise with the host inside ``forward`` (ours does not: its checks look at shapes only).
@@ -16,6 +17,7 @@ on the CPU, and the GPU run shows the speed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -42,12 +44,16 @@ class GraphedModel:
         self._constants: dict[str, Any] = {}
         self._output: Tensor | None = None
         self._replay: Callable[[], None] | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         inputs = {"x": x, "t": t, **{k: v for k, v in kwargs.items() if isinstance(v, Tensor)}}
         constants = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
+        device_type = x.device.type
+        # Autocast decides the kernels a capture records, so its state is part of the key.
+        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items()),
-               tuple(sorted(constants.items())))
+               tuple(sorted(constants.items())), autocast)
         if key != self._key:
             self._capture(inputs, constants)
             self._key = key
@@ -72,12 +78,25 @@ class GraphedModel:
             return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), _no_autocast_cache():
             for _ in range(self.warmup):
                 self._call_static()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with _no_autocast_cache(), torch.cuda.graph(graph):
             self._output = self._call_static()
         self._graph = graph  # kept alive: it owns the memory the static output lives in
         self._replay = graph.replay
+
+
+def _no_autocast_cache() -> contextlib.AbstractContextManager:
+    """CUDA autocast as it stands, without its cache of cast weights.
+
+    Autocast keeps the bf16 copies of the weights it casts until its outermost context exits. A
+    graph captured with a warm cache would read those copies without recording the casts, and
+    replay them after a later exit had freed them; without the cache the casts are recorded (as
+    PyTorch's CUDA-graph notes ask of autocast).
+    """
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)

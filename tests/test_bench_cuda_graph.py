@@ -60,6 +60,21 @@ def test_a_new_shape_or_constant_captures_again():
                                    rtol=0, atol=0)
 
 
+def test_turning_autocast_on_captures_again():
+    net = _net()
+    graphed = GraphedModel(net)
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 400])
+    with torch.no_grad():
+        graphed(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = graphed(x, t)
+            expected = net(x, t)
+        assert graphed.captures == 2
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        graphed(x, t)
+        assert graphed.captures == 3
+
+
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 12), ("ddim", 5)])
 def test_sampling_through_the_wrapper_draws_the_same_images(sampler, steps):
     net = _net()
@@ -81,4 +96,22 @@ def test_a_real_graph_replays_the_network():
             x = torch.randn(4, 3, 8, 8, generator=g, device="cuda")
             t = torch.randint(0, 1000, (4,), generator=g, device="cuda")
             torch.testing.assert_close(graphed(x, t), net(x, t), rtol=1e-4, atol=1e-5)
+    assert graphed.captures == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replaying a CUDA graph needs a CUDA device")
+def test_a_graph_captured_under_autocast_stays_right_after_the_context_exits():
+    # Each sampling run opens its own autocast context; a capture that relied on autocast's cache
+    # of cast weights would replay reads of freed copies in the second one.
+    net = _net(device="cuda")
+    graphed = GraphedModel(net)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator(device="cuda").manual_seed(5), device="cuda")
+    t = torch.tensor([1, 2, 3, 4], device="cuda")
+    for _ in range(3):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = graphed(x, t)
+            expected = net(x, t)
+        torch.cuda.empty_cache()
+        torch.zeros(1 << 20, device="cuda")  # reuse freed memory, as other work would
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
     assert graphed.captures == 1
