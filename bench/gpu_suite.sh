@@ -11,6 +11,8 @@
 # Every part writes its log and a copy of bench/RESULTS.md (with its new entries) to $OUT; merge
 # the entries back into the repository's bench/RESULTS.md by hand. Budget timings above are plans,
 # not measurements: each step has its own `timeout` so that a slow one cannot eat the whole call.
+# Checked on the CPU (2026-11-23): `tests` runs whole; train_throughput and sample_throughput run
+# with every option at once (--compile --channels-last --bf16 --fused / --cuda-graph) on small presets.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -81,7 +83,7 @@ sample)
     cp bench/RESULTS.md "$OUT/RESULTS.md"
     ;;
 *)
-    sed -n '2,13p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac
