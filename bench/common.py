@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -172,6 +172,10 @@ class Ratio(NamedTuple):
     def __str__(self) -> str:
         return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
+    def interval_cell(self) -> str:
+        """The interval and its coverage for a results table: ``0.939–0.958 (96%)``."""
+        return f"{self.low:.3f}–{self.high:.3f} ({100 * self.coverage:.0f}%)"
+
 
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float], level: float = 0.95) -> Ratio:
     """Median of ``numerator[i] / denominator[i]`` with an order-statistic interval for the true median.
@@ -219,6 +223,12 @@ def perturb(module: nn.Module, scale: float = 1e-2, seed: int = 0) -> nn.Module:
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def diffusers_example_adamw(params: Iterable[nn.Parameter]) -> torch.optim.AdamW:
+    """The optimizer of diffusers' ``train_unconditional.py`` with its defaults (lr 1e-4, betas
+    (0.95, 0.999), weight decay 1e-6, eps 1e-8)."""
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
 
 
 def diffusers_twin(model: nn.Module) -> nn.Module:

@@ -85,8 +85,7 @@ class DiffusersRecipe:
         self.batch = batch
         self.data = data
         self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.95, 0.999),
-                                           weight_decay=1e-6, eps=1e-8)
+        self.optimizer = common.diffusers_example_adamw(self.model.parameters())
         total = epochs * math.ceil(len(data) / self.batch)
         self.lr_scheduler = get_cosine_schedule_with_warmup(self.optimizer, num_warmup_steps=500,
                                                             num_training_steps=total)

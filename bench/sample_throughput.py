@@ -93,7 +93,7 @@ def ddim_agreement(ours: UNet, twin: torch.nn.Module, diffusion, batch: int, dev
     return (a - x).abs().max().item()
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float | str]]:
     args = parse_args(argv)
     from diffusers import DDIMPipeline, DDPMPipeline
 
@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     diffusion = get_config(args.preset).diffusion.build()
     net_ours, net_theirs = ours, twin
     if args.channels_last:
-        ours.to(memory_format=torch.channels_last), twin.to(memory_format=torch.channels_last)
+        ours.to(memory_format=torch.channels_last)
+        twin.to(memory_format=torch.channels_last)
     if args.compile:
         net_ours, net_theirs = torch.compile(ours), torch.compile(twin)
     if args.cuda_graph:
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         pipe.set_progress_bar_config(disable=True)
     c = ours.config
     shape = (args.batch, c.in_channels, c.image_size, c.image_size)
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, float | str]] = {}
     for sampler, full in (("ddpm", 1000), ("ddim", 50)):
         steps = min(full, args.timed_steps) if args.timed_steps else full
         g_ours, g_theirs = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(0)
@@ -140,10 +141,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         results[sampler] = {"steps": full, "timed_steps": steps, **{f"{k}_img_per_s": args.batch / (v * scale)
                                                                    for k, v in med.items()}}
         results[sampler]["ours_50k_min"] = 50_000 / results[sampler]["ours_img_per_s"] / 60
-        results[sampler].update(ratio=ratio.median, low=ratio.low, high=ratio.high, coverage=ratio.coverage)
+        results[sampler].update(ratio=ratio.median, interval=ratio.interval_cell())
     diff = {clip: ddim_agreement(ours, twin, diffusion, min(args.batch, 8), device, clip) for clip in (False, True)}
     rows = [[f"{s.upper()}-{r['steps']}", f"{r['ours_img_per_s']:.4g}", f"{r['diffusers_img_per_s']:.4g}",
-             f"{r['ratio']:.3f}", f"{r['low']:.3f}–{r['high']:.3f} ({100 * r['coverage']:.0f}%)",
+             f"{r['ratio']:.3f}", r["interval"],
              f"{r['ours_50k_min']:,.0f}",
              "measured" if r["timed_steps"] == r["steps"] else f"from {r['timed_steps']} steps"]
             for s, r in results.items()]

@@ -57,11 +57,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: The contenders that are diffusers' network in our layout: the ratios are taken against them.
+BASELINES = ("diffusers", "diffusers-example")
+
+
 def build(name: str, ours: UNet) -> tuple[nn.Module, Callable[[nn.Module, Tensor, Tensor], Tensor]]:
     """The network and how to call it: ``call(net, x_t, t) -> ε̂``."""
     if name == "ours":
         return ours, lambda net, x, t: net(x, t)
-    if name in ("diffusers", "diffusers-example"):
+    if name in BASELINES:
         twin = common.diffusers_twin(ours)
         if common.num_parameters(twin) != common.num_parameters(ours):
             raise RuntimeError("diffusers' twin does not have our parameter count")
@@ -83,14 +87,16 @@ class Contender:
         net, self.call = build(name, ours)
         self.params = common.num_parameters(net)
         self.net = common.perturb(net, seed=1).to(device).train()
-        # diffusers' train_unconditional.py as it ships: float32, AdamW (lr 1e-4, betas 0.95, 0.999, weight decay 1e-6),
-        # no compile; the GPU options are what the others add on top of their defaults.
+        # diffusers' train_unconditional.py as it ships: float32, its AdamW, no compile; the GPU
+        # options are what the others add on top of their defaults.
         example = name == "diffusers-example"
-        channels_last, compile_, bf16 = (args.channels_last, args.compile, args.bf16) if not example else (0, 0, 0)
+        channels_last = args.channels_last and not example
+        compile_ = args.compile and not example
+        bf16 = args.bf16 and not example
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if example:
-            self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
+            self.optimizer = common.diffusers_example_adamw(self.net.parameters())
         else:
             fused = {"fused": True} if args.fused and device.type == "cuda" else {}
             self.optimizer = torch.optim.Adam(self.net.parameters(), lr=2e-4, **fused)
@@ -180,12 +186,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     # machine during one reading would otherwise inflate every MFU.
     ceiling = max(ceiling, matmul_ceiling(device, args.bf16))
     common.say(f"matmul ceiling (best of two readings): {ceiling / 1e12:.3f} TFLOP/s")
-    twin = next((b for b in ("diffusers", "diffusers-example") if b in results), None)
+    baselines = [b for b in BASELINES if b in results]
+    twin = baselines[0] if baselines else None
     if "ours" in results and twin:
         # One network, so one model-FLOP count: the textbook one that diffusers' layers execute
         # (ours computes upsample + 3x3 conv as four 2x2 convs, fewer FLOPs for the same function).
         results["ours"]["flops"] = results[twin]["flops"]
-    baselines = [b for b in ("diffusers", "diffusers-example") if b in times]
     for name, median in common.medians(times).items():
         r = results[name]
         r["step_s"] = median
@@ -194,8 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         for base in baselines:
             ratio = common.paired_ratio(times[base], times[name])
             r[f"vs_{base}"] = ratio.median
-            r[f"vs_{base}_interval"] = (f"{ratio.low:.3f}–{ratio.high:.3f} ({100 * ratio.coverage:.0f}%)"
-                                        if name != base else "")
+            r[f"vs_{base}_interval"] = ratio.interval_cell() if name != base else ""
     rows = [[name, f"{r['params']:,}", f"{r['flops'] / 1e9:.2f}", f"{r['step_s'] * 1000:.1f}", f"{r['img_per_s']:.2f}",
              *[cell for base in baselines for cell in (f"{r[f'vs_{base}']:.3f}", r[f"vs_{base}_interval"])],
              f"{100 * r['mfu']:.1f}%", f"{r['memory_mb']:.0f}"]

@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float | str]]:
     """Run the comparison, print a table, and return the medians in seconds and the ratios."""
     args = parse_args(argv)
     common.set_threads(args.threads)
@@ -92,15 +92,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 
         return run
 
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, float | str]] = {}
     for task, make in (("forward", forward), ("train step", train_step)):
         # make(name) again before every call: it also puts the model in the task's mode.
         fns = {name: (lambda name=name, make=make: make(name)()) for name in calls}
         times = common.time_alternating(fns, args.repeats, args.warmup, device)
         medians = common.medians(times)
         ratio = common.paired_ratio(times["ours"], times["diffusers"])
-        results[task] = {**medians, "ratio": ratio.median, "low": ratio.low, "high": ratio.high,
-                         "coverage": ratio.coverage}
+        results[task] = {**medians, "ratio": ratio.median, "interval": ratio.interval_cell()}
         print(f"{task}: ours {medians['ours'] * 1e3:.1f} ms, diffusers "
               f"{medians['diffusers'] * 1e3:.1f} ms, time ratio {ratio} "
               f"({100 * ratio.coverage:.0f}% interval)", flush=True)
@@ -116,9 +115,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     return results
 
 
-def _table(results: dict[str, dict[str, float]]) -> str:
+def _table(results: dict[str, dict[str, float | str]]) -> str:
     rows = [[task, f"{r['ours'] * 1e3:.1f}", f"{r['diffusers'] * 1e3:.1f}", f"{r['ratio']:.3f}",
-             f"{r['low']:.3f}–{r['high']:.3f} ({100 * r['coverage']:.0f}%)"]
+             r["interval"]]
             for task, r in results.items()]
     return common.markdown_table(["task", "ours (ms)", "diffusers (ms)", "ours / diffusers (time)",
                                   "interval (coverage)"], rows)
