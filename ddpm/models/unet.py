@@ -517,14 +517,7 @@ class UNet(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` (the :class:`UNetConfig` with a format marker) and
         ``model.safetensors`` into ``directory``, each atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        # Weights first: a config.json next to them says the pair is complete.
-        save_state_dict(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": FORMAT})
-        save_json(
-            directory / CONFIG_NAME,
-            {"format": FORMAT, "format_version": FORMAT_VERSION, **self.config.to_dict()},
-        )
+        save_model_directory(directory, self.state_dict(), FORMAT, FORMAT_VERSION, self.config.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> UNet:
@@ -534,27 +527,9 @@ class UNet(nn.Module):
         (a diffusers directory is pointed to :meth:`from_diffusers`), or weights that do not fit
         the config.
         """
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not directory.is_dir():
-            raise UserError(f"{directory}: not a directory with a saved U-Net")
-        values = load_json(config_path)
-        if not isinstance(values, dict) or values.get("format") != FORMAT:
-            hint = (
-                " (a diffusers model: load it with UNet.from_diffusers)"
-                if isinstance(values, dict) and values.get("_class_name") == "UNet2DModel"
-                else ""
-            )
-            raise UserError(f"{config_path}: not a ddpm U-Net config (no format {FORMAT!r}){hint}")
-        values = dict(values)
-        values.pop("format")
-        version = values.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise UserError(
-                f"{config_path}: format_version {version!r}, this ddpm reads {FORMAT_VERSION}"
-            )
+        values = read_model_config(directory, FORMAT, FORMAT_VERSION, "U-Net", ("UNet2DModel", "UNet"))
         model = cls(UNetConfig.from_dict(values))
-        weights_path = directory / WEIGHTS_NAME
+        weights_path = Path(directory) / WEIGHTS_NAME
         model.load_weights(load_state_dict(weights_path), source=weights_path)
         return model.to(device)
 
@@ -563,25 +538,7 @@ class UNet(nn.Module):
     ) -> None:
         """Copy ``state_dict`` into the model, or raise :class:`UserError` naming ``source`` and
         the missing, unexpected and wrongly shaped keys when it does not fit the architecture."""
-        expected = self.state_dict()
-        problems = []
-        for label, keys in (
-            ("missing", [k for k in expected if k not in state_dict]),
-            ("unexpected", [k for k in state_dict if k not in expected]),
-            ("shape mismatch", [
-                f"{k} {list(state_dict[k].shape)} != {list(v.shape)}"
-                for k, v in expected.items()
-                if k in state_dict and state_dict[k].shape != v.shape
-            ]),
-        ):
-            if keys:
-                shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-                problems.append(f"{len(keys)} {label} ({shown})")
-        if problems:
-            raise UserError(
-                f"{source}: weights do not fit this U-Net config: {'; '.join(problems)}"
-            )
-        self.load_state_dict(state_dict)
+        load_matching_weights(self, state_dict, source, "U-Net")
 
     @classmethod
     def from_diffusers(cls, path: str | Path, device: str | torch.device = "cpu") -> UNet:
@@ -598,6 +555,85 @@ class UNet(nn.Module):
         from ddpm.models.diffusers_io import save_diffusers
 
         save_diffusers(self, path)
+
+
+def save_model_directory(
+    directory: str | Path,
+    state_dict: Mapping[str, Tensor],
+    format_name: str,
+    format_version: int,
+    config: Mapping[str, Any],
+) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (``config`` with a format marker) into
+    ``directory``, each atomically: the layout of every model's ``save_pretrained``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Weights first: a config.json next to them says the pair is complete.
+    save_state_dict(directory / WEIGHTS_NAME, state_dict, metadata={"format": format_name})
+    save_json(
+        directory / CONFIG_NAME,
+        {"format": format_name, "format_version": format_version, **config},
+    )
+
+
+def read_model_config(
+    directory: str | Path,
+    format_name: str,
+    format_version: int,
+    what: str,
+    diffusers_class: tuple[str, str],
+) -> dict[str, Any]:
+    """The config values of a directory written by :func:`save_model_directory`, without the
+    format marker; :class:`UserError` for a missing directory, another format (a diffusers
+    ``diffusers_class = (its _class_name, our class)`` directory is pointed to ``from_diffusers``)
+    or another format version."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise UserError(f"{directory}: not a directory with a saved {what}")
+    values = load_json(config_path)
+    if not isinstance(values, dict) or values.get("format") != format_name:
+        class_name, ours = diffusers_class
+        hint = (
+            f" (a diffusers model: load it with {ours}.from_diffusers)"
+            if isinstance(values, dict) and values.get("_class_name") == class_name
+            else ""
+        )
+        raise UserError(
+            f"{config_path}: not a ddpm {what} config (no format {format_name!r}){hint}"
+        )
+    values = dict(values)
+    values.pop("format")
+    version = values.pop("format_version", None)
+    if version != format_version:
+        raise UserError(
+            f"{config_path}: format_version {version!r}, this ddpm reads {format_version}"
+        )
+    return values
+
+
+def load_matching_weights(
+    module: nn.Module, state_dict: Mapping[str, Tensor], source: str | Path, what: str
+) -> None:
+    """Copy ``state_dict`` into ``module`` (a ``what``), or raise :class:`UserError` naming
+    ``source`` and the missing, unexpected and wrongly shaped keys when it does not fit."""
+    expected = module.state_dict()
+    problems = []
+    for label, keys in (
+        ("missing", [k for k in expected if k not in state_dict]),
+        ("unexpected", [k for k in state_dict if k not in expected]),
+        ("shape mismatch", [
+            f"{k} {list(state_dict[k].shape)} != {list(v.shape)}"
+            for k, v in expected.items()
+            if k in state_dict and state_dict[k].shape != v.shape
+        ]),
+    ):
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {label} ({shown})")
+    if problems:
+        raise UserError(f"{source}: weights do not fit this {what} config: {'; '.join(problems)}")
+    module.load_state_dict(state_dict)
 
 
 def _per_sample(value: Tensor | int | float, batch: int, device: torch.device, name: str) -> Tensor:
