@@ -1,0 +1,481 @@
+"""The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, section 3 and appendix
+G), in the layout and parameter names of diffusers' ``AutoencoderKL``.
+
+An encoder maps an image ``[B, C, H, W]`` to a diagonal Gaussian over latents
+``[B, latent_channels, H/f, W/f]`` with ``f = 2**(len(block_out_channels) - 1)``, and a decoder
+maps latents back to images. Diffusion runs on ``z * scaling_factor`` (section 4.3.2: the factor
+makes the latents roughly unit-variance); decoding divides by it again.
+
+Layout, as diffusers' ``Encoder``/``Decoder`` (``DownEncoderBlock2D`` / ``UpDecoderBlock2D``):
+``conv_in``; per level, ``layers_per_block`` residual blocks (``+ 1`` in the decoder) and a
+resampler (a stride-2 3x3 convolution after one zero row and column at the bottom-right on the way
+down, nearest x2 and a 3x3 convolution on the way up) at every level but the last; a middle of
+resnet, single-head attention, resnet; ``conv_norm_out``, SiLU, ``conv_out``. GroupNorm eps is
+1e-6 throughout. The encoder outputs ``2 * latent_channels`` channels (mean and log-variance),
+followed by the 1x1 ``quant_conv``; the decoder starts with the 1x1 ``post_quant_conv``.
+
+The state dict has diffusers' names exactly, so ``save_diffusers`` writes it unchanged; reading
+also accepts the attention names of diffusers before 0.14 (``query``, ``key``, ``value``,
+``proj_attn``), which checkpoints such as ``stabilityai/sd-vae-ft-mse`` may still carry.
+Tiling, slicing and other variants (``shift_factor``, no attention in the middle) are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddpm.checkpoints import load_json, load_state_dict, save_json, save_state_dict
+from ddpm.errors import UserError
+from ddpm.models.diffusers_io import (
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    _modern_attention_names,
+    _read_weights,
+)
+from ddpm.models.unet import (
+    WEIGHTS_NAME,
+    Downsample,
+    Upsample,
+    _conv3,
+    _is_int,
+    _norm,
+    _norm_act,
+    load_matching_weights,
+    read_model_config,
+    save_model_directory,
+)
+
+FORMAT = "ddpm-autoencoder-kl"
+FORMAT_VERSION = 1
+# diffusers (after the LDM code) clamps the log-variance so that exp() neither overflows nor
+# underflows: std stays within [3e-7, 2.2e4].
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+@dataclass(frozen=True)
+class AutoencoderKLConfig:
+    """The shape of an :class:`AutoencoderKL`, with diffusers' field names. The defaults are
+    Stable Diffusion's KL-f8 autoencoder; :data:`PRESETS` names the others.
+
+    Attributes:
+        in_channels, out_channels: image channels in and out.
+        block_out_channels: width of each level; ``len - 1`` downsamplings of 2.
+        layers_per_block: residual blocks per encoder level (the decoder has one more).
+        latent_channels: channels of the latent ``z``.
+        norm_num_groups: GroupNorm groups; must divide every width.
+        scaling_factor: ``z * scaling_factor`` is what diffusion sees (Rombach et al. 2022,
+            section 4.3.2 and appendix D.1: one over the latents' standard deviation).
+        sample_size: side of the training images (informational, as in diffusers).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    sample_size: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_out_channels, (list, tuple)):
+            object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
+                     "norm_num_groups", "sample_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise UserError(f"AutoencoderKLConfig.{name} must be a positive integer, got {value!r}")
+        widths = self.block_out_channels
+        if not isinstance(widths, tuple) or not widths or not all(_is_int(w) and w > 0 for w in widths):
+            raise UserError(
+                f"AutoencoderKLConfig.block_out_channels must be a non-empty list of positive "
+                f"integers, got {widths!r}"
+            )
+        if any(w % self.norm_num_groups for w in widths):
+            raise UserError(
+                f"block_out_channels {list(widths)} are not all divisible by the "
+                f"{self.norm_num_groups} GroupNorm groups (norm_num_groups)"
+            )
+        scale = self.scaling_factor
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise UserError(f"AutoencoderKLConfig.scaling_factor must be a positive number, got {scale!r}")
+
+    @property
+    def downsampling_factor(self) -> int:
+        """``f``: how many image pixels per side one latent pixel covers."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> AutoencoderKLConfig:
+        """The config from :meth:`to_dict`'s output; an unknown key raises :class:`UserError`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(values) - known:
+            raise UserError(
+                f"unknown autoencoder config key(s) {', '.join(sorted(set(values) - known))}; "
+                f"valid keys are {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str) -> AutoencoderKLConfig:
+        """The config in :data:`PRESETS` called ``name``; an unknown name raises :class:`UserError`."""
+        if name not in PRESETS:
+            raise UserError(f"unknown autoencoder preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+
+PRESETS: dict[str, AutoencoderKLConfig] = {
+    # Stable Diffusion's KL-f8 (CompVis/stable-diffusion-v1-4's vae, stabilityai/sd-vae-ft-mse):
+    # 83,653,863 parameters, the count of diffusers' AutoencoderKL with this config.
+    "sd": AutoencoderKLConfig(),
+    # Placeholders sized for 2 CPU cores, to be chosen by measurement (issue 14): MNIST
+    # 28 -> 14 -> 7 (f = 4, 7x7x4 latents); CIFAR-10 32 -> 8 (f = 4) or 32 -> 16 (f = 2).
+    # scaling_factor 1 until a trained model's latent standard deviation replaces it.
+    "mnist-f4": AutoencoderKLConfig(
+        in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
+        norm_num_groups=16, scaling_factor=1.0, sample_size=28,
+    ),
+    "cifar10-f4": AutoencoderKLConfig(
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        scaling_factor=1.0, sample_size=32,
+    ),
+    "cifar10-f2": AutoencoderKLConfig(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+        scaling_factor=1.0, sample_size=32,
+    ),
+}
+
+
+class DiagonalGaussian:
+    """The encoder's posterior ``q(z | x) = N(mean, diag(exp(logvar)))`` (Rombach et al. 2022,
+    appendix G; Kingma and Welling 2014), from ``parameters`` ``[B, 2C, h, w]`` (mean first).
+
+    ``logvar`` is clamped to [-30, 20] as in the LDM code and diffusers. ``kl`` and ``nll`` sum
+    over all but the batch dimension and return ``[B]``.
+    """
+
+    def __init__(self, parameters: Tensor) -> None:
+        self.mean, logvar = parameters.chunk(2, dim=1)
+        self.logvar = logvar.clamp(*LOGVAR_RANGE)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """``mean + std * eps``, ``eps ~ N(0, I)`` drawn from ``generator`` (on its device, as
+        diffusers' ``randn_tensor`` does, so a seeded CPU generator gives the same draw anywhere)."""
+        device = self.mean.device if generator is None else generator.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> Tensor:
+        """The mean, the most likely latent."""
+        return self.mean
+
+    def kl(self) -> Tensor:
+        """``KL(q || N(0, I))`` per example, ``[B]``: ``0.5 * sum(mean^2 + var - 1 - logvar)``."""
+        return 0.5 * _sum_per_example(self.mean.square() + self.var - 1.0 - self.logvar)
+
+    def nll(self, z: Tensor) -> Tensor:
+        """``-log q(z)`` per example in nats, ``[B]``."""
+        return 0.5 * _sum_per_example(math.log(2 * math.pi) + self.logvar + (z - self.mean).square() / self.var)
+
+
+def _sum_per_example(x: Tensor) -> Tensor:
+    return x.sum(dim=tuple(range(1, x.ndim)))
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' ``ResnetBlock2D`` without a time embedding: GN, SiLU, conv, GN, SiLU, conv, plus
+    the input (through a 1x1 ``conv_shortcut`` when the width changes). ``[B, c_in, H, W] ->
+    [B, c_out, H, W]``."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = _norm(c_in, groups)
+        self.conv1 = _conv3(c_in, c_out)
+        self.norm2 = _norm(c_out, groups)
+        self.conv2 = _conv3(c_out, c_out)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv2(_norm_act(self.norm2, self.conv1(_norm_act(self.norm1, x))))
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the ``H * W`` positions with a residual connection, in
+    diffusers' ``Attention`` names (``group_norm``, ``to_q``, ``to_k``, ``to_v``, ``to_out.0``).
+    ``[B, C, H, W] -> [B, C, H, W]``."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.group_norm = _norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, height, width = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, L, C]
+        h = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+        return x + self.to_out[0](h).transpose(1, 2).reshape(b, c, height, width)
+
+
+class MidBlock(nn.Module):
+    """diffusers' ``UNetMidBlock2D`` as the autoencoder uses it: resnet, attention, resnet."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Block(nn.Module):
+    """One level: ``num_layers`` resnets, then ``downsamplers`` (``DownEncoderBlock2D``) or
+    ``upsamplers`` (``UpDecoderBlock2D``) or nothing at the last level."""
+
+    def __init__(self, c_in: int, c_out: int, num_layers: int, groups: int, resample: str | None) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(num_layers)]
+        )
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Downsample(c_out)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample(c_out)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for module in (*self.resnets, *getattr(self, "downsamplers", ()), *getattr(self, "upsamplers", ())):
+            x = module(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Images ``[B, in_channels, H, W]`` -> posterior parameters ``[B, 2 * latent_channels, H/f, W/f]``
+    (before ``quant_conv``)."""
+
+    def __init__(self, config: AutoencoderKLConfig) -> None:
+        super().__init__()
+        widths, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = _conv3(config.in_channels, widths[0])
+        self.down_blocks = nn.ModuleList(
+            Block(widths[max(i - 1, 0)], w, config.layers_per_block, groups,
+                  "down" if i < len(widths) - 1 else None)
+            for i, w in enumerate(widths)
+        )
+        self.mid_block = MidBlock(widths[-1], groups)
+        self.conv_norm_out = _norm(widths[-1], groups)
+        self.conv_out = _conv3(widths[-1], 2 * config.latent_channels)  # diffusers' double_z
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        return self.conv_out(_norm_act(self.conv_norm_out, self.mid_block(h)))
+
+
+class Decoder(nn.Module):
+    """Latents ``[B, latent_channels, h, w]`` (after ``post_quant_conv``) -> images
+    ``[B, out_channels, h*f, w*f]``; ``up_blocks`` run from the lowest resolution up."""
+
+    def __init__(self, config: AutoencoderKLConfig) -> None:
+        super().__init__()
+        widths, groups = config.block_out_channels[::-1], config.norm_num_groups
+        self.conv_in = _conv3(config.latent_channels, widths[0])
+        self.mid_block = MidBlock(widths[0], groups)
+        self.up_blocks = nn.ModuleList(
+            Block(widths[max(i - 1, 0)], w, config.layers_per_block + 1, groups,
+                  "up" if i < len(widths) - 1 else None)
+            for i, w in enumerate(widths)
+        )
+        self.conv_norm_out = _norm(widths[-1], groups)
+        self.conv_out = _conv3(widths[-1], config.out_channels)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(_norm_act(self.conv_norm_out, h))
+
+
+class AutoencoderKL(nn.Module):
+    """The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, section 3.1).
+
+    ``encode(x)`` gives the posterior :class:`DiagonalGaussian` over latents, ``decode(z)`` the
+    images; diffusion runs on ``posterior.sample() * config.scaling_factor``. Initialised as
+    PyTorch's defaults, as in the LDM code and diffusers.
+    """
+
+    def __init__(self, config: AutoencoderKLConfig) -> None:
+        super().__init__()
+        if not isinstance(config, AutoencoderKLConfig):
+            raise TypeError(f"AutoencoderKL takes an AutoencoderKLConfig, got {type(config).__name__}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        """``q(z | x)`` for images ``x`` ``[B, in_channels, H, W]`` (H, W divisible by ``f``); its
+        mean and log-variance are ``[B, latent_channels, H/f, W/f]``."""
+        self._check(x, self.config.in_channels, "x", self.config.downsampling_factor)
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images ``[B, out_channels, h*f, w*f]`` for unscaled latents ``z`` ``[B, latent_channels,
+        h, w]`` (divide diffusion's latents by ``scaling_factor`` first)."""
+        self._check(z, self.config.latent_channels, "z", 1)
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(
+        self, x: Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, DiagonalGaussian]:
+        """The reconstruction of ``x`` from the posterior's mode (or a sample), and the posterior,
+        as the LDM code's ``forward`` returns them for its loss."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    @property
+    def last_layer(self) -> Tensor:
+        """The decoder's last weight, where the adaptive GAN weight compares gradients."""
+        return self.decoder.conv_out.weight
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of scalar parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    @staticmethod
+    def _check(x: Tensor, channels: int, name: str, factor: int) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"{name} must be [B, {channels}, H, W], got {tuple(x.shape)}")
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"{name} is {x.shape[2]}x{x.shape[3]}; H and W must be divisible by {factor}")
+
+    # --- weights -----------------------------------------------------------------------------
+
+    def load_weights(self, state_dict: Mapping[str, Tensor], source: str | Path = "weights") -> None:
+        """Copy a state dict in diffusers' names (today's or the legacy attention names) into the
+        model, or raise :class:`UserError` naming ``source`` and the keys that do not fit."""
+        load_matching_weights(self, _modern_attention_names(state_dict), source, "autoencoder")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` (the config with a format marker) and ``model.safetensors``."""
+        save_model_directory(directory, self.state_dict(), FORMAT, FORMAT_VERSION, self.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
+        """Load an autoencoder written by :meth:`save_pretrained`; :class:`UserError` for a missing
+        or foreign directory or weights that do not fit."""
+        values = read_model_config(
+            directory, FORMAT, FORMAT_VERSION, "autoencoder", ("AutoencoderKL", "AutoencoderKL")
+        )
+        model = cls(AutoencoderKLConfig.from_dict(values))
+        weights_path = Path(directory) / WEIGHTS_NAME
+        model.load_weights(load_state_dict(weights_path), source=weights_path)
+        return model.to(device)
+
+    @classmethod
+    def from_diffusers(cls, path: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
+        """Load a diffusers ``AutoencoderKL`` directory (``config.json`` and
+        ``diffusion_pytorch_model.safetensors``; a ``.bin`` is read only with
+        ``torch.load(weights_only=True)``, which cannot run code). :class:`UserError` for a missing
+        directory or file, a layout we do not implement, or weights that do not fit."""
+        directory = Path(path)
+        if not directory.is_dir():
+            raise UserError(f"{directory}: not a diffusers model directory")
+        config_path = directory / CONFIG_NAME
+        model = cls(config_from_diffusers(load_json(config_path), source=config_path))
+        state, weights_path = _read_weights(directory)
+        model.load_weights(state, source=weights_path)
+        return model.to(device)
+
+    def save_diffusers(self, path: str | Path) -> None:
+        """Write a directory that ``diffusers.AutoencoderKL.from_pretrained`` loads."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_state_dict(directory / SAFETENSORS_NAME, self.state_dict(), metadata={"format": "pt"})
+        save_json(directory / CONFIG_NAME, config_to_diffusers(self.config))
+
+
+# diffusers AutoencoderKL fields with one value here: (accepted values, diffusers' default for a
+# config.json without the field). The first accepted value is written on export.
+_FIXED: dict[str, tuple[tuple[Any, ...], Any]] = {
+    "act_fn": (("silu", "swish"), "silu"),
+    "shift_factor": ((None,), None),
+    "latents_mean": ((None,), None),
+    "latents_std": ((None,), None),
+    "use_quant_conv": ((True,), True),
+    "use_post_quant_conv": ((True,), True),
+    "mid_block_add_attention": ((True,), True),
+    # Whether pipelines run the model in float32; ours runs in the caller's dtype.
+    "force_upcast": ((True, False), True),
+}
+# Fields of AutoencoderKLConfig and diffusers' defaults for them.
+_MAPPED: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "block_out_channels": (64,), "layers_per_block": 1,
+    "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215, "sample_size": 32,
+}
+_BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+
+
+def config_from_diffusers(values: Any, source: str | Path = "config") -> AutoencoderKLConfig:
+    """Our config for a diffusers ``AutoencoderKL`` config.json, or :class:`UserError` naming the
+    field that this implementation does not support."""
+
+    def fail(message: str) -> UserError:
+        return UserError(f"{source}: {message}; only diffusers' plain AutoencoderKL layout is supported")
+
+    if not isinstance(values, dict) or values.get("_class_name") != "AutoencoderKL":
+        name = values.get("_class_name") if isinstance(values, dict) else None
+        raise fail(f"_class_name is {name!r}, not 'AutoencoderKL'")
+    unknown = sorted(k for k in values if not k.startswith("_") and k not in _FIXED | _MAPPED | _BLOCK_TYPES)
+    if unknown:
+        raise fail(f"unsupported field(s) {', '.join(unknown)}")
+    for key, (accepted, default) in _FIXED.items():
+        if values.get(key, default) not in accepted:
+            raise fail(f"unsupported {key}={values.get(key, default)!r}")
+    mapped = {key: values.get(key, default) for key, default in _MAPPED.items()}
+    widths = mapped["block_out_channels"]
+    levels = len(widths) if isinstance(widths, (list, tuple)) else 1
+    for key, block in _BLOCK_TYPES.items():
+        types = values.get(key, [block])
+        if list(types) != [block] * levels:
+            raise fail(f"unsupported {key} {types} (needs {levels} x {block})")
+    size = mapped["sample_size"]
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+        mapped["sample_size"] = size[0]
+    try:
+        return AutoencoderKLConfig(**mapped)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def config_to_diffusers(config: AutoencoderKLConfig) -> dict[str, Any]:
+    """The diffusers ``AutoencoderKL`` config.json for ``config``."""
+    levels = len(config.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        **{key: accepted[0] for key, (accepted, _) in _FIXED.items()},
+        **{key: [block] * levels for key, block in _BLOCK_TYPES.items()},
+        **{key: getattr(config, key) for key in _MAPPED},
+    }
