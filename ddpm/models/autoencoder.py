@@ -455,19 +455,18 @@ def config_from_diffusers(values: Any, source: str | Path = "config") -> Autoenc
         if values.get(key, default) not in accepted:
             raise fail(f"unsupported {key}={values.get(key, default)!r}")
     mapped = {key: values.get(key, default) for key, default in _MAPPED.items()}
-    widths = mapped["block_out_channels"]
-    levels = len(widths) if isinstance(widths, (list, tuple)) else 1
-    for key, block in _BLOCK_TYPES.items():
-        types = values.get(key, [block])
-        if list(types) != [block] * levels:
-            raise fail(f"unsupported {key} {types} (needs {levels} x {block})")
     size = mapped["sample_size"]
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         mapped["sample_size"] = size[0]
     try:
-        return AutoencoderKLConfig(**mapped)
+        config = AutoencoderKLConfig(**mapped)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
+    for key, block in _BLOCK_TYPES.items():
+        types = values.get(key, [block])
+        if list(types) != [block] * len(config.block_out_channels):
+            raise fail(f"unsupported {key} {types} (needs {len(config.block_out_channels)} x {block})")
+    return config
 
 
 def config_to_diffusers(config: AutoencoderKLConfig) -> dict[str, Any]:
