@@ -8,11 +8,11 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_checkpoints import malicious_pickle
 from torch.distributions import Normal, kl_divergence
 
 from ddpm.errors import UserError
@@ -305,14 +305,10 @@ def small_dir(tmp_path):
 
 
 def test_a_pickle_that_would_run_code_is_never_executed(small_dir):
+    # test_checkpoints proves that this payload runs when unpickled plainly.
     marker = small_dir / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     (small_dir / "diffusion_pytorch_model.safetensors").unlink()
-    (small_dir / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}, protocol=2))
+    (small_dir / "diffusion_pytorch_model.bin").write_bytes(malicious_pickle(marker))
     with pytest.raises(UserError, match="diffusion_pytorch_model.bin: not a loadable weights-only"):
         AutoencoderKL.from_diffusers(small_dir)
     assert not marker.exists()

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ddpm.checkpoints import load_json, load_state_dict, save_json, save_state_dict
 from ddpm.errors import UserError
+from ddpm.losses import normal_kl
 from ddpm.models.diffusers_io import (
     CONFIG_NAME,
     SAFETENSORS_NAME,
@@ -186,7 +187,8 @@ class DiagonalGaussian:
 
     def kl(self) -> Tensor:
         """``KL(q || N(0, I))`` per example, ``[B]``: ``0.5 * sum(mean^2 + var - 1 - logvar)``."""
-        return 0.5 * _sum_per_example(self.mean.square() + self.var - 1.0 - self.logvar)
+        zero = self.mean.new_zeros(())
+        return _sum_per_example(normal_kl(self.mean, self.logvar, zero, zero))
 
     def nll(self, z: Tensor) -> Tensor:
         """``-log q(z)`` per example in nats, ``[B]``."""
