@@ -184,6 +184,7 @@ VARIANTS = {
     "legacy attention names": _legacy,
     "legacy names, 1x1-conv weights": lambda d: _legacy(d, conv_shaped=True),
     "bin": "bin",
+    "a pipeline's vae folder": "pipeline",
 }
 
 
@@ -191,7 +192,8 @@ VARIANTS = {
 def test_from_diffusers_reads_diffusers_directories(diffusers, jitter, tmp_path, variant):
     change = VARIANTS[variant]
     theirs = reference(diffusers, SMALL, jitter)
-    theirs.save_pretrained(tmp_path, safe_serialization=change != "bin")
+    directory = tmp_path / "vae" if change == "pipeline" else tmp_path
+    theirs.save_pretrained(directory, safe_serialization=change != "bin")
     if callable(change):
         change(tmp_path)
     if change == "bin":
