@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from ddpm.checkpoints import load_state_dict
 from ddpm.errors import UserError
-from ddpm.models.autoencoder import DiagonalGaussian, _sum_per_example
+from ddpm.losses import sum_flat
+from ddpm.models.autoencoder import DiagonalGaussian
 from ddpm.models.unet import _is_int, load_matching_weights
 
 # Esser et al. 2021, eq. 7: the denominator's delta, and the LDM code's clamp.
@@ -237,7 +238,7 @@ class AutoencoderLoss(nn.Module):
     def reconstruction_loss(self, x: Tensor, reconstruction: Tensor) -> Tensor:
         """``L_rec`` per example ``[B]``: the L1 distance summed over pixels, plus the weighted
         LPIPS distance counted once per pixel and channel as in the LDM code."""
-        rec = _sum_per_example((x - reconstruction).abs())
+        rec = sum_flat((x - reconstruction).abs())
         if self.lpips is not None:
             rec = rec + self.config.perceptual_weight * self.lpips(x, reconstruction) * x[0].numel()
         return rec

@@ -33,6 +33,11 @@ def mean_flat(x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
+def sum_flat(x: Tensor) -> Tensor:
+    """The sum over all dimensions but the first (the batch)."""
+    return x.sum(dim=tuple(range(1, x.ndim)))
+
+
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, exp logvar1) ‖ N(mean2, exp logvar2)) elementwise, in nats.
 

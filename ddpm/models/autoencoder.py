@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ddpm.checkpoints import load_json, load_state_dict, save_json, save_state_dict
 from ddpm.errors import UserError
-from ddpm.losses import normal_kl
+from ddpm.losses import normal_kl, sum_flat
 from ddpm.models.diffusers_io import (
     CONFIG_NAME,
     SAFETENSORS_NAME,
@@ -191,15 +191,11 @@ class DiagonalGaussian:
     def kl(self) -> Tensor:
         """``KL(q || N(0, I))`` per example, ``[B]``: ``0.5 * sum(mean^2 + var - 1 - logvar)``."""
         zero = self.mean.new_zeros(())
-        return _sum_per_example(normal_kl(self.mean, self.logvar, zero, zero))
+        return sum_flat(normal_kl(self.mean, self.logvar, zero, zero))
 
     def nll(self, z: Tensor) -> Tensor:
         """``-log q(z)`` per example in nats, ``[B]``."""
-        return 0.5 * _sum_per_example(math.log(2 * math.pi) + self.logvar + (z - self.mean).square() / self.var)
-
-
-def _sum_per_example(x: Tensor) -> Tensor:
-    return x.sum(dim=tuple(range(1, x.ndim)))
+        return 0.5 * sum_flat(math.log(2 * math.pi) + self.logvar + (z - self.mean).square() / self.var)
 
 
 class ResnetBlock(nn.Module):
