@@ -20,6 +20,7 @@ discriminator, LPIPS) and no part of the diffusion math uses it.
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,14 +152,14 @@ _LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 class LPIPS(nn.Module):
     """The LPIPS distance with a VGG16 backbone (Zhang et al. 2018, version 0.1), in plain torch.
 
-    ``lpips(x, y)`` for images in [-1, 1] ``[B, C, H, W]`` (C = 1 or 3; grey is repeated to RGB;
-    H, W >= 16)
-    returns ``[B]``: the sum over five VGG16 layers of the spatial mean of
+    ``lpips(x, y)`` for images in [-1, 1] ``[B, C, H, W]`` (C = 1 or 3, grey repeated to RGB;
+    H, W >= 16) returns ``[B]``: the sum over five VGG16 layers of the spatial mean of
     ``w_l . (f_l(x) - f_l(y))^2``, with ``f_l`` the channel-normalised features. The parameter
     names are those of the ``lpips`` package's ``LPIPS(net="vgg")`` (``net.slice1.0.weight``, ...,
-    ``lin0.model.1.weight``), so its state dict saved as safetensors loads here:
-    ``safetensors.torch.save_file(lpips.LPIPS(net="vgg").state_dict(), path)``. The weights are
-    frozen.
+    ``lin0.model.1.weight``), so its state dict saved as safetensors loads here: ``save_file({k:
+    v.clone() for k, v in lpips.LPIPS(net="vgg").state_dict().items()}, path)`` (``clone``: the
+    package's ``lins`` list shares tensors with ``lin0..lin4``, which ``save_file`` refuses). The
+    weights are frozen.
     """
 
     def __init__(self) -> None:
@@ -188,8 +189,13 @@ class LPIPS(nn.Module):
     def from_file(cls, path: str | Path) -> LPIPS:
         """LPIPS with the weights of a local safetensors file (never a pickle); :class:`UserError`
         for a missing file or weights that do not fit."""
-        state = load_state_dict(path)
-        state = {k: v for k, v in state.items() if not k.startswith("scaling_layer.")}  # Our constants.
+        state = {}
+        for key, value in load_state_dict(path).items():
+            if key.startswith("scaling_layer."):
+                continue  # The package's constants, which are ours too.
+            # lpips 0.1.4 lists its linear layers twice, as lin0..lin4 and as lins.0..lins.4.
+            key = re.sub(r"^lins\.(\d)\.", r"lin\1.", key)
+            state.setdefault(key, value)
         model = cls()
         load_matching_weights(model, state, path, "LPIPS-VGG16")
         return model.eval()
@@ -208,7 +214,9 @@ class LPIPS(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         distance = x.new_zeros(x.shape[0])
-        for k, (fx, fy) in enumerate(zip(self._features(x), self._features(y))):
+        # One pass over both batches: half the kernel launches.
+        for k, f in enumerate(self._features(torch.cat([x, y]))):
+            fx, fy = f.chunk(2)
             distance = distance + getattr(self, f"lin{k}").model((fx - fy).square()).mean(dim=(1, 2, 3))
         return distance
 

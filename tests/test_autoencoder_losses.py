@@ -158,36 +158,65 @@ LPIPS_NAMES = [
 ] + [f"lin{k}.model.1.weight" for k in range(5)]
 
 
+def seeded_lpips_state() -> dict[str, torch.Tensor]:
+    """LPIPS weights from a fixed seed: He-scaled convolutions (so that the deep features do not
+    vanish), small biases, non-negative linear weights as LPIPS learns them."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, value in sorted(LPIPS().state_dict().items()):
+        noise = torch.randn(value.shape, generator=generator)
+        if name.startswith("lin"):
+            state[name] = noise.abs() * 0.1
+        elif name.endswith("weight"):
+            state[name] = noise * (2 / value[0].numel()) ** 0.5
+        else:
+            state[name] = noise * 0.01
+    return state
+
+
+# lpips 0.1.4 (the package, with torchvision 0.28's VGG16) on seeded_lpips_state() and the inputs
+# of test_lpips_equals_the_lpips_package: distances measured once with the package, which needs
+# torchvision and is not installed here.
+LPIPS_PACKAGE_DISTANCES = [0.120955668, 0.12229497, 0.120468847]
+
+
 @pytest.fixture
 def lpips_file(tmp_path):
-    torch.manual_seed(0)
-    state = LPIPS().state_dict()
-    for name, value in state.items():
-        if name.startswith("lin"):
-            value.uniform_(0, 1)  # LPIPS's learned weights are non-negative.
-    state["scaling_layer.shift"] = torch.zeros(1, 3, 1, 1)  # The package saves its constants too.
+    state = seeded_lpips_state()
+    state["scaling_layer.shift"] = torch.zeros(1, 3, 1, 1)  # The package saves its constants too,
+    state |= {f"lins.{k}.model.1.weight": state[f"lin{k}.model.1.weight"].clone() for k in range(5)}  # and twice.
     path = tmp_path / "lpips_vgg.safetensors"
     save_file(state, path)
     return path, state
+
+
+def lpips_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return tuple(torch.rand(3, 3, 32, 32, generator=generator) * 2 - 1 for _ in range(2))
+
+
+def test_lpips_equals_the_lpips_package(lpips_file):
+    with torch.no_grad():
+        distances = LPIPS.from_file(lpips_file[0])(*lpips_inputs())
+    torch.testing.assert_close(distances, torch.tensor(LPIPS_PACKAGE_DISTANCES), rtol=1e-5, atol=0)
 
 
 def test_lpips_names_and_mechanism(lpips_file):
     path, state = lpips_file
     assert sorted(LPIPS().state_dict()) == sorted(LPIPS_NAMES)
     lpips = LPIPS.from_file(path)
-    generator = torch.Generator().manual_seed(1)
-    x, y = (torch.rand(2, 3, 16, 16, generator=generator) * 2 - 1 for _ in range(2))
+    x, y = lpips_inputs()
     with torch.no_grad():
         d = lpips(x, y)
-        assert d.shape == (2,) and (d > 0).all()
+        assert d.shape == (3,) and (d > 0).all()
         torch.testing.assert_close(lpips(y, x), d)
-        torch.testing.assert_close(lpips(x, x), torch.zeros(2))
+        torch.testing.assert_close(lpips(x, x), torch.zeros(3))
         # Linear in the learned weights.
         for k in range(5):
             getattr(lpips, f"lin{k}").model[1].weight.mul_(2)
         torch.testing.assert_close(lpips(x, y), 2 * d)
     assert not any(p.requires_grad for p in lpips.parameters())
-    assert lpips(x[:, :1], y[:, :1]).shape == (2,)  # Grey images.
+    assert lpips(x[:, :1], y[:, :1]).shape == (3,)  # Grey images.
     with pytest.raises(ValueError, match="at least 16x16"):
         lpips(x[:, :, :8], y[:, :, :8])
 
@@ -212,6 +241,9 @@ def test_lpips_files_that_do_not_fit_are_user_errors(lpips_file, tmp_path):
     with pytest.raises(UserError, match="nowhere.safetensors: no such file"):
         LPIPS.from_file(tmp_path / "nowhere.safetensors")
     del state["lin4.model.1.weight"]
+    save_file(state, path)
+    LPIPS.from_file(path)  # The package's second name for the layer is enough; no name is not.
+    del state["lins.4.model.1.weight"]
     save_file(state, path)
     with pytest.raises(UserError, match=r"lpips_vgg.safetensors: .*1 missing \(lin4.model.1.weight\)"):
         LPIPS.from_file(path)
