@@ -112,8 +112,9 @@ class NLayerDiscriminator(nn.Module):
     each by its own statistics, which on our small CPU batches (8 to 32 images) are noisy and give
     away which batch is which; GroupNorm is per example, has no running statistics to keep in
     checkpoints for an exact resume, and behaves the same in train and eval mode. ``norm="batch"``
-    gives taming's network. The initialisation is taming's: N(0, 0.02) convolutions, norm scales
-    N(1, 0.02), zero shifts.
+    gives taming's network, whose state dict (``main.0.weight``, ...) loads as it is. The
+    initialisation is taming's: N(0, 0.02) convolution weights, norm scales N(1, 0.02), zero
+    shifts.
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3, norm: str = "group") -> None:

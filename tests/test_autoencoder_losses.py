@@ -144,6 +144,9 @@ def test_patchgan_has_taming_layout():
     convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.stride[0], c.bias is not None) for c in convs] == [
         (3, 64, 2, True), (64, 128, 2, False), (128, 256, 2, False), (256, 512, 1, False), (512, 1, 1, True)]
+    # The same positions in one nn.Sequential called main, so taming's state dict loads as it is.
+    assert [k for k in disc.state_dict() if k.endswith("weight")] == [
+        f"main.{i}.weight" for i in (0, 2, 3, 5, 6, 8, 9, 11)]
     norms = sum(2 * c for c in (128, 256, 512))
     assert sum(p.numel() for p in disc.parameters()) == sum(c.weight.numel() for c in convs) + 64 + 1 + norms
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in NLayerDiscriminator().modules()) == 3
