@@ -224,6 +224,7 @@ def test_diffusers_configs_map_both_ways():
         ("act_fn", "gelu"),
         ("down_block_types", ["DownEncoderBlock2D"] * 3),
         ("up_block_types", ["AttnUpDecoderBlock2D"] * 4),
+        ("up_block_types", 4),
         ("norm_num_groups", 24),
         ("block_out_channels", []),
         ("sample_size", [64, 32]),

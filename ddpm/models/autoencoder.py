@@ -467,7 +467,7 @@ def config_from_diffusers(values: Any, source: str | Path = "config") -> Autoenc
         raise UserError(f"{source}: {e}") from None
     for key, block in _BLOCK_TYPES.items():
         types = values.get(key, [block])
-        if list(types) != [block] * len(config.block_out_channels):
+        if not isinstance(types, (list, tuple)) or list(types) != [block] * len(config.block_out_channels):
             raise fail(f"unsupported {key} {types} (needs {len(config.block_out_channels)} x {block})")
     return config
 
