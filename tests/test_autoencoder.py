@@ -165,17 +165,18 @@ def test_save_diffusers_loads_in_diffusers(diffusers, jitter, tmp_path):
     assert_same_outputs(ours, theirs)
 
 
-def _legacy(directory, conv_shaped: bool = False) -> None:
+def _legacy(directory, names: bool = True, conv_shaped: bool = False) -> None:
     path = directory / "diffusion_pytorch_model.safetensors"
     renamed = {}
     for key, value in load_file(path).items():
         for new, old in LEGACY.items():
             if ".attentions." in key and f".{new}." in key:
-                key = key.replace(f".{new}.", f".{old}.")
+                key = key.replace(f".{new}.", f".{old}.") if names else key
                 if conv_shaped and value.ndim == 2:
                     value = value[:, :, None, None]
         renamed[key] = value
-    assert any(".proj_attn." in k for k in renamed) and not any(".to_q." in k for k in renamed)
+    assert any(".proj_attn." in k for k in renamed) == names
+    assert any(v.ndim == 4 and ".attentions." in k for k, v in renamed.items()) == conv_shaped
     save_file(renamed, path)
 
 
@@ -183,6 +184,7 @@ VARIANTS = {
     "plain": None,
     "legacy attention names": _legacy,
     "legacy names, 1x1-conv weights": lambda d: _legacy(d, conv_shaped=True),
+    "1x1-conv weights": lambda d: _legacy(d, names=False, conv_shaped=True),
     "bin": "bin",
     "a pipeline's vae folder": "pipeline",
 }

@@ -376,8 +376,14 @@ class AutoencoderKL(nn.Module):
 
     def load_weights(self, state_dict: Mapping[str, Tensor], source: str | Path = "weights") -> None:
         """Copy a state dict in diffusers' names (today's or the legacy attention names) into the
-        model, or raise :class:`UserError` naming ``source`` and the keys that do not fit."""
-        load_matching_weights(self, _modern_attention_names(state_dict), source, "autoencoder")
+        model, or raise :class:`UserError` naming ``source`` and the keys that do not fit.
+        Attention weights stored as 1x1 convolutions ``[C, C, 1, 1]`` (the LDM code's) are taken
+        as the linear maps they are."""
+        state = {
+            k: v[:, :, 0, 0] if ".attentions." in k and v.shape[2:] == (1, 1) else v
+            for k, v in _modern_attention_names(state_dict).items()
+        }
+        load_matching_weights(self, state, source, "autoencoder")
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` (the config with a format marker) and ``model.safetensors``."""
