@@ -29,10 +29,25 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-#: The MNIST arrays the benchmarks read by default; every script takes the path as an option.
-DEFAULT_MNIST = "/work/shared/data/mnist.npz"
+#: The environment variable that names the MNIST .npz when a script's --data is not given.
+MNIST_ENV = "DDPM_MNIST"
 #: The peers whose versions an entry names (when installed).
 PEERS = ("diffusers", "denoising-diffusion-pytorch")
+
+
+def mnist_path(option: str | None) -> Path:
+    """The MNIST .npz (x_train, y_train, x_test, y_test) from ``--data`` or ``$DDPM_MNIST``.
+
+    Exits with one line when neither names an existing file: the benchmarks carry no machine's path.
+    """
+    given = option or os.environ.get(MNIST_ENV)
+    if not given:
+        raise SystemExit(f"error: pass --data PATH/mnist.npz or set {MNIST_ENV} (this project's machines have it "
+                         "in ../shared/data/mnist.npz)")
+    path = Path(given)
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no such file (MNIST .npz with x_train, y_train, x_test, y_test)")
+    return path
 
 
 def say(message: str) -> None:
@@ -202,13 +217,6 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float], level
     return Ratio(statistics.median(ratios), ratios[k - 1], ratios[n - k], coverage(k), n)
 
 
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA when asked; on other devices nothing (float32 throughout)."""
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------- models and tables
 
 
@@ -219,10 +227,6 @@ def perturb(module: nn.Module, scale: float = 1e-2, seed: int = 0) -> nn.Module:
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=generator).to(p), alpha=scale)
     return module
-
-
-def num_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def diffusers_example_adamw(params: Iterable[nn.Parameter]) -> torch.optim.AdamW:

@@ -42,13 +42,14 @@ from ddpm.config import get_config
 from ddpm.data import ImageData, load_images
 from ddpm.images import make_grid, save_image
 from ddpm.models import UNet, get_preset
+from ddpm.runtime import num_parameters
 
 IMG = Path(__file__).with_name("img")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=common.DEFAULT_MNIST, help="MNIST .npz (x_train, x_test)")
+    parser.add_argument("--data", default=None, help=f"MNIST .npz (x_train, x_test; default ${common.MNIST_ENV})")
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget per recipe (default 20)")
     parser.add_argument("--slices", type=int, default=5, help="alternating slices the budget is cut into")
     parser.add_argument("--bpd-images", type=int, default=1000, help="test images for bits/dim (default 1000)")
@@ -80,7 +81,7 @@ class DiffusersRecipe:
 
         torch.manual_seed(seed)
         self.model = UNet2DModel.from_config(config_to_diffusers(ours.config))
-        if common.num_parameters(self.model) != common.num_parameters(ours):
+        if num_parameters(self.model) != num_parameters(ours):
             raise RuntimeError("the diffusers twin does not have our parameter count")
         self.batch = batch
         self.data = data
@@ -178,7 +179,7 @@ def load_trained(out: Path) -> dict[str, Callable]:
     from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
-    from ddpm.sampling import load_model
+    from ddpm.loading import load_model
 
     ours = load_model(out / "ours", weights="ema").model.eval()
     config = json.loads((out / "diffusers_config.json").read_text())
@@ -295,6 +296,7 @@ def table(trained: dict, report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.data = str(common.mnist_path(args.data))
     common.set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.append:
         common.append_entry(
             f"quality at equal budget, MNIST, {args.minutes:g} min per recipe", "bench.quality", argv,
-            [f"both recipes train the same {common.num_parameters(UNet(get_preset('mnist'))):,}-parameter U-Net "
+            [f"both recipes train the same {num_parameters(UNet(get_preset('mnist'))):,}-parameter U-Net "
              f"in {args.slices} alternating slices; EMA weights scored",
              f"bits/dim: the full bound of our evaluator on the first {args.bpd_images} MNIST test images "
              "(mean ± standard error)",

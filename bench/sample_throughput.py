@@ -29,6 +29,7 @@ from bench import common
 from bench.cuda_graph import GraphedModel
 from ddpm.config import get_config
 from ddpm.models import UNet, get_preset
+from ddpm.runtime import autocast, num_parameters
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -123,13 +124,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float | str]]
         g_ours, g_theirs = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(0)
 
         def run_ours(sampler: str = sampler, steps: int = steps, g: torch.Generator = g_ours) -> None:
-            with torch.inference_mode(), common.autocast(device, args.bf16):
+            with torch.inference_mode(), autocast(device, args.bf16):
                 x = diffusion.sample(net_ours, shape, sampler=sampler, steps=steps, generator=g, device=device)
                 x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu().numpy()
 
         def run_theirs(sampler: str = sampler, steps: int = steps, g: torch.Generator = g_theirs) -> None:
             kwargs = {"eta": 0.0} if sampler == "ddim" else {}
-            with torch.inference_mode(), common.autocast(device, args.bf16):
+            with torch.inference_mode(), autocast(device, args.bf16):
                 pipes[sampler](batch_size=args.batch, generator=g, num_inference_steps=steps,
                                output_type="np", **kwargs)
 
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float | str]]
     if args.append:
         common.append_entry(
             f"sampling throughput, preset {args.preset}", "bench.sample_throughput", argv,
-            [f"{common.num_parameters(ours):,} parameters in both networks; batch {args.batch}, {threads} threads, "
+            [f"{num_parameters(ours):,} parameters in both networks; batch {args.batch}, {threads} threads, "
              f"device {device}, {args.warmup} warm-up + {args.repeats} timed runs each, alternating, medians; "
              f"options: {_options(args, device)}",
              "projected rows time a chain of the stated length and scale to the full step count",

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from bench import common
 from ddpm.models import UNet, get_preset
+from ddpm.runtime import autocast, num_parameters
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -67,7 +68,7 @@ def build(name: str, ours: UNet) -> tuple[nn.Module, Callable[[nn.Module, Tensor
         return ours, lambda net, x, t: net(x, t)
     if name in BASELINES:
         twin = common.diffusers_twin(ours)
-        if common.num_parameters(twin) != common.num_parameters(ours):
+        if num_parameters(twin) != num_parameters(ours):
             raise RuntimeError("diffusers' twin does not have our parameter count")
         return twin, lambda net, x, t: net(x, t).sample
     if name == "lucidrains":
@@ -85,7 +86,7 @@ class Contender:
     def __init__(self, name: str, ours: UNet, args: argparse.Namespace, device: torch.device) -> None:
         self.name = name
         net, self.call = build(name, ours)
-        self.params = common.num_parameters(net)
+        self.params = num_parameters(net)
         self.net = common.perturb(net, seed=1).to(device).train()
         # diffusers' train_unconditional.py as it ships: float32, its AdamW, no compile; the GPU
         # options are what the others add on top of their defaults.
@@ -112,7 +113,7 @@ class Contender:
         self.device, self.bf16 = device, bf16
 
     def loss(self) -> Tensor:
-        with common.autocast(self.device, self.bf16):
+        with autocast(self.device, self.bf16):
             out = self.call(self.forward, self.x, self.t)
         return F.mse_loss(out.float(), self.noise)
 

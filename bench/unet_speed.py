@@ -18,6 +18,7 @@ import torch
 
 from bench import common
 from ddpm.models import UNet, get_preset
+from ddpm.runtime import num_parameters
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float | str]]
     # Off DDPM's zero initialisation, so that the outputs compared below are not all zero.
     ours = common.perturb(UNet(config)).to(device)
     theirs = common.diffusers_twin(ours)
-    counts = [common.num_parameters(m) for m in (ours, theirs)]
+    counts = [num_parameters(m) for m in (ours, theirs)]
     if counts[0] != counts[1]:
         raise SystemExit(f"parameter counts differ: ours {counts[0]:,}, diffusers {counts[1]:,}")
     print(f"preset {args.preset}: {counts[0]:,} parameters in both; batch {args.batch}, "

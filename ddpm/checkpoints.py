@@ -38,29 +38,44 @@ _FILE_MODE = _default_file_mode()
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path`` for writing; on a clean exit, flush it to disk and
-    rename it onto ``path``. On an exception the temporary file is removed and ``path`` untouched.
+def atomic_write(path: str | Path, mode: str = "wb", durable: bool = True) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path`` for writing; on a clean exit rename it onto ``path``.
 
-    ``mode`` is ``"wb"`` or ``"w"`` (text is UTF-8). Missing parent directories are created.
+    Readers see either the old file or the complete new one. On an exception the temporary file
+    is removed and ``path`` is untouched. ``mode`` is ``"wb"`` or ``"w"`` (text is UTF-8);
+    missing parent folders are created. ``durable`` also flushes the file and the rename to disk
+    (checkpoints survive a power cut); sample PNGs skip that, thousands of fsyncs being slow.
+
+    A file-system error (an ``OSError`` with an errno: no space, no permission, a file where a
+    folder should be) is the user's to fix and is raised as :class:`UserError` naming the path;
+    an ``OSError`` without an errno comes from the writer itself (Pillow raises those) and is a
+    bug, so it keeps its traceback.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A dot file with a random suffix: hidden from globs, unique among concurrent writers.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot create {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
         raise
-    _fsync_directory(path.parent)
+    if durable:
+        _fsync_directory(path.parent)
 
 
 def _fsync_directory(directory: Path) -> None:

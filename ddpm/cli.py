@@ -119,6 +119,8 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
                 flags.append(f"--{field.name.replace('_', '-')}")
             default = field.default if field.default is not dataclasses.MISSING else None
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            if default is None and field_types(section_type)[field.name] == bool | None:
+                shown = "auto"
             help_text = f"{docs.get(field.name, '')} (default {shown})".strip()
             group.add_argument(*flags, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_metavar(field_types(
                 section_type)[field.name]), help=help_text.replace("%", "%%"))
@@ -136,6 +138,8 @@ def _unique_field_names() -> dict[str, str]:
 
 
 def _metavar(annotation: Any) -> str:
+    if annotation == bool | None:
+        return "BOOL|auto"
     name = getattr(annotation, "__name__", "")
     return {"int": "N", "float": "X", "bool": "BOOL", "str": "TEXT"}.get(name, "N,N,...")
 
@@ -165,6 +169,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     explicit = set(overrides) - ({"train.device"} if args.device == "auto" else set())
     result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
                    progress=not args.quiet)
+    if result.nothing_to_do:
+        return 0
     print(f"trained {result.step} steps in {result.seconds / 60:.1f} min ({result.images_per_second:.0f} img/s)")
     if result.checkpoint:
         print(f"checkpoint: {result.checkpoint}")
@@ -191,14 +197,23 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw training weights")
 
 
-def _sampler_arguments(p: argparse.ArgumentParser, default_steps: int | None) -> None:
-    p.add_argument("--sampler", default="ddim" if default_steps else "ddpm", choices=["ddpm", "ddim"],
-                   help="ancestral DDPM (Algorithm 2) or DDIM")
+def _sampler_arguments(p: argparse.ArgumentParser, default_sampler: str = "ddpm", default_steps: int | None = None,
+                       seed_help: str = "random seed") -> None:
+    from ddpm.samplers import SAMPLERS
+
+    p.add_argument("--sampler", default=default_sampler, choices=list(SAMPLERS),
+                   help=f"the reverse-process solver (default {default_sampler}); 'ddpm' is the paper's Algorithm 2")
     p.add_argument("--steps", type=int, default=default_steps,
-                   help="sampling steps K (respaced to {0, T/K, 2T/K, ...}; default: all T)")
+                   help="network evaluations (NFE) per image (default: %s)" % (default_steps or "all T for ddpm"))
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
-    p.add_argument("--seed", type=int, default=0, help="random seed (samples repeat for a seed and batch size)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--batch-size", type=int, default=64, help="images per model call batch")
+    p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
+                   help="bfloat16 autocast (auto: on for CUDA, off for the CPU)")
+
+
+def _bf16(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "true": True, "false": False}[args.bf16]
 
 
 def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -215,7 +230,7 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
             """))
     _model_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
-    _sampler_arguments(p, default_steps=None)
+    _sampler_arguments(p, seed_help="random seed: image i of a seed is the same whatever --batch-size")
     p.add_argument("--num-images", type=int, default=64, help="how many images")
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
     p.add_argument("--guidance-scale", type=float, default=None,
@@ -226,17 +241,25 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_sample, command="sample")
 
 
+def _settings(args: argparse.Namespace) -> Any:
+    from ddpm.generate import SamplerSettings
+
+    return SamplerSettings(args.sampler, args.steps, args.eta)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ddpm.sampling import describe_run, generate, load_model, write_samples
-    from ddpm.train import resolve_device
+    from ddpm.generate import generate, write_samples
+    from ddpm.loading import describe_run, load_model
+    from ddpm.runtime import resolve_device
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
-    images, labels = generate(loaded, args.num_images, args.batch_size, args.sampler, args.steps, args.eta,
-                              args.seed, args.label, args.guidance_scale, device, progress=not args.quiet)
-    paths = write_samples(images, labels, args.out, grid=not args.no_grid, pngs=args.pngs, npz=args.npz)
-    _print_paths(paths)
+    samples = generate(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args), seed=args.seed,
+                       label=args.label, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                       device=device, bf16=_bf16(args), progress=not args.quiet)
+    print(f"{len(samples.images)} images with {args.sampler}: {samples.nfe:g} network evaluations each")
+    _print_paths(write_samples(samples, args.out, grid=not args.no_grid, pngs=args.pngs, npz=args.npz))
     return 0
 
 
@@ -275,16 +298,21 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--fid", action="store_true", help="also FID/KID/IS of samples vs the data (torch-fidelity)")
     p.add_argument("--samples", default=None, help="an .npz of samples for --fid (default: draw --num-samples)")
     p.add_argument("--num-samples", type=int, default=10000, help="samples to draw for --fid")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="sampler for --fid samples")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps for --fid samples")
+    from ddpm.samplers import SAMPLERS
+
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampler for --fid samples")
+    p.add_argument("--steps", type=int, default=50, help="network evaluations per --fid sample")
+    p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
+                   help="bfloat16 autocast for --fid sampling (auto: on for CUDA, off for the CPU)")
     p.add_argument("--inception", default=None, help="local Inception weights file for torch-fidelity (offline)")
     p.set_defaults(handler=cmd_eval, command="eval")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate_bpd, evaluate_fid, write_bpd_report
-    from ddpm.sampling import describe_run, generate, load_model
-    from ddpm.train import resolve_device
+    from ddpm.generate import SamplerSettings, generate
+    from ddpm.loading import describe_run, load_model
+    from ddpm.runtime import resolve_device
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
@@ -306,8 +334,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.samples:
             samples = _load_samples_npz(Path(args.samples))
         else:
-            samples, _ = generate(loaded, args.num_samples, args.batch_size, args.sampler, args.steps, 0.0, args.seed,
-                                  device=device, progress=not args.quiet)
+            samples = generate(loaded.model, loaded.diffusion.build(), args.num_samples,
+                               SamplerSettings(args.sampler, args.steps), seed=args.seed, batch_size=args.batch_size,
+                               device=device, bf16=_bf16(args), progress=not args.quiet).uint8()
         metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)
         from ddpm.checkpoints import save_json
 
@@ -349,13 +378,15 @@ def _add_viz(sub: Any, common: argparse.ArgumentParser) -> None:
               ddpm viz forward --data digits --out out/viz
               ddpm viz schedules --out out/viz
               ddpm viz reverse runs/digits --out out/viz --steps 100"""))
+    from ddpm.schedules import SCHEDULES
+
     what = p.add_subparsers(title="pictures", metavar="WHAT")
     f = what.add_parser("forward", parents=[common], help="real images noised by q(x_t|x_0) at t = 0, 50, 100, ...")
     f.add_argument("--data", required=True, help="images to noise (folder, .npz, torchvision name or digits)")
     f.add_argument("--out", required=True, help="output directory")
     f.add_argument("--num-images", type=int, default=4, help="rows (images)")
     f.add_argument("--image-size", type=int, default=None, help="resize to this (default: the data's own size)")
-    f.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    f.add_argument("--schedule", default="linear", choices=list(SCHEDULES))
     f.add_argument("--timesteps", type=int, default=1000, help="T")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(handler=cmd_viz_forward, command="viz")
@@ -367,7 +398,7 @@ def _add_viz(sub: Any, common: argparse.ArgumentParser) -> None:
     _model_arguments(r)
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--num-images", type=int, default=8, help="images in the grid (the GIF shows 16)")
-    _sampler_arguments(r, default_steps=None)
+    _sampler_arguments(r)
     r.set_defaults(handler=cmd_viz_reverse, command="viz")
     p.set_defaults(handler=lambda args: (p.print_help(), 2)[1], command="viz")
 
@@ -395,16 +426,16 @@ def cmd_viz_schedules(args: argparse.Namespace) -> int:
 
 
 def cmd_viz_reverse(args: argparse.Namespace) -> int:
-    from ddpm.sampling import describe_run, load_model
-    from ddpm.train import resolve_device
+    from ddpm.loading import describe_run, load_model
+    from ddpm.runtime import resolve_device
     from ddpm.viz import reverse_process_pictures
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
-    _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out),
-                                          num_images=args.num_images, sampler=args.sampler, steps=args.steps,
-                                          eta=args.eta, seed=args.seed, device=device, progress=not args.quiet))
+    _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
+                                          num_images=args.num_images, seed=args.seed, device=device,
+                                          bf16=_bf16(args), progress=not args.quiet))
     return 0
 
 
@@ -422,7 +453,8 @@ def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ddpm.sampling import export_model, load_model
+    from ddpm.export import export_model
+    from ddpm.loading import load_model
 
     _print_paths(export_model(load_model(args.model, args.weights, "cpu"), Path(args.out), args.format))
     return 0

@@ -100,18 +100,20 @@ class TrainConfig:
         log_every: write a metrics line every this many steps.
         sample_every: save a grid of EMA samples every this many steps (0: only at the end).
         sample_count: images in that grid.
-        sample_sampler: the sampler for those grids (ddpm or ddim).
-        sample_steps: sampling steps for those grids.
+        sample_sampler: the sampler for those grids (a name from ddpm.samplers.SAMPLERS).
+        sample_steps: network evaluations per image of those grids.
         ckpt_every: save a checkpoint every this many steps (and always at the end).
         keep_last: how many checkpoints to keep.
         time_limit: stop (with a checkpoint) after this many minutes of training (0: no limit).
         max_bad_steps: stop after this many non-finite losses or gradients in a row.
         device: auto (CUDA if available), cpu, cuda, cuda:N or mps.
-        bf16: bfloat16 autocast on CUDA.
+        bf16: bfloat16 autocast, true or false on any device; auto: on for CUDA, off for the CPU (measured
+            slower there, see bench/RESULTS.md). A run records the value it used.
         channels_last: channels-last memory format on CUDA.
         compile: torch.compile the model.
         threads: CPU threads for PyTorch (0: PyTorch's default).
         tensorboard: also write TensorBoard logs (needs the tensorboard package).
+        check_sync: under DDP, check at the end that every process holds the same weights (a diagnostic).
     """
 
     steps: int = 800_000
@@ -139,11 +141,12 @@ class TrainConfig:
     time_limit: float = 0.0
     max_bad_steps: int = 20
     device: str = "auto"
-    bf16: bool = True
+    bf16: bool | None = None
     channels_last: bool = True
     compile: bool = False
     threads: int = 0
     tensorboard: bool = False
+    check_sync: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "sample_count", "sample_steps", "ckpt_every", "keep_last",
@@ -313,7 +316,9 @@ def parse_value(key: str, text: str, annotation: Any) -> Any:
     """Parse an override's text by the field's type: int, float, bool, str or a tuple of ints."""
     origin = typing.get_origin(annotation)
     try:
-        if annotation is bool:
+        if annotation == bool | None and text.strip().lower() == "auto":
+            return None
+        if annotation in (bool, bool | None):
             lowered = text.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
                 return True

@@ -168,7 +168,7 @@ class ImageData:
     # r, r + W, r + 2W, ... of that shuffle (the last N mod W dropped, so ranks hold equal,
     # disjoint shards), and its step j reads its shard's j-th run of batch_size; a partial last
     # batch is dropped so that every step has the same shape on every rank. Resuming at step s
-    # therefore needs nothing saved but s: `batches(..., start_step=s)` or `batch_at(s, ...)`.
+    # therefore needs nothing saved but s: `batches(..., start_step=s)`.
 
     def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
         """Full batches each rank draws per pass over the data (the remainder is dropped)."""
@@ -180,19 +180,12 @@ class ImageData:
             )
         return len(self) // world_size // batch_size
 
-    def batch_at(self, step: int, batch_size: int, seed: int, *, flip: bool = False,
-                 rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch ``(x, y)`` rank ``rank`` trains on at ``step``: float32 ``[B, C, H, W]`` in
-        [-1, 1] (mirrored left-right where the epoch's flip bit says so, if ``flip``) and int64
-        ``[B]`` labels. Recomputes the epoch's shuffle (O(N)); loops should use :meth:`batches`."""
-        epoch, j = divmod(step, self.steps_per_epoch(batch_size, world_size))
-        return self._gather(self._shuffle(seed, epoch), j, batch_size, flip, rank, world_size)
-
     def batches(self, batch_size: int, seed: int, *, flip: bool = False, rank: int = 0,
                 world_size: int = 1, start_step: int = 0
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless batches from ``start_step`` on: those of :meth:`batch_at` at steps
-        ``start_step``, ``start_step + 1``, ...; each epoch's shuffle is computed once."""
+        """Endless batches ``(x, y)`` for steps ``start_step``, ``start_step + 1``, ...: float32
+        ``[B, C, H, W]`` in [-1, 1] (mirrored left-right where the epoch's flip bit says so, if
+        ``flip``) and int64 ``[B]`` labels. Each epoch's shuffle is computed once."""
         steps = self.steps_per_epoch(batch_size, world_size)
         epoch, first = divmod(start_step, steps)
         while True:

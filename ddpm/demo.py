@@ -14,9 +14,11 @@ import torch
 from ddpm.config import get_config
 from ddpm.data import load_images
 from ddpm.errors import UserError
+from ddpm.generate import SamplerSettings, generate, write_samples
 from ddpm.images import save_image
-from ddpm.sampling import generate, load_model, write_samples
-from ddpm.train import resolve_device, train
+from ddpm.loading import load_model
+from ddpm.runtime import resolve_device
+from ddpm.train import train
 from ddpm.viz import forward_process_strip, plot_schedules, reverse_process_pictures
 
 
@@ -39,9 +41,9 @@ def run_demo(out: Path, minutes: float = 4.0, steps: int | None = None, overwrit
     loaded = load_model(run_dir, "ema", dev)
     diffusion = loaded.diffusion.build()
     paths: dict[str, Path] = {"run": run_dir}
-    images, labels = generate(loaded, 100, batch_size=100, sampler="ddpm", steps=sample_steps, seed=0, device=dev,
-                              progress=progress)
-    paths["samples"] = write_samples(images, labels, out / "samples", nrow=10)[0]
+    settings = SamplerSettings("ddpm", sample_steps)
+    samples = generate(loaded.model, diffusion, 100, settings, batch_size=100, device=dev, progress=progress)
+    paths["samples"] = write_samples(samples, out / "samples", nrow=10)[0]
     digits = load_images("digits", 8, split="test", limit=6)
     paths["forward"] = save_image(
         forward_process_strip(diffusion, digits.images, generator=torch.Generator().manual_seed(0)),
@@ -50,7 +52,7 @@ def run_demo(out: Path, minutes: float = 4.0, steps: int | None = None, overwrit
         paths["schedules"] = Path(plot_schedules(config.diffusion.timesteps, out / "schedules.png"))
     except UserError:
         pass  # matplotlib is an optional extra; the other pictures need only Pillow
-    reverse = reverse_process_pictures(loaded.model, diffusion, out, num_images=8, steps=sample_steps, device=dev,
+    reverse = reverse_process_pictures(loaded.model, diffusion, out, settings, num_images=8, device=dev,
                                        progress=progress)
     paths["reverse"], paths["animation"] = reverse[0], reverse[1]
     paths["metrics"] = run_dir / "metrics.jsonl"

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ddpm import checkpoints
 from ddpm.data import load_images
 from ddpm.errors import UserError
-from ddpm.sampling import LoadedModel
+from ddpm.loading import LoadedModel
 
 
 @torch.no_grad()

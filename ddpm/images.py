@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from ddpm.checkpoints import atomic_write
 from ddpm.errors import UserError
 
 PathLike = str | os.PathLike[str]
@@ -118,43 +117,15 @@ def auto_scale(image_size: int) -> int:
 # ---------------------------------------------------------------------------------------- writing
 
 
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a new file beside ``path``, then rename it to ``path``; return ``path``.
-
-    Parent folders are created. Readers see either the old file or the complete new one; if
-    ``write`` fails, the temporary file is removed and the target is untouched. (Atomic against
-    interruption, not against power loss: there is no fsync, which would make writing thousands
-    of sample PNGs slow.)
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder {path.parent}: {e.strerror or e}") from e
-    # A dot file with a random suffix: hidden from listings and globs, unique among concurrent writers.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        # "xb", not tempfile.mkstemp: the file gets the usual permissions (0666 less the umask), not 0600.
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        # A file-system error (no space, no permission) is the user's to fix; an OSError without an
-        # errno comes from the writer itself (Pillow raises those) and is a bug, so it keeps its traceback.
-        if isinstance(e, OSError) and e.errno is not None:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
-        raise
-    return path
-
-
 def save_image(img: Image.Image, path: PathLike) -> Path:
     """Write a Pillow image atomically, in the format its extension names (``.png``, ``.jpg``, ...)."""
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"cannot tell the image format of {path}: give it an extension such as .png")
-    return atomic_write(path, lambda f: img.save(f, format=fmt))
+    with atomic_write(path, durable=False) as f:
+        img.save(f, format=fmt)
+    return path
 
 
 def save_gif(
@@ -175,12 +146,9 @@ def save_gif(
     if len({f.size for f in frames}) > 1:
         # GIF would silently crop or pad every frame to the first one's size.
         raise ValueError(f"GIF frames must all have one size, got {sorted({f.size for f in frames})}")
-    return atomic_write(
-        path,
-        lambda f: frames[0].save(
-            f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=loop
-        ),
-    )
+    with atomic_write(path, durable=False) as f:
+        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=loop)
+    return Path(path)
 
 
 def save_pngs(images: Tensor, directory: PathLike, start_index: int = 0) -> list[Path]:
@@ -208,4 +176,6 @@ def save_npz(images: Tensor, path: PathLike, labels: Tensor | np.ndarray | None 
             raise ValueError(f"expected {len(arrays['arr_0'])} labels, got shape {labels.shape}")
         arrays["arr_1"] = labels
     # Writing to an open file keeps NumPy from appending ".npz" to a name that lacks it.
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+    with atomic_write(path, durable=False) as f:
+        np.savez(f, **arrays)
+    return Path(path)

@@ -75,6 +75,16 @@ def check_sampler_arguments(T: int, sampler: str, steps: int | None, eta: float)
         raise UserError(f"the number of sampling steps must be between 1 and T={T}, got {steps}")
 
 
+def randn(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None,
+          device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
+    """A standard-normal draw of ``shape``; with one generator per sample, sample i's from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
 @torch.no_grad()
 def sample(
     diffusion: GaussianDiffusion,
@@ -83,7 +93,7 @@ def sample(
     sampler: str = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     progress: bool = False,
     return_trajectory: bool = False,
     trajectory_every: int = 1,
@@ -126,7 +136,7 @@ def sample(
     if noise is not None:
         x = noise.to(device=device or noise.device, dtype=dtype)
     else:
-        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        x = randn(tuple(shape), generator, device, dtype)
     batch = x.shape[0]
     needs_noise = sampler == "ddpm" or eta > 0
     record: dict[str, list[Tensor]] = {"timesteps": [], "x_t": [], "pred_x0": []}
@@ -136,7 +146,7 @@ def sample(
         t = torch.full((batch,), i, device=x.device, dtype=torch.long)
         p = d.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         if needs_noise and i > 0:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn(x.shape, generator, x.device, x.dtype)
         else:
             z = torch.zeros_like(x)
         if return_trajectory and (n % trajectory_every == 0 or i == 0):

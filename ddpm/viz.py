@@ -27,9 +27,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from ddpm.checkpoints import atomic_write
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.images import PathLike, as_float_images, atomic_write, auto_scale, make_grid, save_gif, save_image
+from ddpm.generate import SamplerSettings, generate
+from ddpm.images import PathLike, as_float_images, auto_scale, make_grid, save_gif, save_image
 from ddpm.schedules import SCHEDULES, get_betas
 
 if TYPE_CHECKING:
@@ -160,12 +162,11 @@ def reverse_process_pictures(
     model: Any,
     diffusion: GaussianDiffusion,
     out_dir: PathLike,
+    settings: SamplerSettings | None = None,
     num_images: int = 8,
-    sampler: str = "ddpm",
-    steps: int | None = None,
-    eta: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    bf16: bool | None = None,
     progress: bool = False,
 ) -> list[Path]:
     """Sample 16 images (at least ``num_images``) with their trajectory and write ``reverse.png``
@@ -174,18 +175,14 @@ def reverse_process_pictures(
     About 50 steps of the trajectory are recorded, whatever the number of sampling steps. A
     class-conditional model gets the classes in turn.
     """
-    config = model.config
+    settings = settings or SamplerSettings()
     n = max(num_images, 16)
-    device = torch.device(device)
-    kwargs = {"y": torch.arange(n, device=device) % config.num_classes} if config.num_classes else {}
-    total = steps or diffusion.num_timesteps
-    _, trajectory = diffusion.sample(
-        model, (n, config.in_channels, config.image_size, config.image_size), sampler=sampler, steps=steps, eta=eta,
-        generator=torch.Generator(device=device).manual_seed(seed), device=device, progress=progress,
-        return_trajectory=True, trajectory_every=max(1, total // 50), model_kwargs=kwargs)
+    total = settings.steps or diffusion.num_timesteps
+    samples = generate(model, diffusion, n, settings, seed=seed, batch_size=n, device=device, bf16=bf16,
+                       progress=progress, trajectory_every=max(1, total // 50))
     out_dir = Path(out_dir)
-    grid = reverse_process_grid(trajectory, num_images=num_images)
-    return [save_image(grid, out_dir / "reverse.png"), reverse_process_gif(trajectory, out_dir / "reverse.gif")]
+    grid = reverse_process_grid(samples.trajectory, num_images=num_images)
+    return [save_image(grid, out_dir / "reverse.png"), reverse_process_gif(samples.trajectory, out_dir / "reverse.gif")]
 
 
 def _unpack(trajectory: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -434,4 +431,6 @@ def _finish(fig: Figure, path: PathLike | None, dpi: int = 120) -> Figure | Path
     fmt = Path(path).suffix.lstrip(".").lower()
     if fmt not in fig.canvas.get_supported_filetypes():
         raise UserError(f"cannot save a plot as {path}: use .png, .pdf or .svg")
-    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
+    with atomic_write(path, durable=False) as f:
+        fig.savefig(f, format=fmt, dpi=dpi)
+    return Path(path)

@@ -58,3 +58,17 @@ def test_coverage_by_simulation(rounds):
 def test_mismatched_runs_are_refused():
     with pytest.raises(ValueError, match="equally many"):
         paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_the_mnist_path_comes_from_the_option_or_the_environment(tmp_path, monkeypatch):
+    from bench.common import MNIST_ENV, mnist_path
+
+    monkeypatch.delenv(MNIST_ENV, raising=False)
+    with pytest.raises(SystemExit, match="--data"):
+        mnist_path(None)
+    with pytest.raises(SystemExit, match="no such file"):
+        mnist_path(str(tmp_path / "missing.npz"))
+    data = tmp_path / "m.npz"
+    data.write_bytes(b"")
+    monkeypatch.setenv(MNIST_ENV, str(data))
+    assert mnist_path(None) == data and mnist_path(str(data)) == data

@@ -568,8 +568,6 @@ def test_resumed_batches_equal_the_tail_of_an_uninterrupted_run(start):
     resumed = take(data.batches(5, seed=3, flip=True, start_step=start), 13 - start)
     for (x, y), (rx, ry) in zip(whole[start:], resumed):
         assert torch.equal(x, rx) and torch.equal(y, ry)
-    bx, by = data.batch_at(start, 5, seed=3, flip=True)
-    assert torch.equal(bx, whole[start][0]) and torch.equal(by, whole[start][1])
 
 
 @pytest.mark.parametrize("n", [30, 32])
@@ -603,7 +601,7 @@ def test_batches_larger_than_the_data_are_a_user_error():
     with pytest.raises(UserError, match=r"--batch-size 4 x 3 process\(es\)"):
         next(data.batches(4, seed=0, world_size=3))
     with pytest.raises(ValueError, match=r"rank 2"):
-        data.batch_at(0, 2, seed=0, rank=2, world_size=2)
+        next(data.batches(2, seed=0, rank=2, world_size=2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from ddpm.errors import UserError
 from ddpm.models import PRESETS, UNet, UNetConfig, get_preset
 from ddpm.models.diffusers_io import config_from_diffusers, config_to_diffusers
+from ddpm.runtime import num_parameters
 
 # config.json of google/ddpm-cifar10-32 and google/ddpm-cat-256 as published (diffusers 0.0.4).
 GOOGLE_CIFAR10 = {
@@ -196,7 +197,7 @@ def test_damaged_diffusers_dirs_raise_user_errors(small_dir, damage, message):
 def test_cifar10_parameter_count_equals_diffusers(diffusers):
     theirs = diffusers.UNet2DModel.from_config(GOOGLE_CIFAR10)
     count = sum(p.numel() for p in theirs.parameters())
-    assert count == UNet(get_preset("cifar10")).num_parameters == 35_746_307
+    assert count == num_parameters(UNet(get_preset("cifar10"))) == 35_746_307
 
 
 def test_cifar10_layout_loads_with_equal_outputs_and_exports_back(diffusers, jitter, tmp_path):

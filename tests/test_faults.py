@@ -259,26 +259,35 @@ def _poison(monkeypatch, bad_steps: set[int]) -> None:
     monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
 
 
-def test_isolated_nan_steps_are_skipped_and_counted(files, tmp_path, monkeypatch):
-    _poison(monkeypatch, {3, 5})
+@pytest.mark.parametrize("timestep_sampler", ["uniform", "loss-aware"])
+def test_isolated_nan_steps_are_skipped_and_counted(files, tmp_path, monkeypatch, timestep_sampler):
+    # With T = 10 the loss-aware sampler's history (10 losses per t) is full after about 20 steps
+    # of batch 8; from then on it draws t by the history, which a NaN loss would poison.
+    _poison(monkeypatch, {3, 5, 30})
     run = tmp_path / "run"
-    result = train(get_config("tiny", {"data.source": str(files["good"]), "train.steps": "8",
-                                       "train.sample_every": "0"}), run, **QUIET)
-    assert result.step == 8 and result.skipped_steps == 2
+    config = get_config("tiny", {"data.source": str(files["good"]), "train.steps": "40", "train.sample_every": "0",
+                                 "diffusion.timesteps": "10", "diffusion.schedule": "cosine",
+                                 "train.timestep_sampler": timestep_sampler, "train.ckpt_every": "1000"})
+    result = train(config, run, **QUIET)
+    assert result.step == 40 and result.skipped_steps == 3
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["skipped_steps"] == 2
+    assert metrics[-1]["skipped_steps"] == 3
     ckpt = latest_training_checkpoint(run / "checkpoints")[1]
     assert all(torch.isfinite(v).all() for v in ckpt.group("model").values())
 
 
-def test_consecutive_nans_stop_the_run_with_the_last_good_state(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bf16", ["false", "true"])
+def test_consecutive_nans_stop_the_run_with_the_last_good_state(files, tmp_path, monkeypatch, bf16):
     _poison(monkeypatch, set(range(4, 100)))
     run = tmp_path / "run"
     config = get_config("tiny", {"data.source": str(files["good"]), "train.steps": "50", "train.sample_every": "0",
-                                 "train.max_bad_steps": "3", "train.ckpt_every": "100"})
-    with pytest.raises(Diverged, match="learning rate.*bf16") as info:
+                                 "train.max_bad_steps": "3", "train.ckpt_every": "100", "train.bf16": bf16,
+                                 "train.device": "cpu"})
+    with pytest.raises(Diverged, match="learning rate") as info:
         train(config, run, **QUIET)
     assert "step_00000003" in str(info.value)
+    # The bfloat16 hint only where bfloat16 autocast was on.
+    assert ("--train.bf16 false" in str(info.value)) == (bf16 == "true")
     path, ckpt = latest_training_checkpoint(run / "checkpoints")
     assert ckpt.meta["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt.group("model").values())
 

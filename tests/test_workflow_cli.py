@@ -107,8 +107,8 @@ def test_viz_pictures(run, npz, tmp_path):
 
 
 def test_export_to_diffusers_and_back(run, tmp_path):
+    from ddpm.loading import load_model
     from ddpm.models.unet import UNet
-    from ddpm.sampling import load_model
 
     out = tmp_path / "x"
     assert main(["export", str(run), "--out", str(out)]) == 0
@@ -152,3 +152,26 @@ def test_user_mistakes_cost_one_line(argv, message, npz, tmp_path, capsys):
 def test_the_installed_command_runs():
     done = subprocess.run([sys.executable, "-m", "ddpm", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "demo" in done.stdout
+
+
+@pytest.mark.parametrize("steps", [None, "4", "2"])
+def test_resuming_a_finished_run_has_nothing_to_do(run, tmp_path, capsys, steps):
+    """A run at or past train.steps: one line, exit 0, and not a byte of the run changes."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = {p.relative_to(copy): p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    argv = ["train", "--out", str(copy), "--resume", "--quiet"] + (["--train.steps", steps] if steps else [])
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines() == [out.strip()] and out.startswith("nothing to do:") and not err
+    after = {p.relative_to(copy): p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()}
+    assert after == before
+
+
+def test_sample_prints_the_network_evaluations(run, tmp_path, capsys):
+    assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--num-images", "3", "--sampler", "ddim",
+                 "--steps", "4", "--quiet"]) == 0
+    assert "4 network evaluations each" in capsys.readouterr().out

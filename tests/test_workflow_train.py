@@ -155,7 +155,7 @@ def test_two_process_ddp_keeps_the_ranks_in_sync(tmp_path, npz):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "ddpm", "train", "--preset", "tiny", "--data", str(npz),
            "--out", str(run), "--quiet", "--train.steps", "6", "--train.sample_every", "0",
-           "--train.ckpt_every", "3", "--model.dropout", "0.1"]
+           "--train.ckpt_every", "3", "--model.dropout", "0.1", "--train.check_sync", "true"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())

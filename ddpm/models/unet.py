@@ -422,13 +422,6 @@ class UNet(nn.Module):
         self.conv_out = _conv3(c_in, config.out_channels)
         self.reset_parameters()
 
-    @classmethod
-    def from_config(cls, config: UNetConfig | Mapping[str, Any]) -> UNet:
-        """A freshly initialised U-Net from a config or its dictionary."""
-        if not isinstance(config, UNetConfig):
-            config = UNetConfig.from_dict(config)
-        return cls(config)
-
     def reset_parameters(self) -> None:
         """DDPM's initialisation (see the class docstring)."""
         for module in self.modules():
@@ -506,11 +499,6 @@ class UNet(nn.Module):
             return torch.full((batch,), null, dtype=torch.long, device=device)
         y = _per_sample(y, batch, device, "y").long()
         return torch.where(y < 0, torch.full_like(y, null), y)
-
-    @property
-    def num_parameters(self) -> int:
-        """Number of scalar parameters."""
-        return sum(p.numel() for p in self.parameters())
 
     # --- weights -----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Sampling workflow: load a trained model from wherever it lives, draw images, write them out.
+"""Loading a trained model from wherever it lives, with the diffusion it was trained with.
 
 A model can come from a run directory (its newest checkpoint), one checkpoint directory, a
 directory saved by :meth:`UNet.save_pretrained`, or a diffusers-layout directory such as the
@@ -8,24 +8,19 @@ paper's published weights (``google/ddpm-cifar10-32``: ``config.json`` plus
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddpm import checkpoints
 from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import UserError
-from ddpm.images import auto_scale, make_grid, save_image, save_npz, save_pngs, to_uint8
 from ddpm.models.unet import UNet
-from ddpm.samplers import check_sampler_arguments
+from ddpm.runtime import num_parameters
 
 
 @dataclass
@@ -125,114 +120,11 @@ def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
     return DiffusionConfig(timesteps=T, schedule=schedule, mean_type=mean_type, var_type=var_type)
 
 
-@torch.no_grad()
-def generate(
-    loaded: LoadedModel,
-    num_images: int,
-    batch_size: int = 64,
-    sampler: str = "ddpm",
-    steps: int | None = None,
-    eta: float = 0.0,
-    seed: int = 0,
-    label: int | None = None,
-    guidance_scale: float | None = None,
-    device: str | torch.device = "cpu",
-    bf16: bool = True,
-    progress: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Draw ``num_images`` samples: uint8 images [N, C, H, W] and their labels [N] (−1 if unconditional).
-
-    A class-conditional model gets ``label`` for every image, or the classes in turn; a
-    ``guidance_scale`` w ≠ 1 applies classifier-free guidance. The draws are reproducible for a
-    given seed and batch size.
-    """
-    if num_images < 1 or batch_size < 1:
-        raise UserError("--num-images and --batch-size must be at least 1")
-    device = torch.device(device)
-    model, config = loaded.model, loaded.model.config
-    if label is not None and not loaded.num_classes:
-        raise UserError("--label needs a class-conditional model; this one is unconditional")
-    if label is not None and not 0 <= label < loaded.num_classes:
-        raise UserError(f"--label {label} is out of range: the model has classes 0..{loaded.num_classes - 1}")
-    if guidance_scale is not None and not loaded.num_classes:
-        raise UserError("--guidance-scale needs a class-conditional model; this one is unconditional")
-    diffusion = loaded.diffusion.build()
-    check_sampler_arguments(diffusion.num_timesteps, sampler, steps, eta)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    shape = (config.in_channels, config.image_size, config.image_size)
-    images, labels = [], []
-    use_bf16 = device.type == "cuda" and bf16
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    done = 0
-    with tqdm(total=num_images, desc=f"sampling ({sampler}, {steps or diffusion.num_timesteps} steps)",
-              unit="img", disable=not progress) as bar:
-        while done < num_images:
-            n = min(batch_size, num_images - done)
-            kwargs: dict[str, Any] = {}
-            if loaded.num_classes:
-                y = torch.arange(done, done + n) % loaded.num_classes if label is None else torch.full((n,), label)
-                kwargs["y"] = y.to(device)
-                if guidance_scale is not None:
-                    kwargs["guidance_scale"] = guidance_scale
-                labels.append(y)
-            else:
-                labels.append(torch.full((n,), -1))
-            with autocast:
-                x = diffusion.sample(model, (n, *shape), sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                     device=device, model_kwargs=kwargs, progress=progress and num_images <= n)
-            images.append(to_uint8(x.float().cpu()))
-            done += n
-            bar.update(n)
-    return torch.cat(images), torch.cat(labels)
-
-
-def write_samples(images: Tensor, labels: Tensor, out_dir: str | Path, grid: bool = True, pngs: bool = False,
-                  npz: bool = False, grid_max: int = 100, nrow: int | None = None) -> list[Path]:
-    """Write a PNG grid (the first ``grid_max`` images), individual PNGs and/or an .npz; return the paths."""
-    out_dir = Path(out_dir)
-    written: list[Path] = []
-    if grid:
-        grid_image = make_grid(images[:grid_max], nrow=nrow, scale=auto_scale(images.shape[-1]))
-        written.append(save_image(grid_image, out_dir / "grid.png"))
-    if pngs:
-        written.extend(save_pngs(images, out_dir / "images"))
-    if npz:
-        has_labels = bool((labels >= 0).any())
-        written.append(save_npz(images, out_dir / "samples.npz", labels=labels if has_labels else None))
-    return written
-
-
 def describe_run(loaded: LoadedModel) -> str:
     """A one-paragraph summary of what was loaded, for the CLI to print."""
     c = loaded.model.config
     d = loaded.diffusion
-    n_params = sum(p.numel() for p in loaded.model.parameters())
+    n_params = num_parameters(loaded.model)
     classes = f", {c.num_classes} classes" if c.num_classes else ""
     return (f"{loaded.description}: {n_params:,} parameters, {c.image_size}x{c.image_size}x{c.in_channels}"
             f"{classes}; diffusion {json.dumps(dataclasses.asdict(d))}")
-
-
-def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "diffusers") -> list[Path]:
-    """Write the model in the diffusers layout (with a matching ``scheduler_config.json``) or ours."""
-    out_dir = Path(out_dir)
-    if fmt == "ddpm":
-        loaded.model.save_pretrained(out_dir)
-        return [out_dir]
-    if fmt != "diffusers":
-        raise UserError(f"unknown export format {fmt!r}; choose diffusers or ddpm")
-    loaded.model.save_diffusers(out_dir)
-    d = loaded.diffusion
-    # diffusers does not rescale the linear schedule with T; writing the scaled ends makes its
-    # linspace(beta_start, beta_end, T) equal to ours.
-    scale = 1000 / d.timesteps
-    checkpoints.save_json(out_dir / "scheduler_config.json", {
-        "_class_name": "DDPMScheduler",
-        "num_train_timesteps": d.timesteps,
-        "beta_schedule": "linear" if d.schedule == "linear" else "squaredcos_cap_v2",
-        "beta_start": 1e-4 * scale,
-        "beta_end": 0.02 * scale,
-        "prediction_type": {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[d.mean_type],
-        "variance_type": d.var_type,
-        "clip_sample": True,
-    })
-    return [out_dir]

@@ -1,0 +1,196 @@
+"""Drawing images from a model: the one place that does it.
+
+``ddpm sample``, ``ddpm eval --fid``, the training run's preview grids, ``ddpm viz reverse`` and
+the demo all call :func:`generate`. It makes the batches (labels for a class-conditional model,
+classifier-free guidance), runs any sampler of :data:`ddpm.samplers.SAMPLERS`, counts the network
+evaluations it spent, and keeps the draws reproducible: image ``i`` of a call has its own random
+generator, seeded from ``(seed, i)``, from which its x_T and every noise draw of its chain come,
+so a seed gives the same images whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import UserError
+from ddpm.images import auto_scale, make_grid, save_image, save_npz, save_pngs, to_uint8
+from ddpm.runtime import autocast, derive_seed, resolve_bf16
+from ddpm.samplers import check_sampler_arguments
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to run the reverse process.
+
+    Attributes:
+        sampler: a name from :data:`ddpm.samplers.SAMPLERS`.
+        steps: network evaluations (``None``: the sampler's default, all T for ``ddpm``).
+        eta: DDIM's η (0: deterministic).
+        spacing: which timesteps the chain visits (``None``: the sampler's default).
+        clip_denoised: clip x̂_0 to [-1, 1] (pixels; off for latents, which have no such range).
+    """
+
+    sampler: str = "ddpm"
+    steps: int | None = None
+    eta: float = 0.0
+    spacing: str | None = None
+    clip_denoised: bool = True
+
+    def describe(self, T: int) -> str:
+        spacing = f", {self.spacing} spacing" if self.spacing else ""
+        eta = f", eta {self.eta:g}" if self.eta else ""
+        return f"{self.sampler}, {self.steps or T} steps{spacing}{eta}"
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`GaussianDiffusion.sample` these settings fill in."""
+        kwargs = {"sampler": self.sampler, "steps": self.steps, "eta": self.eta, "clip_denoised": self.clip_denoised}
+        if self.spacing is not None:
+            kwargs["spacing"] = self.spacing
+        return kwargs
+
+
+@dataclass
+class Samples:
+    """What :func:`generate` drew.
+
+    Attributes:
+        images: float32 [N, C, H, W] in [-1, 1] (clamped), on the CPU.
+        labels: int64 [N], the class of each image (−1 for an unconditional model).
+        nfe: network evaluations per image (a guided evaluation, conditional and unconditional
+            together, counts once).
+        trajectory: with ``trajectory_every``, the first batch's chain (see
+            :func:`ddpm.samplers.sample`), else ``None``.
+    """
+
+    images: Tensor
+    labels: Tensor
+    nfe: float
+    trajectory: dict[str, Tensor] | None = None
+
+    def uint8(self) -> Tensor:
+        return to_uint8(self.images)
+
+
+class _CountingModel(nn.Module):
+    """The model, counting its calls (one call is one network evaluation of the batch)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def image_generators(seed: int, first: int, count: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per image, for images ``first, ..., first + count − 1`` of a seed."""
+    return [torch.Generator(device=device).manual_seed(derive_seed(seed, i)) for i in range(first, first + count)]
+
+
+def class_labels(first: int, count: int, num_classes: int, label: int | None) -> Tensor:
+    """``label`` for every image, or the classes in turn by the images' place in the whole call."""
+    if label is not None:
+        return torch.full((count,), label, dtype=torch.long)
+    return torch.arange(first, first + count) % num_classes
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    num_images: int,
+    settings: SamplerSettings | None = None,
+    *,
+    seed: int = 0,
+    label: int | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    bf16: bool | None = None,
+    progress: bool = True,
+    trajectory_every: int = 0,
+) -> Samples:
+    """Draw ``num_images`` images from ``model`` (a U-Net with a ``config``) under ``diffusion``.
+
+    A class-conditional model gets ``label`` for every image or the classes in turn; a
+    ``guidance_scale`` w ≠ 1 applies classifier-free guidance. ``bf16`` is bfloat16 autocast
+    (``None``: the device's measured default, :func:`ddpm.runtime.default_bf16`). ``settings``
+    defaults to DDPM over all T steps. ``trajectory_every`` > 0 also records the first batch's
+    chain every that many steps.
+    """
+    settings = settings or SamplerSettings()
+    config = model.config
+    num_classes = config.num_classes
+    if num_images < 1 or batch_size < 1:
+        raise UserError("--num-images and --batch-size must be at least 1")
+    if label is not None and not num_classes:
+        raise UserError("--label needs a class-conditional model; this one is unconditional")
+    if label is not None and not 0 <= label < num_classes:
+        raise UserError(f"--label {label} is out of range: the model has classes 0..{num_classes - 1}")
+    if guidance_scale is not None and not num_classes:
+        raise UserError("--guidance-scale needs a class-conditional model; this one is unconditional")
+    check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta)
+    device = torch.device(device)
+    use_bf16 = resolve_bf16(bf16, device, training=False)
+    counted = _CountingModel(model)
+    was_training = model.training
+    model.eval()
+    images, labels, trajectory, batches = [], [], None, 0
+    shape = (config.in_channels, config.image_size, config.image_size)
+    desc = f"sampling ({settings.describe(diffusion.num_timesteps)})"
+    try:
+        with tqdm(total=num_images, desc=desc, unit="img", disable=not progress) as bar:
+            for first in range(0, num_images, batch_size):
+                n = min(batch_size, num_images - first)
+                kwargs: dict[str, Any] = {}
+                y = class_labels(first, n, num_classes, label) if num_classes else torch.full((n,), -1)
+                if num_classes:
+                    kwargs["y"] = y.to(device)
+                    if guidance_scale is not None:
+                        kwargs["guidance_scale"] = guidance_scale
+                record = trajectory_every > 0 and first == 0
+                with autocast(device, use_bf16):
+                    out = diffusion.sample(
+                        counted, (n, *shape), generator=image_generators(seed, first, n, device), device=device,
+                        model_kwargs=kwargs, progress=progress and num_images <= n, return_trajectory=record,
+                        **({"trajectory_every": trajectory_every} if record else {}), **settings.sample_kwargs())
+                if record:
+                    out, trajectory = out
+                images.append(out.float().clamp(-1, 1).cpu())
+                labels.append(y)
+                batches += 1
+                bar.update(n)
+    finally:
+        model.train(was_training)
+    return Samples(torch.cat(images), torch.cat(labels), counted.calls / batches, trajectory)
+
+
+def write_samples(samples: Samples, out_dir: str | Path, grid: bool = True, pngs: bool = False, npz: bool = False,
+                  grid_max: int = 100, nrow: int | None = None) -> list[Path]:
+    """Write a PNG grid (the first ``grid_max`` images), individual PNGs and/or an .npz; return the paths."""
+    out_dir = Path(out_dir)
+    images = samples.uint8()
+    written: list[Path] = []
+    if grid:
+        written.append(save_image(grid_image(images[:grid_max], nrow), out_dir / "grid.png"))
+    if pngs:
+        written.extend(save_pngs(images, out_dir / "images"))
+    if npz:
+        has_labels = bool((samples.labels >= 0).any())
+        written.append(save_npz(images, out_dir / "samples.npz", labels=samples.labels if has_labels else None))
+    return written
+
+
+def grid_image(images: Tensor, nrow: int | None = None) -> Any:
+    """A grid of images scaled up for small sizes (as every sample grid of the project is drawn)."""
+    return make_grid(images, nrow=nrow, scale=auto_scale(images.shape[-1]))
+

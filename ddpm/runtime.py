@@ -1,0 +1,77 @@
+"""Where and how a network runs: the device, bfloat16 autocast, seeds and parameter counts.
+
+Training, sampling, evaluation and the pictures all import this module; none of it imports
+training, so ``ddpm sample`` starts without loading the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddpm.errors import UserError
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → CUDA (this process's GPU) if available, else MPS, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name} was asked for, but PyTorch sees no CUDA GPU")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def default_bf16(device: torch.device, training: bool) -> bool:
+    """Whether bfloat16 autocast pays on ``device`` at equal quality, as measured (bench/RESULTS.md).
+
+    On CUDA it does. On our AVX-512 BF16 CPUs it does not for training: CPU autocast made the
+    `mnist` and `cifar10` training steps several times slower. For sampling (forward passes
+    only) see :data:`CPU_SAMPLING_BF16`.
+    """
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu" and not training:
+        return CPU_SAMPLING_BF16
+    return False
+
+
+#: bfloat16 autocast for sampling on the CPU by default (measured: see :func:`default_bf16`).
+CPU_SAMPLING_BF16 = False
+
+
+def resolve_bf16(bf16: bool | None, device: torch.device, training: bool) -> bool:
+    """``bf16`` as asked, or :func:`default_bf16` when it is ``None`` (auto). MPS never autocasts."""
+    if device.type not in ("cuda", "cpu"):
+        return False
+    return default_bf16(device, training) if bf16 is None else bf16
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA or the CPU when ``bf16``; otherwise nothing (float32)."""
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from several integers (a run seed, a rank, a purpose), well mixed."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def num_parameters(module: nn.Module) -> int:
+    """The number of scalar parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
