@@ -360,11 +360,6 @@ class AutoencoderKL(nn.Module):
         """The decoder's last weight, where the adaptive GAN weight compares gradients."""
         return self.decoder.conv_out.weight
 
-    @property
-    def num_parameters(self) -> int:
-        """Number of scalar parameters."""
-        return sum(p.numel() for p in self.parameters())
-
     @staticmethod
     def _check(x: Tensor, channels: int, name: str, factor: int) -> None:
         if x.ndim != 4 or x.shape[1] != channels:
