@@ -25,6 +25,7 @@ examples:
   ddpm train --preset cifar10 --data ./cifar10/train --out runs/cifar --train.batch_size 256
   ddpm train --out runs/mnist --resume                         # continue a stopped run exactly
   torchrun --nproc_per_node=4 -m ddpm train --preset cifar10 --data cifar10 --out runs/c4
+  ddpm train --preset mnist-latent --data mnist.npz --autoencoder runs/ae --out runs/ldm   # latent diffusion
 
 --data is a folder of images (sub-folders per class give labels), an .npz with x_train/y_train,
 a torchvision name (mnist, fashion-mnist, cifar10, cifar100, celeba, ...: downloaded once), or
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress bars")
 
     _add_train(sub, common)
+    _add_train_autoencoder(sub, common)
     _add_sample(sub, common)
     _add_eval(sub, common)
     _add_viz(sub, common)
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
-    from ddpm.config import RUN_PRESETS, SECTIONS, field_docs, field_types
+    from ddpm.config import RUN_PRESETS, SECTIONS
 
     p = sub.add_parser("train", parents=[common], help="train a model on images",
                        description="Train a DDPM U-Net (Ho et al. 2020, Algorithm 1) with the paper's recipe.",
@@ -106,14 +108,23 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="start over in --out, deleting the old run's files")
-    unique = _unique_field_names()
-    for section, section_type in SECTIONS.items():
+    _add_config_options(p, SECTIONS, skip={"data.source"})
+    p.set_defaults(handler=cmd_train, command="train")
+
+
+def _add_config_options(p: argparse.ArgumentParser, sections: dict[str, type], skip: set[str]) -> None:
+    """One ``--section.field`` option per configuration field (and ``--field`` where the name is
+    unique), with the field's documentation and default as help; ``skip`` names those set otherwise."""
+    from ddpm.config import field_docs, field_types
+
+    unique = _unique_field_names(sections)
+    for section, section_type in sections.items():
         group = p.add_argument_group(f"{section} options")
         docs = field_docs(section_type)
         for field in dataclasses.fields(section_type):
             key = f"{section}.{field.name}"
-            if key == "data.source":
-                continue  # that is --data
+            if key in skip:
+                continue
             flags = [f"--{key}"]
             if unique.get(field.name) == section and field.name not in ("steps", "device"):
                 flags.append(f"--{field.name.replace('_', '-')}")
@@ -124,14 +135,11 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
             help_text = f"{docs.get(field.name, '')} (default {shown})".strip()
             group.add_argument(*flags, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_metavar(field_types(
                 section_type)[field.name]), help=help_text.replace("%", "%%"))
-    p.set_defaults(handler=cmd_train, command="train")
 
 
-def _unique_field_names() -> dict[str, str]:
-    from ddpm.config import SECTIONS
-
+def _unique_field_names(sections: dict[str, type]) -> dict[str, str]:
     seen: dict[str, list[str]] = {}
-    for section, section_type in SECTIONS.items():
+    for section, section_type in sections.items():
         for field in dataclasses.fields(section_type):
             seen.setdefault(field.name, []).append(section)
     return {name: sections[0] for name, sections in seen.items() if len(sections) == 1}
@@ -153,20 +161,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ddpm.train import train
 
     overrides = _overrides(args)
-    if args.data is not None:
-        overrides["data.source"] = args.data
-    if args.device != "auto" or "train.device" not in overrides:
-        overrides.setdefault("train.device", args.device)
-    if args.resume:
-        saved = RunConfig.from_dict(_load_json(Path(args.out) / "config.json"))
-        base = saved if args.preset is None else get_config(args.preset)
-        config = base.replace(overrides)
-    else:
-        config = get_config(args.preset or "digits", overrides)
-        if not config.data.source:
-            raise UserError(f"--data is required with --preset {args.preset or 'digits'} "
-                            "(a folder, an .npz, a torchvision name or digits)")
-    explicit = set(overrides) - ({"train.device"} if args.device == "auto" else set())
+    if overrides.get("data.autoencoder"):
+        # Recorded absolute, so that sampling from the run works from any directory.
+        overrides["data.autoencoder"] = str(Path(overrides["data.autoencoder"]).resolve())
+    config, explicit = _run_config(args, overrides, RunConfig, get_config, "digits")
     result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
                    progress=not args.quiet)
     if result.nothing_to_do:
@@ -177,6 +175,82 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.sample_grid:
         print(f"samples:    {result.sample_grid}")
     print(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
+    return 0
+
+
+def _run_config(args: argparse.Namespace, overrides: dict[str, str], config_type: Any, get_config: Any,
+                default_preset: str) -> tuple[Any, set[str]]:
+    """The configuration a training verb asked for (a preset, or a resumed run's own, with the
+    overrides), and the overrides given explicitly."""
+    if args.data is not None:
+        overrides["data.source"] = args.data
+    if args.device != "auto" or "train.device" not in overrides:
+        overrides.setdefault("train.device", args.device)
+    if args.resume:
+        saved = config_type.from_dict(_load_json(Path(args.out) / "config.json"))
+        base = saved if args.preset is None else get_config(args.preset)
+        config = base.replace(overrides)
+    else:
+        config = get_config(args.preset or default_preset, overrides)
+        if not config.data.source:
+            raise UserError(f"--data is required with --preset {args.preset or default_preset} "
+                            "(a folder, an .npz, a torchvision name or digits)")
+    return config, set(overrides) - ({"train.device"} if args.device == "auto" else set())
+
+
+EPILOG_TRAIN_AUTOENCODER = """\
+examples:
+  ddpm train-autoencoder --preset mnist-f4 --data mnist.npz --out runs/ae
+  ddpm train-autoencoder --out runs/ae --resume --train.steps 6000
+  ddpm train-autoencoder --preset cifar10-f4 --data cifar10 --out runs/ae-c --disc-weight 0.5 --disc-start 2000
+  ddpm train --preset mnist-latent --data mnist.npz --autoencoder runs/ae --out runs/ldm
+
+The objective is latent diffusion's KL-f recipe: L1 summed over pixels + 1e-6 KL, with an optional
+hinge PatchGAN (--disc-weight > 0, from --disc-start on, with Esser et al.'s adaptive weight) and
+an optional LPIPS term (--lpips). The run directory gets config.json, metrics.jsonl,
+samples/step_N.png (originals above, reconstructions below), checkpoints/, and at the end
+autoencoder/: the model in the diffusers layout with scaling_factor = 1/std of its latents.
+"""
+
+
+def _add_train_autoencoder(sub: Any, common: argparse.ArgumentParser) -> None:
+    from ddpm.train_autoencoder import PRESETS, AutoencoderRunConfig
+
+    p = sub.add_parser("train-autoencoder", parents=[common], help="train a KL autoencoder for latent diffusion",
+                       description="Train latent diffusion's KL autoencoder (Rombach et al. 2022) on images.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN_AUTOENCODER)
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="model size and recipe (default: mnist-f4 for a new run; a resumed run keeps its own)")
+    p.add_argument("--data", default=None, help="training data (folder, .npz, torchvision name or digits)")
+    p.add_argument("--out", required=True, help="the run directory")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="start over in --out, deleting the old run's files")
+    p.add_argument("--lpips", default=None, metavar="PATH",
+                   help="turn on the perceptual term with LPIPS-VGG16 weights from this local safetensors file "
+                        "(the lpips package's state dict; nothing is downloaded, so without it there is no "
+                        "perceptual term); its weight is --loss.perceptual_weight, 1 by default with --lpips")
+    _add_config_options(p, AutoencoderRunConfig.SECTIONS, skip={"data.source", "data.autoencoder", "loss.lpips_path",
+                                                                "model.scaling_factor"})
+    p.set_defaults(handler=cmd_train_autoencoder, command="train-autoencoder")
+
+
+def cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from ddpm.train_autoencoder import AutoencoderRunConfig, get_config, train_autoencoder
+
+    overrides = _overrides(args)
+    if args.lpips is not None:
+        overrides["loss.lpips_path"] = str(Path(args.lpips).resolve())
+        overrides.setdefault("loss.perceptual_weight", "1.0")
+    config, explicit = _run_config(args, overrides, AutoencoderRunConfig, get_config, "mnist-f4")
+    summary = train_autoencoder(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
+                                progress=not args.quiet)
+    if summary["nothing_to_do"]:
+        return 0
+    print(f"trained {summary['step']} steps in {summary['seconds'] / 60:.1f} min ({summary['img_per_s']:.0f} img/s)")
+    print(f"autoencoder: {summary['autoencoder']} (scaling_factor {summary['scaling_factor']:.5g})")
+    print(f"samples:     {summary['samples']}")
+    print(f"metrics:     {Path(args.out) / 'metrics.jsonl'}")
     return 0
 
 
@@ -257,7 +331,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(describe_run(loaded))
     samples = generate(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args), seed=args.seed,
                        label=args.label, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                       device=device, bf16=_bf16(args), progress=not args.quiet)
+                       device=device, bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder)
     print(f"{len(samples.images)} images with {args.sampler}: {samples.nfe:g} network evaluations each")
     _print_paths(write_samples(samples, args.out, grid=not args.no_grid, pngs=args.pngs, npz=args.npz))
     return 0
@@ -294,7 +368,7 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--max-batch", type=int, default=1024, help="(image, t) pairs per model call")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-bpd", action="store_true", help="skip bits/dim")
+    p.add_argument("--no-bpd", action="store_true", help="skip bits/dim (a latent model has none: pass it with --fid)")
     p.add_argument("--fid", action="store_true", help="also FID/KID/IS of samples vs the data (torch-fidelity)")
     p.add_argument("--samples", default=None, help="an .npz of samples for --fid (default: draw --num-samples)")
     p.add_argument("--num-samples", type=int, default=10000, help="samples to draw for --fid")
@@ -328,15 +402,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.fid:
         from ddpm.data import load_images
 
-        cfg = loaded.model.config
-        reference = load_images(args.data, cfg.image_size, cfg.in_channels, split="train", limit=args.num_samples,
+        channels, size, _ = loaded.image_shape
+        reference = load_images(args.data, size, channels, split="train", limit=args.num_samples,
                                 progress=not args.quiet).images
         if args.samples:
             samples = _load_samples_npz(Path(args.samples))
         else:
             samples = generate(loaded.model, loaded.diffusion.build(), args.num_samples,
                                SamplerSettings(args.sampler, args.steps), seed=args.seed, batch_size=args.batch_size,
-                               device=device, bf16=_bf16(args), progress=not args.quiet).uint8()
+                               device=device, bf16=_bf16(args), progress=not args.quiet,
+                               autoencoder=loaded.autoencoder).uint8()
         metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)
         from ddpm.checkpoints import save_json
 
@@ -435,7 +510,7 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
     print(describe_run(loaded))
     _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
                                           num_images=args.num_images, seed=args.seed, device=device,
-                                          bf16=_bf16(args), progress=not args.quiet))
+                                          bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder))
     return 0
 
 

@@ -15,7 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from ddpm.diffusion import MEAN_TYPES, VAR_TYPES, GaussianDiffusion
 from ddpm.errors import UserError
@@ -64,6 +64,8 @@ class DataConfig:
         limit: use at most this many images (0: all).
         flip: random horizontal flips (the paper's CIFAR-10 recipe; off for digits).
         root: where torchvision data sets are downloaded (default ~/.cache/ddpm/datasets or $DDPM_DATA_DIR).
+        autoencoder: a trained autoencoder (a 'ddpm train-autoencoder' run or a diffusers AutoencoderKL
+            directory): the U-Net learns its scaled latents instead of pixels (latent diffusion).
     """
 
     source: str = ""
@@ -71,6 +73,7 @@ class DataConfig:
     limit: int = 0
     flip: bool = True
     root: str = ""
+    autoencoder: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("data.split", self.split, ("train", "test"))
@@ -177,9 +180,58 @@ SECTIONS: dict[str, type] = {
 }
 
 
+class SectionedConfig:
+    """A frozen dataclass whose fields are sections (dataclasses themselves), named in ``SECTIONS``:
+    JSON in and out, and ``section.field=text`` overrides. :class:`RunConfig` is one, the
+    autoencoder's run configuration (:mod:`ddpm.train_autoencoder`) another."""
+
+    SECTIONS: ClassVar[dict[str, type]] = {}
+    #: The verb whose ``--help`` lists the options (for error messages).
+    VERB: ClassVar[str] = "train"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary, one entry per section."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls: type[S], values: dict[str, Any]) -> S:
+        """The configuration from :meth:`to_dict`'s output; unknown sections or fields are user errors."""
+        unknown = sorted(set(values) - set(cls.SECTIONS))
+        if unknown:
+            raise UserError(f"unknown config section(s) {', '.join(unknown)}; valid: {', '.join(cls.SECTIONS)}")
+        sections = {}
+        for name, section_type in cls.SECTIONS.items():
+            given = dict(values.get(name, {}))
+            known = {f.name for f in dataclasses.fields(section_type)}
+            bad = sorted(set(given) - known)
+            if bad:
+                raise UserError(f"unknown field(s) {', '.join(f'{name}.{b}' for b in bad)} in the configuration")
+            sections[name] = section_type(**given)
+        return cls(**sections)
+
+    def replace(self: S, overrides: dict[str, str]) -> S:
+        """A copy with ``{"section.field": "text value"}`` overrides applied (parsed by field type)."""
+        values = self.to_dict()
+        for key, text in overrides.items():
+            section, _, name = key.partition(".")
+            types_ = field_types(self.SECTIONS[section]) if section in self.SECTIONS else {}
+            if name not in types_:
+                raise UserError(f"unknown option {key!r}; run 'ddpm {self.VERB} --help' for the list")
+            values[section][name] = parse_value(key, text, types_[name])
+        return type(self).from_dict(values)
+
+
+S = TypeVar("S", bound=SectionedConfig)
+
+
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(SectionedConfig):
     """Everything a run needs; saved as ``config.json`` in the run directory."""
+
+    SECTIONS: ClassVar[dict[str, type]] = SECTIONS
 
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -196,40 +248,6 @@ class RunConfig:
         if self.train.loss_type == "hybrid" and self.diffusion.var_type != "learned_range":
             raise UserError("--train.loss_type hybrid trains a learned variance: add --diffusion.var_type "
                             "learned_range --model.learned_sigma true, or use simple or vlb")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary, one entry per section."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """The configuration from :meth:`to_dict`'s output; unknown sections or fields are user errors."""
-        unknown = sorted(set(values) - set(SECTIONS))
-        if unknown:
-            raise UserError(f"unknown config section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
-        sections = {}
-        for name, section_type in SECTIONS.items():
-            given = dict(values.get(name, {}))
-            known = {f.name for f in dataclasses.fields(section_type)}
-            bad = sorted(set(given) - known)
-            if bad:
-                raise UserError(f"unknown field(s) {', '.join(f'{name}.{b}' for b in bad)} in the configuration")
-            sections[name] = section_type(**given)
-        return cls(**sections)
-
-    def replace(self, overrides: dict[str, str]) -> RunConfig:
-        """A copy with ``{"section.field": "text value"}`` overrides applied (parsed by field type)."""
-        values = self.to_dict()
-        for key, text in overrides.items():
-            section, _, name = key.partition(".")
-            types_ = field_types(SECTIONS.get(section, object)) if section in SECTIONS else {}
-            if name not in types_:
-                raise UserError(f"unknown option {key!r}; run 'ddpm train --help' for the list")
-            values[section][name] = parse_value(key, text, types_[name])
-        return RunConfig.from_dict(values)
 
 
 # Presets are data: a model preset name plus overrides of the other sections. The paper's
@@ -261,6 +279,19 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"steps": 20_000, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999,
                   "log_every": 50, "sample_every": 1000, "ckpt_every": 500, "sample_count": 100,
                   "sample_steps": 100},
+    },
+    # Latent diffusion: the U-Net learns an autoencoder's scaled latents (--autoencoder PATH, a
+    # 'ddpm train-autoencoder' run with the matching preset: mnist-f4, cifar10-f4).
+    "mnist-latent": {
+        "model": "mnist-latent",
+        "data": {"flip": False},
+        "train": {"steps": 20_000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "ema_decay": 0.999,
+                  "log_every": 50, "sample_every": 2000, "ckpt_every": 500, "sample_steps": 100},
+    },
+    "cifar10-latent": {
+        "model": "cifar10-latent",
+        "train": {"steps": 50_000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 500, "ema_decay": 0.999,
+                  "log_every": 50, "sample_every": 5000, "ckpt_every": 1000, "sample_steps": 100},
     },
     "tiny": {
         "model": "tiny",
@@ -316,6 +347,8 @@ def parse_value(key: str, text: str, annotation: Any) -> Any:
     """Parse an override's text by the field's type: int, float, bool, str or a tuple of ints."""
     origin = typing.get_origin(annotation)
     try:
+        if annotation == str | None:
+            return text or None
         if annotation == bool | None and text.strip().lower() == "auto":
             return None
         if annotation in (bool, bool | None):

@@ -186,12 +186,26 @@ class ImageData:
         """Endless batches ``(x, y)`` for steps ``start_step``, ``start_step + 1``, ...: float32
         ``[B, C, H, W]`` in [-1, 1] (mirrored left-right where the epoch's flip bit says so, if
         ``flip``) and int64 ``[B]`` labels. Each epoch's shuffle is computed once."""
+        for idx, flips in self.batch_indices(batch_size, seed, rank=rank, world_size=world_size,
+                                             start_step=start_step):
+            x = self.to_float(idx)
+            if flip:
+                x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+            yield x, self.labels[idx]
+
+    def batch_indices(self, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
+                      start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """What :meth:`batches` draws, as indices: endless ``(idx, flips)``, int64 ``[B]`` image
+        indices and bool ``[B]`` flip bits (for data held in another form, e.g. encoded latents)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
         steps = self.steps_per_epoch(batch_size, world_size)
         epoch, first = divmod(start_step, steps)
         while True:
-            shuffle = self._shuffle(seed, epoch)
+            order, flips = self._shuffle(seed, epoch)
             for j in range(first, steps):
-                yield self._gather(shuffle, j, batch_size, flip, rank, world_size)
+                idx = order[rank + world_size * (j * batch_size + torch.arange(batch_size))]
+                yield idx, flips[idx]
             epoch, first = epoch + 1, 0
 
     def _shuffle(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,18 +217,6 @@ class ImageData:
         order = torch.randperm(len(self), generator=g)
         flips = torch.rand(len(self), generator=g) < 0.5
         return order, flips
-
-    def _gather(self, shuffle: tuple[torch.Tensor, torch.Tensor], j: int, batch_size: int,
-                flip: bool, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        order, flips = shuffle
-        positions = rank + world_size * (j * batch_size + torch.arange(batch_size))
-        idx = order[positions]
-        x = self.to_float(idx)
-        if flip:
-            x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(-1), x)
-        return x, self.labels[idx]
 
 
 def load_images(source: str | os.PathLike[str], image_size: int | None, channels: int | None = None,

@@ -24,6 +24,10 @@ from ddpm.data import load_images
 from ddpm.errors import UserError
 from ddpm.loading import LoadedModel
 
+#: Why a latent model has no bits/dim (docs/theory.md, "Latent diffusion").
+LATENT_BPD = ("bits/dim of pixels is not defined for a latent model: its bound is on the latents, and the "
+              "autoencoder's decoder gives no likelihood of the pixels; use --fid (with --no-bpd) for sample quality")
+
 
 @torch.no_grad()
 def evaluate_bpd(
@@ -46,6 +50,8 @@ def evaluate_bpd(
     ``terms[0]`` is L_0), ``num_images``, timing and what was evaluated. A class-conditional
     model is given the images' labels (the null label if the data has none).
     """
+    if loaded.autoencoder is not None:
+        raise UserError(LATENT_BPD)
     config = loaded.model.config
     device = torch.device(device)
     data = load_images(source, config.image_size, config.in_channels, split=split, root=root, limit=limit,

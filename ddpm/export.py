@@ -1,10 +1,17 @@
-"""Writing a trained model out: the diffusers layout (with a matching scheduler config) or ours."""
+"""Writing a trained model out: the diffusers layout (with a matching scheduler config) or ours.
+
+A latent model is written as a pipeline's folders: ``unet/``, ``vae/`` (its autoencoder, with the
+``scaling_factor`` it was trained with) and ``scheduler/``; :func:`ddpm.loading.load_model` reads
+that back.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ddpm import checkpoints
+from ddpm.config import DiffusionConfig
 from ddpm.errors import UserError
 from ddpm.loading import LoadedModel
 
@@ -12,17 +19,31 @@ from ddpm.loading import LoadedModel
 def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "diffusers") -> list[Path]:
     """Write the model in the diffusers layout (with a matching ``scheduler_config.json``) or ours."""
     out_dir = Path(out_dir)
+    if fmt not in ("diffusers", "ddpm"):
+        raise UserError(f"unknown export format {fmt!r}; choose diffusers or ddpm")
+    if loaded.autoencoder is not None:
+        if fmt != "diffusers":
+            raise UserError("a latent model is exported in the diffusers layout only (unet/, vae/, scheduler/); "
+                            "drop --format ddpm")
+        loaded.model.save_diffusers(out_dir / "unet")
+        loaded.autoencoder.save_diffusers(out_dir / "vae")
+        scheduler = scheduler_config(loaded.diffusion, clip_sample=False)
+        checkpoints.save_json(out_dir / "scheduler" / "scheduler_config.json", scheduler)
+        return [out_dir / "unet", out_dir / "vae", out_dir / "scheduler"]
     if fmt == "ddpm":
         loaded.model.save_pretrained(out_dir)
         return [out_dir]
-    if fmt != "diffusers":
-        raise UserError(f"unknown export format {fmt!r}; choose diffusers or ddpm")
     loaded.model.save_diffusers(out_dir)
-    d = loaded.diffusion
+    checkpoints.save_json(out_dir / "scheduler_config.json", scheduler_config(loaded.diffusion))
+    return [out_dir]
+
+
+def scheduler_config(d: DiffusionConfig, clip_sample: bool = True) -> dict[str, Any]:
+    """diffusers' ``DDPMScheduler`` config for our diffusion (``clip_sample``: x̂_0 in [-1, 1], pixels only)."""
     # diffusers does not rescale the linear schedule with T; writing the scaled ends makes its
     # linspace(beta_start, beta_end, T) equal to ours.
     scale = 1000 / d.timesteps
-    checkpoints.save_json(out_dir / "scheduler_config.json", {
+    return {
         "_class_name": "DDPMScheduler",
         "num_train_timesteps": d.timesteps,
         "beta_schedule": "linear" if d.schedule == "linear" else "squaredcos_cap_v2",
@@ -30,6 +51,5 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "diffusers
         "beta_end": 0.02 * scale,
         "prediction_type": {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[d.mean_type],
         "variance_type": d.var_type,
-        "clip_sample": True,
-    })
-    return [out_dir]
+        "clip_sample": clip_sample,
+    }

@@ -2,14 +2,16 @@
 
 ``ddpm sample``, ``ddpm eval --fid``, the training run's preview grids, ``ddpm viz reverse`` and
 the demo all call :func:`generate`. It makes the batches (labels for a class-conditional model,
-classifier-free guidance), runs any sampler of :data:`ddpm.samplers.SAMPLERS`, counts the network
-evaluations it spent, and keeps the draws reproducible: image ``i`` of a call has its own random
+classifier-free guidance), runs any sampler of :data:`ddpm.samplers.SAMPLERS`, decodes a latent
+model's samples to pixels, counts the network evaluations it spent, and keeps the draws
+reproducible: image ``i`` of a call has its own random
 generator, seeded from ``(seed, i)``, from which its x_T and every noise draw of its chain come,
 so a seed gives the same images whatever the batch size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from tqdm.auto import tqdm
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.images import auto_scale, make_grid, save_image, save_npz, save_pngs, to_uint8
+from ddpm.latent import decode_latents
+from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.runtime import autocast, derive_seed, resolve_bf16
 from ddpm.samplers import check_sampler_arguments
 
@@ -66,7 +70,9 @@ class Samples:
         nfe: network evaluations per image (a guided evaluation, conditional and unconditional
             together, counts once).
         trajectory: with ``trajectory_every``, the first batch's chain (see
-            :func:`ddpm.samplers.sample`), else ``None``.
+            :func:`ddpm.samplers.sample`), else ``None``; for a latent model its ``x_t`` and
+            ``pred_x0`` are decoded to pixels (what the decoder makes of the noisy latents, and of
+            the predicted clean ones).
     """
 
     images: Tensor
@@ -118,8 +124,12 @@ def generate(
     bf16: bool | None = None,
     progress: bool = True,
     trajectory_every: int = 0,
+    autoencoder: AutoencoderKL | None = None,
 ) -> Samples:
     """Draw ``num_images`` images from ``model`` (a U-Net with a ``config``) under ``diffusion``.
+
+    With ``autoencoder`` the model is a latent one: the chain runs on latents without clipping x̂_0
+    (latents have no [-1, 1] range) and its end is decoded (:func:`ddpm.latent.decode_latents`).
 
     A class-conditional model gets ``label`` for every image or the classes in turn; a
     ``guidance_scale`` w ≠ 1 applies classifier-free guidance. ``bf16`` is bfloat16 autocast
@@ -128,6 +138,8 @@ def generate(
     chain every that many steps.
     """
     settings = settings or SamplerSettings()
+    if autoencoder is not None:
+        settings = dataclasses.replace(settings, clip_denoised=False)
     config = model.config
     num_classes = config.num_classes
     if num_images < 1 or batch_size < 1:
@@ -165,6 +177,9 @@ def generate(
                         **({"trajectory_every": trajectory_every} if record else {}), **settings.sample_kwargs())
                 if record:
                     out, trajectory = out
+                if autoencoder is not None:
+                    out = decode_latents(autoencoder, out)
+                    trajectory = _decoded(autoencoder, trajectory) if record else trajectory
                 images.append(out.float().clamp(-1, 1).cpu())
                 labels.append(y)
                 batches += 1
@@ -172,6 +187,16 @@ def generate(
     finally:
         model.train(was_training)
     return Samples(torch.cat(images), torch.cat(labels), counted.calls / batches, trajectory)
+
+
+def _decoded(autoencoder: AutoencoderKL, trajectory: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A latent chain's ``x_t`` and ``pred_x0`` ``[n, B, c, h, w]`` decoded to ``[n, B, C, H, W]``."""
+    out = dict(trajectory)
+    for key in ("x_t", "pred_x0"):
+        z = trajectory[key]
+        images = decode_latents(autoencoder, z.flatten(0, 1))
+        out[key] = images.reshape(*z.shape[:2], *images.shape[1:]).clamp(-1, 1).to(z.device)
+    return out
 
 
 def write_samples(samples: Samples, out_dir: str | Path, grid: bool = True, pngs: bool = False, npz: bool = False,

@@ -4,6 +4,8 @@ A model can come from a run directory (its newest checkpoint), one checkpoint di
 directory saved by :meth:`UNet.save_pretrained`, or a diffusers-layout directory such as the
 paper's published weights (``google/ddpm-cifar10-32``: ``config.json`` plus
 ``diffusion_pytorch_model.safetensors`` or ``.bin``, with an optional ``scheduler_config.json``).
+A latent model comes with its autoencoder: the one its run's ``data.autoencoder`` names, or a
+pipeline directory's ``vae/`` beside its ``unet/`` (what ``ddpm export`` writes for it).
 """
 
 from __future__ import annotations
@@ -19,22 +21,34 @@ import torch
 from ddpm import checkpoints
 from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import UserError
+from ddpm.latent import load_autoencoder, pixel_size
+from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.unet import UNet
 from ddpm.runtime import num_parameters
 
 
 @dataclass
 class LoadedModel:
-    """A network with the diffusion it was trained with."""
+    """A network with the diffusion it was trained with, and the autoencoder of a latent model."""
 
     model: UNet
     diffusion: DiffusionConfig
     description: str
     run_config: RunConfig | None = None
+    autoencoder: AutoencoderKL | None = None
 
     @property
     def num_classes(self) -> int:
         return self.model.config.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the model draws (through the autoencoder for a latent model)."""
+        c = self.model.config
+        if self.autoencoder is None:
+            return c.in_channels, c.image_size, c.image_size
+        side = c.image_size * self.autoencoder.config.downsampling_factor
+        return self.autoencoder.config.out_channels, side, side
 
 
 def load_model(source: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedModel:
@@ -58,14 +72,20 @@ def load_model(source: str | Path, weights: str = "ema", device: str | torch.dev
     if (path / checkpoints.CHECKPOINT_META).is_file():
         return _from_checkpoint(path, checkpoints.load_training_checkpoint(path), weights, device)
     config_path = path / "config.json"
+    autoencoder = None
     if not config_path.is_file() and (path / "unet" / "config.json").is_file():
+        if (path / "vae" / "config.json").is_file():
+            autoencoder = load_autoencoder(path / "vae", device)
         path, config_path = path / "unet", path / "unet" / "config.json"  # a diffusers pipeline directory
     if not config_path.is_file():
         raise UserError(f"{path}: not a run, checkpoint or model directory (no config.json, no checkpoints/)")
     config = checkpoints.load_json(config_path)
     if isinstance(config, dict) and config.get("_class_name") == "UNet2DModel":
         model = UNet.from_diffusers(path, device=device)
-        return LoadedModel(model.eval(), diffusion_from_diffusers(path), f"diffusers model {path}")
+        if autoencoder is not None:
+            pixel_size(model.config, autoencoder.config, path.parent / "vae")
+        return LoadedModel(model.eval(), diffusion_from_diffusers(path), f"diffusers model {path}",
+                           autoencoder=autoencoder)
     model = UNet.from_pretrained(path, device=device)
     return LoadedModel(model.eval(), DiffusionConfig(), f"model {path}")
 
@@ -82,7 +102,11 @@ def _from_checkpoint(path: Path, ckpt: checkpoints.TrainingCheckpoint, weights: 
     group = "ema" if weights == "ema" else "model"
     model.load_weights(ckpt.group(group), source=path / f"{group}.safetensors")
     description = f"{path} (step {ckpt.meta['step']}, {weights} weights)"
-    return LoadedModel(model.to(device).eval(), config.diffusion, description, config)
+    autoencoder = None
+    if config.data.autoencoder:
+        autoencoder = load_autoencoder(config.data.autoencoder, device)
+        pixel_size(config.model, autoencoder.config, config.data.autoencoder)
+    return LoadedModel(model.to(device).eval(), config.diffusion, description, config, autoencoder)
 
 
 def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
@@ -126,5 +150,12 @@ def describe_run(loaded: LoadedModel) -> str:
     d = loaded.diffusion
     n_params = num_parameters(loaded.model)
     classes = f", {c.num_classes} classes" if c.num_classes else ""
+    latent = ""
+    if loaded.autoencoder is not None:
+        ae = loaded.autoencoder.config
+        channels, side, _ = loaded.image_shape
+        latent = (f" latents of a {num_parameters(loaded.autoencoder):,}-parameter autoencoder "
+                  f"(f={ae.downsampling_factor}, scaling_factor {ae.scaling_factor:.4g}) for {side}x{side}x{channels} "
+                  "images")
     return (f"{loaded.description}: {n_params:,} parameters, {c.image_size}x{c.image_size}x{c.in_channels}"
-            f"{classes}; diffusion {json.dumps(dataclasses.asdict(d))}")
+            f"{latent}{classes}; diffusion {json.dumps(dataclasses.asdict(d))}")

@@ -15,14 +15,10 @@ batch, DDP averages the gradients, and only rank 0 writes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +38,10 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, generate, grid_image
 from ddpm.images import save_image
+from ddpm.latent import LatentData, load_autoencoder, pixel_size
+from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.unet import UNet
+from ddpm.runs import Interrupted, MetricsLog, StopFlag, prepare_run_dir, resume_config, rng_state, set_rng_state
 from ddpm.runtime import autocast, derive_seed, num_parameters, resolve_bf16, resolve_device
 from ddpm.timestep_sampling import UniformSampler, make_timestep_sampler
 
@@ -56,17 +55,6 @@ RESUMABLE_FIELDS = {
     "train.sample_sampler", "train.sample_steps", "train.ckpt_every", "train.keep_last", "train.device",
     "train.threads", "train.tensorboard", "train.compile", "train.max_bad_steps", "train.check_sync",
 }
-
-
-class Interrupted(UserError):
-    """Training stopped by SIGINT / SIGTERM after saving a checkpoint (exit code 128 + signal)."""
-
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        name = signal.Signals(signum).name
-        where = f"; checkpoint {checkpoint}" if checkpoint else ""
-        super().__init__(f"interrupted by {name}{where}; continue with --resume")
-        self.exit_code = 128 + signum
-        self.label = "stopped"
 
 
 class Diverged(UserError):
@@ -155,97 +143,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         eb.copy_(b)
 
 
-# ---------------------------------------------------------------------------- the run directory
-
-
-def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless told to; with ``overwrite`` remove only run files."""
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pass one")
-    if resume:
-        if not (out_dir / "config.json").is_file():
-            raise UserError(f"{out_dir} holds no run to resume (no config.json); drop --resume to start one")
-        return
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file, not a directory")
-    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
-    for name in existing:
-        path = out_dir / name
-        # A link is removed, never followed: --overwrite deletes nothing outside the run directory.
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
-def resume_config(saved: RunConfig, requested: RunConfig, explicit: set[str]) -> RunConfig:
-    """The saved configuration with the explicitly given overrides that a resume allows.
-
-    Any explicit override that differs from the saved value and is not in
-    :data:`RESUMABLE_FIELDS` is an incompatible change, reported by name.
-    """
-    saved_values, requested_values = saved.to_dict(), requested.to_dict()
-    bad, changes = [], {}
-    for key in sorted(explicit):
-        section, _, name = key.partition(".")
-        old, new = saved_values[section][name], requested_values[section][name]
-        if old == new:
-            continue
-        if key in RESUMABLE_FIELDS:
-            changes[key] = new
-        else:
-            bad.append(f"{key} ({old!r} in the run, {new!r} asked)")
-    if bad:
-        raise UserError(f"cannot resume with a different {'; '.join(bad)}: start a new run instead")
-    for key, value in changes.items():
-        section, _, name = key.partition(".")
-        saved_values[section][name] = value
-    return RunConfig.from_dict(saved_values)
-
-
-class MetricsLog:
-    """Append-only JSON lines, one per logging step, flushed as they are written.
-
-    A resumed run starts from its checkpoint's step, so lines logged after that step by the
-    stopped run are dropped (``keep_until``): they will be logged again, identically.
-    """
-
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, keep_until: int | None = None) -> None:
-        self.path = path
-        if keep_until is not None and path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= keep_until]
-            checkpoints.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise UserError("--train.tensorboard needs the tensorboard package: pip install tensorboard") from e
-            self._tb = SummaryWriter(str(tensorboard_dir))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _step_of(line: str) -> int | None:
-    """The step of a metrics line, or None for a line cut short by a crash."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 # ---------------------------------------------------------------------------- the training state
 
 
@@ -262,19 +159,9 @@ class TrainState:
     step: int = 0
     skipped: int = 0
 
-    def rng_state(self) -> dict[str, Tensor]:
-        state = {"torch": torch.get_rng_state(), "gen_t": self.gen_t.get_state(),
-                 "gen_noise": self.gen_noise.get_state()}
-        if self.gen_noise.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.gen_noise.device)
-        return state
-
-    def set_rng_state(self, state: dict[str, Tensor]) -> None:
-        torch.set_rng_state(state["torch"])
-        self.gen_t.set_state(state["gen_t"])
-        self.gen_noise.set_state(state["gen_noise"])
-        if self.gen_noise.device.type == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], self.gen_noise.device)
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"gen_t": self.gen_t, "gen_noise": self.gen_noise}
 
 
 def build_state(config: RunConfig, device: torch.device, procs: Processes) -> TrainState:
@@ -305,7 +192,7 @@ def restore(state: TrainState, path: Path, ckpt: checkpoints.TrainingCheckpoint,
     state.step, state.skipped = ckpt.meta["step"], ckpt.meta.get("skipped_steps", 0)
     rng = checkpoints.rank_rng_state(ckpt.group("rng"), procs.rank)
     if ckpt.meta.get("world_size") == procs.world_size and rng:
-        state.set_rng_state(rng)
+        set_rng_state(rng, state.generators)
     else:
         say(f"warning: {path} was written by {ckpt.meta.get('world_size')} process(es), this run has "
             f"{procs.world_size}: random draws are reseeded, so the run will not repeat exactly")
@@ -315,7 +202,7 @@ def restore(state: TrainState, path: Path, ckpt: checkpoints.TrainingCheckpoint,
 
 def save_checkpoint(state: TrainState, step: int, out_dir: Path, config: RunConfig, procs: Processes) -> Path | None:
     """Write ``checkpoints/step_<step>/`` (rank 0; every rank's random state gathered into it)."""
-    rng = procs.gather_objects(state.rng_state())
+    rng = procs.gather_objects(rng_state(state.generators))
     if not procs.is_main:
         return None
     tensors, optimizer_meta = checkpoints.optimizer_state_to_flat(state.optimizer.state_dict())
@@ -408,38 +295,14 @@ class MetricsWindow:
 
 
 def preview(ema: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, device: torch.device, bf16: bool,
-            path: Path) -> Path:
-    """A fixed-seed grid of EMA samples (class-conditional: the classes in turn, one per column)."""
+            path: Path, autoencoder: AutoencoderKL | None = None) -> Path:
+    """A fixed-seed grid of EMA samples (class-conditional: the classes in turn, one per column),
+    decoded to pixels by ``autoencoder`` for a latent model."""
     cfg = config.train
     samples = generate(ema, diffusion, cfg.sample_count, SamplerSettings(cfg.sample_sampler, cfg.sample_steps),
-                       seed=cfg.seed, batch_size=cfg.sample_count, device=device, bf16=bf16, progress=False)
+                       seed=cfg.seed, batch_size=cfg.sample_count, device=device, bf16=bf16, progress=False,
+                       autoencoder=autoencoder)
     return save_image(grid_image(samples.uint8(), nrow=config.model.num_classes or None), path)
-
-
-# ---------------------------------------------------------------------------- signals
-
-
-class _StopFlag:
-    """Set by SIGINT / SIGTERM; the loop stops after the current step and saves a checkpoint."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -490,11 +353,11 @@ def train(
     procs, device = init_processes(config.train.device)
     say = log if procs.is_main else (lambda message: None)
     if procs.is_main:
-        prepare_run_dir(out_dir, resume, overwrite)
+        prepare_run_dir(out_dir, resume, overwrite, RUN_FILES)
     found = None
     if resume:
         config = resume_config(RunConfig.from_dict(checkpoints.load_json(out_dir / "config.json")), config,
-                               explicit or set())
+                               explicit or set(), RESUMABLE_FIELDS)
         found = checkpoints.latest_training_checkpoint(out_dir / "checkpoints", warn=lambda m: say(f"warning: {m}"))
         if found is not None and found[1].meta["step"] >= config.train.steps:
             return _nothing_to_do(out_dir, found, config, say)
@@ -507,7 +370,8 @@ def train(
     local_batch = cfg.batch_size // procs.world_size
 
     # --- data, model, optimizer, diffusion ---
-    data, config = _training_data(config, data, progress and procs.is_main)
+    autoencoder = load_autoencoder(config.data.autoencoder, device) if config.data.autoencoder else None
+    data, config = _training_data(config, data, autoencoder, progress and procs.is_main)
     say(f"data: {data.describe()}")
     state = build_state(config, device, procs)
     diffusion = config.diffusion.build()
@@ -529,6 +393,7 @@ def train(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None,
                          keep_until=start_step if resume else None) if procs.is_main else None
+    # Latent runs: batches of scaled latents, flipped in pixel space before encoding.
     batches: Iterator[tuple[Tensor, Tensor]] = data.batches(
         local_batch, cfg.seed, flip=config.data.flip, rank=procs.rank, world_size=procs.world_size,
         start_step=start_step)
@@ -539,7 +404,8 @@ def train(
     def grid(step: int) -> Path | None:
         if not procs.is_main:
             return None
-        return preview(state.ema, diffusion, config, device, cfg.bf16, out_dir / "samples" / f"step_{step:08d}.png")
+        return preview(state.ema, diffusion, config, device, cfg.bf16, out_dir / "samples" / f"step_{step:08d}.png",
+                       autoencoder)
 
     # --- the loop ---
     last_ckpt, last_grid, last_loss, bad_in_a_row, out_of_time = None, None, None, 0, False
@@ -547,7 +413,7 @@ def train(
     run_start = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (progress and procs.is_main), file=sys.stderr)
-    stop = _StopFlag()
+    stop = StopFlag()
     try:
         with stop:
             state.model.train()
@@ -627,13 +493,20 @@ def _resolve_bf16(config: RunConfig, device: torch.device) -> RunConfig:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, bf16=bf16))
 
 
-def _training_data(config: RunConfig, data: ImageData | None, progress: bool) -> tuple[ImageData, RunConfig]:
-    """The training images, and the configuration with the data's class count for ``class_cond``."""
-    cfg = config.train
+def _training_data(config: RunConfig, data: ImageData | None, autoencoder: AutoencoderKL | None,
+                   progress: bool) -> tuple[ImageData | LatentData, RunConfig]:
+    """The training images (or their latents, encoded once), and the configuration with the data's
+    class count for ``class_cond``."""
+    cfg, size, channels = config.train, config.model.image_size, config.model.in_channels
+    if autoencoder is not None:
+        size = pixel_size(config.model, autoencoder.config, config.data.autoencoder)
+        channels = autoencoder.config.in_channels
+    elif channels not in (1, 3):
+        raise UserError(f"model.in_channels {channels} is not an image's (1 or 3): a latent model needs "
+                        "--autoencoder PATH")
     if data is None:
-        data = load_images(config.data.source, config.model.image_size, config.model.in_channels,
-                           split=config.data.split, root=config.data.root or None,
-                           limit=config.data.limit or None, progress=progress)
+        data = load_images(config.data.source, size, channels, split=config.data.split,
+                           root=config.data.root or None, limit=config.data.limit or None, progress=progress)
     if cfg.class_cond:
         if data.num_classes == 0:
             raise UserError(f"--train.class_cond needs labels, but {config.data.source} has none")
@@ -642,6 +515,8 @@ def _training_data(config: RunConfig, data: ImageData | None, progress: bool) ->
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_classes=data.num_classes))
     if len(data) < cfg.batch_size:
         raise UserError(f"{config.data.source} has {len(data)} images, fewer than train.batch_size {cfg.batch_size}")
+    if autoencoder is not None:
+        return LatentData(data, autoencoder, config.data.flip, progress=progress), config
     return data, config
 
 

@@ -168,9 +168,11 @@ def reverse_process_pictures(
     device: torch.device | str = "cpu",
     bf16: bool | None = None,
     progress: bool = False,
+    autoencoder: Any = None,
 ) -> list[Path]:
     """Sample 16 images (at least ``num_images``) with their trajectory and write ``reverse.png``
     (:func:`reverse_process_grid` of ``num_images``) and ``reverse.gif`` (:func:`reverse_process_gif`).
+    A latent model's ``autoencoder`` decodes the pictures: x_t and x̂_0 as the decoder sees them.
 
     About 50 steps of the trajectory are recorded, whatever the number of sampling steps. A
     class-conditional model gets the classes in turn.
@@ -179,7 +181,7 @@ def reverse_process_pictures(
     n = max(num_images, 16)
     total = settings.steps or diffusion.num_timesteps
     samples = generate(model, diffusion, n, settings, seed=seed, batch_size=n, device=device, bf16=bf16,
-                       progress=progress, trajectory_every=max(1, total // 50))
+                       progress=progress, trajectory_every=max(1, total // 50), autoencoder=autoencoder)
     out_dir = Path(out_dir)
     grid = reverse_process_grid(samples.trajectory, num_images=num_images)
     return [save_image(grid, out_dir / "reverse.png"), reverse_process_gif(samples.trajectory, out_dir / "reverse.gif")]

@@ -25,6 +25,8 @@ PARAM_COUNTS = {
     "lsun256": 113_673_219,
     "mnist": 280_177,
     "digits": 176_849,
+    "mnist-latent": 176_772,
+    "cifar10-latent": 2_796_740,
     "tiny": 702_499,
 }
 
@@ -108,7 +110,8 @@ def test_parameter_count_with_options_matches_the_layer_by_layer_count():
 
 # A small input for each preset: the 256 models run at 32x32, the least their six levels divide
 # (the network is convolutional and keeps its attention levels), 1/64 of the cost.
-SIDES = {"cifar10": 32, "celebahq256": 32, "lsun256": 32, "mnist": 28, "digits": 8, "tiny": 8}
+SIDES = {"cifar10": 32, "celebahq256": 32, "lsun256": 32, "mnist": 28, "digits": 8, "tiny": 8, "mnist-latent": 7,
+         "cifar10-latent": 8}
 
 
 @pytest.mark.parametrize("name", PRESETS)

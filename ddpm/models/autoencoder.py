@@ -160,6 +160,11 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
         scaling_factor=1.0, sample_size=32,
     ),
+    # For tests: 8x8 grey images to 4x4x4 latents (f = 2), every kind of block at the least cost.
+    "tiny": AutoencoderKLConfig(
+        in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, scaling_factor=1.0, sample_size=8,
+    ),
 }
 
 
