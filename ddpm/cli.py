@@ -101,15 +101,20 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", parents=[common], help="train a model on images",
                        description="Train a DDPM U-Net (Ho et al. 2020, Algorithm 1) with the paper's recipe.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN)
-    p.add_argument("--preset", default=None, choices=list(RUN_PRESETS),
-                   help="model size and recipe (default: digits for a new run; a resumed run keeps its own)")
+    _add_run_arguments(p, RUN_PRESETS, "digits")
+    _add_config_options(p, SECTIONS, skip={"data.source"})
+    p.set_defaults(handler=cmd_train, command="train")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, presets: dict[str, Any], default_preset: str) -> None:
+    """--preset, --data, --out, --resume and --overwrite of a training verb."""
+    p.add_argument("--preset", default=None, choices=list(presets),
+                   help=f"model size and recipe (default: {default_preset} for a new run; a resumed run keeps its own)")
     p.add_argument("--data", default=None, help="training data (folder, .npz, torchvision name or digits)")
     p.add_argument("--out", required=True, help="the run directory")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="start over in --out, deleting the old run's files")
-    _add_config_options(p, SECTIONS, skip={"data.source"})
-    p.set_defaults(handler=cmd_train, command="train")
 
 
 def _add_config_options(p: argparse.ArgumentParser, sections: dict[str, type], skip: set[str]) -> None:
@@ -219,13 +224,7 @@ def _add_train_autoencoder(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train-autoencoder", parents=[common], help="train a KL autoencoder for latent diffusion",
                        description="Train latent diffusion's KL autoencoder (Rombach et al. 2022) on images.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN_AUTOENCODER)
-    p.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help="model size and recipe (default: mnist-f4 for a new run; a resumed run keeps its own)")
-    p.add_argument("--data", default=None, help="training data (folder, .npz, torchvision name or digits)")
-    p.add_argument("--out", required=True, help="the run directory")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    mode.add_argument("--overwrite", action="store_true", help="start over in --out, deleting the old run's files")
+    _add_run_arguments(p, PRESETS, "mnist-f4")
     p.add_argument("--lpips", default=None, metavar="PATH",
                    help="turn on the perceptual term with LPIPS-VGG16 weights from this local safetensors file "
                         "(the lpips package's state dict; nothing is downloaded, so without it there is no "

@@ -47,7 +47,7 @@ class DiffusionConfig:
         _check_choice("diffusion.schedule", self.schedule, SCHEDULES)
         _check_choice("diffusion.mean_type", self.mean_type, MEAN_TYPES)
         _check_choice("diffusion.var_type", self.var_type, VAR_TYPES)
-        _check_positive("diffusion.timesteps", self.timesteps)
+        check_positive("diffusion.timesteps", self.timesteps)
 
     def build(self) -> GaussianDiffusion:
         """The :class:`GaussianDiffusion` this configuration describes."""
@@ -77,7 +77,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.split", self.split, ("train", "test"))
-        _check_positive("data.limit", self.limit, allow_zero=True)
+        check_positive("data.limit", self.limit, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -154,9 +154,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "sample_count", "sample_steps", "ckpt_every", "keep_last",
                      "max_bad_steps"):
-            _check_positive(f"train.{name}", getattr(self, name))
+            check_positive(f"train.{name}", getattr(self, name))
         for name in ("warmup_steps", "sample_every", "threads", "seed"):
-            _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+            check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if not self.lr > 0:
             raise UserError(f"train.lr must be positive, got {self.lr}")
         for name in ("grad_clip", "weight_decay", "time_limit"):
@@ -376,7 +376,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _check_positive(name: str, value: int, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: int, allow_zero: bool = False) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
         bound = ">= 0" if allow_zero else ">= 1"
         raise UserError(f"{name} must be an integer {bound}, got {value!r}")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ddpm import checkpoints
 from ddpm.autoencoder_losses import AutoencoderLoss, AutoencoderLossConfig
-from ddpm.config import DataConfig, SectionedConfig
+from ddpm.config import DataConfig, SectionedConfig, check_positive
 from ddpm.data import ImageData, load_images
 from ddpm.errors import UserError
 from ddpm.generate import grid_image
@@ -87,13 +87,9 @@ class AutoencoderTrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "sample_count", "ckpt_every", "keep_last", "scale_images"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"train.{name} must be an integer >= 1, got {value!r}")
+            check_positive(f"train.{name}", getattr(self, name))
         for name in ("sample_every", "threads", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"train.{name} must be an integer >= 0, got {value!r}")
+            check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if not self.lr > 0 or self.time_limit < 0:
             raise UserError(f"train.lr must be > 0 and train.time_limit >= 0, got {self.lr}, {self.time_limit}")
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):

@@ -21,12 +21,13 @@ from ddpm.config import get_config
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, generate
-from ddpm.latent import load_autoencoder, pixel_size
+from ddpm.latent import LatentData, load_autoencoder, pixel_size
 from ddpm.loading import load_model
 from ddpm.models import UNet
 from ddpm.models.autoencoder import AutoencoderKLConfig, DiagonalGaussian
 from ddpm.runs import Interrupted
 from ddpm.schedules import linear_betas
+from ddpm.train import train
 from ddpm.train_autoencoder import PRESETS as AE_PRESETS
 from ddpm.train_autoencoder import AutoencoderRunConfig, latent_scale, train_autoencoder
 from ddpm.train_autoencoder import get_config as ae_config
@@ -222,6 +223,38 @@ def test_latent_training_sampling_eval_and_export(ldm_run, ae_run, npz, tmp_path
         generate(a.model, a.diffusion.build(), 2, settings, autoencoder=a.autoencoder, progress=False).images,
         generate(b.model, b.diffusion.build(), 2, settings, autoencoder=b.autoencoder, progress=False).images)
     assert main(["export", str(ldm_run), "--out", str(tmp_path / "x"), "--format", "ddpm"]) == 2
+
+
+def test_flips_happen_in_pixel_space_before_encoding(npz, ae_run):
+    from ddpm.data import load_images
+
+    data, autoencoder = load_images(npz, 8, 1), load_autoencoder(ae_run)
+    latents = LatentData(data, autoencoder, flip=True)
+    x = data.to_float(slice(0, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(latents.mean[:5, 0], autoencoder.encode(x).mean)
+        torch.testing.assert_close(latents.mean[:5, 1], autoencoder.encode(x.flip(-1)).mean)
+    # A batch is the posterior sample of the image or its mirror, as the epoch's flip bits say, scaled.
+    (idx, flips), = [next(data.batch_indices(8, seed=0))]
+    z, _ = next(latents.batches(8, seed=0, flip=True))
+    mean = latents.mean[idx, flips.long()] * autoencoder.config.scaling_factor
+    std = latents.std[idx, flips.long()] * autoencoder.config.scaling_factor
+    assert ((z - mean).abs() <= 6 * std).all() and not torch.equal(z, mean)
+
+
+def test_a_resumed_latent_run_repeats_the_uninterrupted_one(npz, ae_run, tmp_path):
+    """The latents are drawn per step from (seed, step): nothing about them needs saving."""
+    config = get_config("tiny", {"data.source": str(npz), "data.autoencoder": str(ae_run), "data.flip": "true",
+                                 **LATENT})
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(config, whole, **QUIET)
+    train(config.replace({"train.steps": "2"}), parts, **QUIET)
+    train(config, parts, resume=True, explicit={"train.steps"}, **QUIET)
+    _, a = checkpoints.latest_training_checkpoint(whole / "checkpoints")
+    _, b = checkpoints.latest_training_checkpoint(parts / "checkpoints")
+    assert a.meta["step"] == b.meta["step"] == 4
+    for group in ("model", "ema", "optimizer"):
+        assert all(torch.equal(a.tensors[group][k], b.tensors[group][k]) for k in a.tensors[group])
 
 
 def test_a_run_whose_autoencoder_is_gone_says_so(ldm_run, tmp_path):
