@@ -34,7 +34,7 @@ from ddpm.config import DataConfig, SectionedConfig, check_positive
 from ddpm.data import ImageData, load_images
 from ddpm.errors import UserError
 from ddpm.generate import grid_image
-from ddpm.images import save_image
+from ddpm.images import save_image, to_uint8
 from ddpm.latent import AUTOENCODER_DIR
 from ddpm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ddpm.runs import Interrupted, MetricsLog, StopFlag, prepare_run_dir, resume_config, rng_state, set_rng_state
@@ -185,6 +185,7 @@ class AutoencoderState:
 
 
 def build_state(config: AutoencoderRunConfig, device: torch.device) -> AutoencoderState:
+    """A fresh autoencoder (PyTorch's initialisation, seeded), its loss and EMA, the optimizers."""
     cfg = config.train
     torch.manual_seed(derive_seed(cfg.seed, 0, 0))
     model = AutoencoderKL(config.model).to(device)
@@ -200,6 +201,7 @@ def build_state(config: AutoencoderRunConfig, device: torch.device) -> Autoencod
 
 
 def save_checkpoint(state: AutoencoderState, out_dir: Path, config: AutoencoderRunConfig) -> Path:
+    """Write ``checkpoints/step_<step>/``: weights, EMA, discriminator, both optimizers, random states."""
     tensors: dict[str, dict[str, Tensor]] = {"model": state.model.state_dict(),
                                              "rng": rng_state(state.generators)}
     if state.ema is not None:
@@ -214,6 +216,7 @@ def save_checkpoint(state: AutoencoderState, out_dir: Path, config: AutoencoderR
 
 
 def restore(state: AutoencoderState, path: Path, ckpt: checkpoints.TrainingCheckpoint) -> None:
+    """Load what :func:`save_checkpoint` wrote into ``state``."""
     state.model.load_weights(ckpt.group("model"), source=path / "model.safetensors")
     if state.ema is not None:
         state.ema.load_weights(ckpt.group("ema"), source=path / "ema.safetensors")
@@ -253,8 +256,7 @@ def reconstruction_grid(model: AutoencoderKL, data: ImageData, count: int, devic
     """The first ``count`` training images above their reconstructions (the posterior's mode)."""
     x = data.to_float(slice(0, count)).to(device)
     reconstruction = model(x)[0].clamp(-1, 1)
-    images = ((torch.cat([x, reconstruction]) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-    return save_image(grid_image(images, nrow=len(x)), path)
+    return save_image(grid_image(to_uint8(torch.cat([x, reconstruction]).cpu()), nrow=len(x)), path)
 
 
 @torch.no_grad()
