@@ -239,12 +239,12 @@ class UniPC(Solver):
 
     def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
         x0 = p["pred_x0"]
+        if k == 0:
+            return x0  # to λ = ∞: x̂_0, whatever a correction of x would have been
         if self.last is not None:  # UniC: x was predicted; correct it with the model output at x
             x_s, k_s, order = self.last
             x = self.update(x_s, k_s, k, self.history[-order:], x0_t=x0)
         self.history = [*self.history, (self.log_snr(k), x0)][-self.order:]
-        if k == 0:
-            return x0
         order = min(self.order, len(self.history), k + 1)
         self.last = (x, k, order)
         return self.update(x, k, k - 1, self.history[-order:])

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_math_exact_gaussian import exact_model
 
 from ddpm import GaussianDiffusion, cosine_betas, linear_betas
 from ddpm.errors import UserError
@@ -32,17 +33,7 @@ NEW_SOLVERS = ["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "heun"]
 
 def gaussian_model(alphas_cumprod, mean_type="eps", m=M, s=S):
     """The minimum-MSE predictor for N(m, s²) data under the process with these ᾱ (original timesteps)."""
-    acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-
-    def model(x, t):
-        a = acp[t].reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        v_t = a * s * s + 1 - a
-        centred = x - a.sqrt() * m
-        eps = (1 - a).sqrt() * centred / v_t
-        x0 = m + a.sqrt() * s * s / v_t * centred
-        return {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[mean_type]
-
-    return model
+    return exact_model(mean_type, m, s, alphas_cumprod)
 
 
 def z_of(x_T, acp_T, m=M, s=S):
