@@ -110,6 +110,10 @@ class Solver:
         """How many timesteps to keep for a budget of ``nfe`` network evaluations."""
         return nfe
 
+    def next_step(self, k: int) -> int:
+        """The kept step that the last ``step`` from k reached (every solver but the adaptive one: k − 1)."""
+        return k - 1
+
     def alpha_sigma(self, k: int) -> tuple[float, float]:
         """(α, σ) = (√ᾱ, √(1 − ᾱ)) at kept step k, in float64; k = −1 is the data, (1, 0)."""
         if k < 0:
@@ -320,6 +324,62 @@ class Heun(Solver):
         return alpha_t * (y + (t - s) * (slope + slope_t) / 2)
 
 
+# ---------------------------------------------------------------------------- adaptive
+
+
+class DPMAdaptive(Solver):
+    """DPM-Solver-12 with adaptive step size (Lu et al. 2022a, "DPM-Solver", Algorithm 4), in the
+    data-prediction form of [DPM++], on the process's own integer timesteps.
+
+    From s it proposes t with λ_t ≈ λ_s + h and takes both a first-order step (DDIM) and the
+    second-order singlestep DPM-Solver++(2S) through the midpoint u (λ_u ≈ (λ_s + λ_t)/2, one more
+    evaluation). Their difference estimates the local error, measured as
+    E = RMS((x_high − x_low) / max(atol, rtol · max(|x_low|, |x_s|))) over the whole batch: E ≤ 1
+    accepts x_high, else t is refused; either way h ← h · min(5, max(0.2, 0.9 E^{−1/2})).
+    Proposals snap to the nearest timestep (at least two below s, so a midpoint exists), and the
+    last step returns x̂_0 at timestep 0. The NFE is known only afterwards (``stats`` of
+    :func:`sample`); the step sizes depend on the whole batch, so unlike the other solvers a sample
+    is not independent of its batch.
+    """
+
+    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, rtol: float = 0.05, atol: float = 0.0078) -> None:
+        super().__init__(d, eta)
+        self.rtol, self.atol = rtol, atol
+        self.lam = [self.log_snr(k) for k in range(d.num_timesteps)]
+        self.h = (self.lam[0] - self.lam[-1]) / 20  # a first guess; the controller corrects it
+        self.reached = -1
+
+    def next_step(self, k: int) -> int:
+        return self.reached
+
+    def nearest(self, lam: float, lo: int, hi: int) -> int:
+        """The timestep in lo..hi whose λ is nearest to ``lam``."""
+        return min(range(lo, hi + 1), key=lambda j: abs(self.lam[j] - lam))
+
+    def first_order(self, x: Tensor, k_s: int, k_t: int, x0: Tensor) -> Tensor:
+        (alpha_t, sigma_t), sigma_s = self.alpha_sigma(k_t), self.alpha_sigma(k_s)[1]
+        return (sigma_t / sigma_s) * x - alpha_t * math.expm1(self.lam[k_s] - self.lam[k_t]) * x0
+
+    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
+        x0 = p["pred_x0"]
+        if k <= 1:  # nothing left to adapt: DDIM to timestep 0, or x̂_0 from it
+            self.reached = k - 1
+            return x0 if k == 0 else self.first_order(x, k, 0, x0)
+        while True:
+            t = self.nearest(self.lam[k] + self.h, 0, k - 2)
+            u = self.nearest((self.lam[k] + self.lam[t]) / 2, t + 1, k - 1)
+            h, r = self.lam[t] - self.lam[k], (self.lam[u] - self.lam[k]) / (self.lam[t] - self.lam[k])
+            x_low = self.first_order(x, k, t, x0)
+            x0_u = denoise(self.first_order(x, k, u, x0), u)["pred_x0"]
+            x_high = self.first_order(x, k, t, (1 - 1 / (2 * r)) * x0 + 1 / (2 * r) * x0_u)  # [DPM++] Alg. 1
+            scale = torch.maximum(x_low.abs(), x.abs()).mul(self.rtol).clamp(min=self.atol)
+            error = ((x_high - x_low) / scale).pow(2).mean().sqrt().item()
+            self.h = h * min(5.0, max(0.2, 0.9 * max(error, 1e-10) ** -0.5))
+            if error <= 1.0 or t == k - 2:  # a step of two timesteps is the smallest there is
+                self.reached = t
+                return x_high
+
+
 # ---------------------------------------------------------------------------- registries
 
 #: Every solver by its name: a constructor ``(d, eta) -> Solver``.
@@ -331,6 +391,7 @@ SAMPLERS: dict[str, Callable[..., Solver]] = {
     "dpm++2m-sde": DPMSolverPPSDE,
     "unipc": partial(UniPC, order=3),
     "heun": Heun,
+    "dpm-adaptive": DPMAdaptive,
 }
 
 #: The spacing each solver uses unless told. DDPM and DDIM keep their historical ones (so a seed
@@ -346,6 +407,7 @@ DEFAULT_SPACING: dict[str, str] = {
     "dpm++2m-sde": "logsnr",
     "unipc": "logsnr",
     "heun": "logsnr",
+    "dpm-adaptive": "uniform",  # it keeps every timestep and picks its own steps among them
 }
 
 #: Solvers whose only noise is x_T; ``eta`` means nothing to them.
@@ -362,9 +424,12 @@ def network_evaluations(sampler: str, K: int) -> int:
     return _solver_class(sampler).evaluations(K)
 
 
-def check_sampler_arguments(T: int, sampler: str, steps: int | None, eta: float, spacing: str | None = None) -> None:
-    """Raise :class:`UserError` unless ``sampler``, ``steps`` (1..T or None), ``eta`` (in [0, 1], and
-    0 for the ODE/SDE solvers) and ``spacing`` (a name of :data:`SPACINGS` or None) are valid."""
+def check_sampler_arguments(
+    T: int, sampler: str, steps: int | None, eta: float, spacing: str | None = None, rtol: float | None = None
+) -> None:
+    """Raise :class:`UserError` unless ``sampler``, ``steps`` (1..T or None; None for dpm-adaptive),
+    ``eta`` (in [0, 1], and 0 for the ODE/SDE solvers), ``spacing`` (a name of :data:`SPACINGS` or
+    None) and ``rtol`` (dpm-adaptive's, > 0) are valid."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not 0.0 <= eta <= 1.0:
@@ -373,6 +438,10 @@ def check_sampler_arguments(T: int, sampler: str, steps: int | None, eta: float,
         raise UserError(f"eta is DDIM's; the {sampler} sampler takes none (got eta={eta})")
     if steps is not None and not 1 <= steps <= T:
         raise UserError(f"the number of sampling steps must be between 1 and T={T}, got {steps}")
+    if sampler == "dpm-adaptive" and (steps is not None or spacing is not None):
+        raise UserError("dpm-adaptive chooses its own steps: give it rtol instead of steps or a spacing")
+    if rtol is not None and (sampler != "dpm-adaptive" or not rtol > 0):
+        raise UserError(f"rtol is dpm-adaptive's and must be > 0 (got sampler {sampler!r}, rtol={rtol})")
     if spacing is not None and spacing not in SPACINGS:
         raise UserError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
 
@@ -421,13 +490,16 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     timesteps: Sequence[int] | None = None,
+    rtol: float | None = None,
+    stats: dict[str, int] | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Draw samples x_0 ~ p_θ by solving the reverse process from x_T ~ N(0, I).
 
     Args:
         sampler: a name of :data:`SAMPLERS`: ``"ddpm"`` ([DDPM] Algorithm 2), ``"ddim"`` ([DDIM]
             eq. 12), ``"dpm++2m"``, ``"dpm++3m"``, ``"dpm++2m-sde"`` ([DPM++]), ``"unipc"``
-            ([UniPC], order 3) or ``"heun"`` ([EDM] Algorithm 1).
+            ([UniPC], order 3), ``"heun"`` ([EDM] Algorithm 1) or ``"dpm-adaptive"`` (its own
+            steps from ``rtol``, :class:`DPMAdaptive`).
         steps: the number of network evaluations (NFE); ``None`` means T. Every solver but Heun
             evaluates once per kept timestep; Heun keeps ⌊(steps+1)/2⌋ and spends 2K − 1.
         eta: DDIM's η in [0, 1] (0: deterministic; 1: DDPM's posterior variance); others take 0.
@@ -447,11 +519,13 @@ def sample(
             (see :meth:`GaussianDiffusion.model_output`).
         clip_denoised: clip x̂_0 to [−1, 1]; the ODE solvers then integrate with the clipped x̂_0.
         noise: x_T to start from instead of a fresh draw.
+        rtol: dpm-adaptive's relative tolerance (default 0.05); it takes no ``steps``.
+        stats: if given, filled with ``{"nfe": network evaluations spent}``.
 
     Returns x_0 [*shape] (and the trajectory if asked).
     """
     T = diffusion.num_timesteps
-    check_sampler_arguments(T, sampler, steps, eta, spacing)
+    check_sampler_arguments(T, sampler, steps, eta, spacing, rtol)
     if timesteps is None:
         timesteps = kept_timesteps(diffusion, sampler, steps, spacing)
     kept = sorted(set(int(t) for t in timesteps))
@@ -466,20 +540,30 @@ def sample(
     def draw() -> Tensor:
         return randn(x.shape, generator, x.device, x.dtype)
 
+    nfe = 0
+
     def denoise(x: Tensor, k: int) -> dict[str, Tensor]:
+        nonlocal nfe
+        nfe += 1
         t = torch.full((batch,), k, device=x.device, dtype=torch.long)
         return d.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
 
-    solver = SAMPLERS[sampler](d, eta)
+    solver = SAMPLERS[sampler](d, eta) if rtol is None else SAMPLERS[sampler](d, eta, rtol=rtol)
     record: dict[str, list[Tensor]] = {"timesteps": [], "x_t": [], "pred_x0": []}
-    indices = range(d.num_timesteps - 1, -1, -1)
-    for n, k in enumerate(tqdm(indices, desc=f"{sampler} sampling", unit="step", disable=not progress, leave=False)):
+    bar = tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress, leave=False)
+    k, n = d.num_timesteps - 1, 0  # the loop visits kept steps k = K−1, ..., 0 (0-based)
+    while k >= 0:
         p = denoise(x, k)
         if return_trajectory and (n % trajectory_every == 0 or k == 0):
             record["timesteps"].append(d.timestep_map[k : k + 1].clone())
             record["x_t"].append(x.cpu())
             record["pred_x0"].append(p["pred_x0"].cpu())
-        x = solver.step(x, k, p, denoise, draw)
+        x, n = solver.step(x, k, p, denoise, draw), n + 1
+        bar.update(k - solver.next_step(k))
+        k = solver.next_step(k)
+    bar.close()
+    if stats is not None:
+        stats["nfe"] = nfe
     if not return_trajectory:
         return x
     return x, {

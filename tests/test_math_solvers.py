@@ -181,7 +181,7 @@ def wiggly_model(x, t):
     return torch.tanh(0.7 * x + 0.001 * t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype) - 0.2)
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("sampler", [name for name in SAMPLERS if name != "dpm-adaptive"])
 def test_trajectory_and_evaluations_for_every_solver(sampler):
     """Every solver records the kept (original, 0-based) timesteps from T−1 down, calls the network
     ``steps`` times (Heun 2K − 1 ≤ steps), and the data-prediction solvers return the last x̂_0."""
@@ -315,6 +315,37 @@ def test_bad_arguments_are_user_errors():
                    {"sampler": "heun", "steps": 101}, {"sampler": "dpm++2m", "eta": 0.5}]:
         with pytest.raises(UserError):
             d.sample(wiggly_model, (1, 1, 2, 2), **kwargs)
+
+
+def test_adaptive_solver_meets_a_tighter_tolerance_with_more_evaluations():
+    """dpm-adaptive on the exact model: from rtol = 0.1 to 0.01 the error against the PF-ODE's
+    m + s z falls (by 20x, measured) and the NFE rises; ``stats`` counts the network's calls; the
+    trajectory runs from T−1 down to 0 over the timesteps it chose."""
+    d, model = linear_process()
+    calls = []
+
+    def counted(x, t):
+        calls.append(t[0].item())
+        return model(x, t)
+
+    x_T = torch.randn(500, 1, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    exact = M + S * z_of(x_T, d.alphas_cumprod[-1].item())
+    errors, nfes = [], []
+    for rtol in [0.1, 0.01]:
+        stats, calls[:] = {}, []
+        x, traj = d.sample(counted, x_T.shape, sampler="dpm-adaptive", rtol=rtol, noise=x_T, dtype=torch.float64,
+                           clip_denoised=False, stats=stats, return_trajectory=True)
+        assert stats["nfe"] == len(calls)
+        steps = traj["timesteps"].tolist()
+        assert steps[0] == 999 and steps[-1] == 0 and steps == sorted(steps, reverse=True)
+        errors.append(((x - exact) ** 2).mean().sqrt().item())
+        nfes.append(stats["nfe"])
+    assert errors[1] < errors[0] / 5 and nfes[1] > nfes[0]
+    for kwargs in [{"steps": 10}, {"spacing": "logsnr"}, {"rtol": 0.0}]:
+        with pytest.raises(UserError):
+            d.sample(model, (1, 1), sampler="dpm-adaptive", **kwargs)
+    with pytest.raises(UserError):
+        d.sample(model, (1, 1), sampler="dpm++2m", rtol=0.05)
 
 
 # ---------------------------------------------------------------------------- the score
