@@ -149,7 +149,7 @@ class DDIM(Solver):
 class DPMSolverPP(Solver):
     """DPM-Solver++ multistep with data prediction, [DPM++] Algorithm 2 (2M) and its third order (3M).
 
-    The PF-ODE's exact solution from s to t (h = λ_t − λ_s, [DPM++] eq. 8) is
+    The PF-ODE's exact solution from s to t (h = λ_t − λ_s; [DPM++] section 4, data prediction) is
     x_t = (σ_t/σ_s) x_s + σ_t ∫_{λ_s}^{λ_t} e^λ x̂_0(λ) dλ. Order 1 takes x̂_0 constant (DDIM);
     2M takes D = (1 + 1/(2r)) x̂_0(s) − 1/(2r) x̂_0(s') from the previous step s' (r = h'/h);
     3M expands x̂_0 to second order in λ through the last three points and integrates exactly.
@@ -176,7 +176,7 @@ class DPMSolverPP(Solver):
         if order == 2:
             (lam_1, x0_1), _ = self.history[-2:]
             r = (lam_s - lam_1) / h
-            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_1  # [DPM++] Alg. 2, line 8
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_1  # [DPM++] Algorithm 2
             return decay - alpha_t * math.expm1(-h) * D
         d1, d2 = _lambda_derivatives(self.history)
         # ∫_0^h e^{u−h} u^n/n! du for n = 0, 1, 2: the φ-functions of the exponential integrator.
@@ -199,7 +199,8 @@ def _lambda_derivatives(history: list[tuple[float, Tensor]]) -> tuple[Tensor, Te
 
 
 class DPMSolverPPSDE(DPMSolverPP):
-    """SDE-DPM-Solver++(2M), [DPM++] section 5 / appendix: the reverse SDE, not the ODE, in λ.
+    """SDE-DPM-Solver++(2M): the reverse SDE, not the ODE, solved like [DPM++]'s ODE in λ (diffusers'
+    ``sde-dpmsolver++`` with the midpoint rule).
 
     Its exact linear part gives x_t = (σ_t/σ_s) e^{−h} x_s + α_t (1 − e^{−2h}) x̂_0 + σ_t √(1 − e^{−2h}) z,
     and the second-order (midpoint) correction adds α_t (1 − e^{−2h}) D_1 / 2 with
@@ -226,7 +227,7 @@ class DPMSolverPPSDE(DPMSolverPP):
 
 
 class UniPC(Solver):
-    """UniPC with B(h) = e^h − 1 (bh2) and data prediction, [UniPC] Algorithms 1–3.
+    """UniPC with B(h) = e^h − 1 (bh2) and data prediction, [UniPC] section 3 (UniC, UniP).
 
     Each step predicts with UniP-p from the last p points, then, once the network has been called
     at the predicted point (the next step's evaluation, so no extra NFE), corrects that point with
@@ -256,12 +257,12 @@ class UniPC(Solver):
     def update(
         self, x: Tensor, k_s: int, k_t: int, points: list[tuple[float, Tensor]], x0_t: Tensor | None = None
     ) -> Tensor:
-        """UniP (``x0_t`` None) or UniC from s = t_{k_s} to t = t_{k_t}, [UniPC] eqs. 7–8 with B(h) = e^h − 1.
+        """UniP (``x0_t`` None) or UniC from s = t_{k_s} to t = t_{k_t} ([UniPC] section 3, B(h) = e^h − 1).
 
         ``points`` are (λ, x̂_0) with s last. With r_m = (λ_m − λ_s)/h and D_m = (x̂_0(m) − x̂_0(s)) / r_m,
         x_t = (σ_t/σ_s) x_s + α_t (1 − e^{−h}) x̂_0(s) + α_t (1 − e^{−h}) Σ_m ρ_m D_m,
-        where ρ solves Σ_m ρ_m r_m^{i−1} = b_i = i! h φ_{i+1}(−h) / B(h), i = 1..p (the order conditions,
-        [UniPC] Theorem 3.1), φ_1(z) = (e^z − 1)/z, φ_{i+1}(z) = (φ_i(z) − 1/i!)/z. The corrector
+        where ρ solves Σ_m ρ_m r_m^{i−1} = b_i = i! h φ_{i+1}(−h) / B(h), i = 1..p (the order conditions
+        of [UniPC]), φ_1(z) = (e^z − 1)/z, φ_{i+1}(z) = (φ_i(z) − 1/i!)/z. The corrector
         adds the point t itself (r = 1, D = x̂_0(t) − x̂_0(s)). For the predictor of order 2 and the
         corrector of order 1, ρ = ½ (the paper's choice for bh2, also that of its reference code).
         """
@@ -328,8 +329,8 @@ class Heun(Solver):
 
 
 class DPMAdaptive(Solver):
-    """DPM-Solver-12 with adaptive step size (Lu et al. 2022a, "DPM-Solver", Algorithm 4), in the
-    data-prediction form of [DPM++], on the process's own integer timesteps.
+    """DPM-Solver-12 with adaptive step size (Lu et al. 2022a, "DPM-Solver", its adaptive solver), in
+    the data-prediction form of [DPM++], on the process's own integer timesteps.
 
     From s it proposes t with λ_t ≈ λ_s + h and takes both a first-order step (DDIM) and the
     second-order singlestep DPM-Solver++(2S) through the midpoint u (λ_u ≈ (λ_s + λ_t)/2, one more
