@@ -179,11 +179,11 @@ class DPMSolverPP(Solver):
             D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_1  # [DPM++] Algorithm 2
             return decay - alpha_t * math.expm1(-h) * D
         d1, d2 = _lambda_derivatives(self.history)
-        # ∫_0^h e^{u−h} u^n/n! du for n = 0, 1, 2: the φ-functions of the exponential integrator.
-        phi0 = -math.expm1(-h)
-        phi1 = h + math.expm1(-h)
-        phi2 = h * h / 2 - h - math.expm1(-h)
-        return decay + alpha_t * (phi0 * x0 + phi1 * d1 + phi2 * d2)
+        # I_n = ∫_0^h e^{u−h} u^n/n! du for n = 0, 1, 2 (= h^{n+1} φ_{n+1}(−h) in φ-function terms).
+        i0 = -math.expm1(-h)
+        i1 = h + math.expm1(-h)
+        i2 = h * h / 2 - h - math.expm1(-h)
+        return decay + alpha_t * (i0 * x0 + i1 * d1 + i2 * d2)
 
 
 def _lambda_derivatives(history: list[tuple[float, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -261,10 +261,11 @@ class UniPC(Solver):
 
         ``points`` are (λ, x̂_0) with s last. With r_m = (λ_m − λ_s)/h and D_m = (x̂_0(m) − x̂_0(s)) / r_m,
         x_t = (σ_t/σ_s) x_s + α_t (1 − e^{−h}) x̂_0(s) + α_t (1 − e^{−h}) Σ_m ρ_m D_m,
-        where ρ solves Σ_m ρ_m r_m^{i−1} = b_i = i! h φ_{i+1}(−h) / B(h), i = 1..p (the order conditions
-        of [UniPC]), φ_1(z) = (e^z − 1)/z, φ_{i+1}(z) = (φ_i(z) − 1/i!)/z. The corrector
-        adds the point t itself (r = 1, D = x̂_0(t) − x̂_0(s)). For the predictor of order 2 and the
-        corrector of order 1, ρ = ½ (the paper's choice for bh2, also that of its reference code).
+        where ρ solves Σ_m ρ_m r_m^{i−1} = b_i = i! z φ_{i+1}(z) / (e^z − 1), z = −h, i = 1..p (the order
+        conditions of [UniPC] with B = e^z − 1), φ_1(z) = (e^z − 1)/z, φ_{i+1}(z) = (φ_i(z) − 1/i!)/z.
+        The corrector adds the point t itself (r = 1, D = x̂_0(t) − x̂_0(s)). With a single D (the
+        predictor of order 2, the corrector of order 1) ρ = ½, b_1's limit as h → 0, as in UniPC's
+        reference code and diffusers.
         """
         (lam_s, x0_s), older = points[-1], points[:-1]
         alpha_t, sigma_t = self.alpha_sigma(k_t)
