@@ -145,27 +145,37 @@ def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return 0.5 * (acp.log() - torch.log1p(-acp))
 
 
+#: The noisiest λ the λ- and σ-based spacings spread their steps from: about λ_{T−1} of DDPM's linear
+#: schedule (−5.06), and diffusers' ``lambda_min_clipped`` advice for the cosine schedule, whose
+#: clipped last βs reach λ ≈ −10 and would otherwise draw several steps into pure noise.
+LAMBDA_MIN = -5.1
+
+
 def logsnr_timesteps(alphas_cumprod: torch.Tensor, K: int) -> list[int]:
-    """K timesteps uniform in λ between λ_{T−1} and λ_0, each the timestep nearest in λ
-    (DPM-Solver's ``logSNR`` skip type, recommended there for low-resolution images)."""
+    """K timesteps uniform in λ from max(λ_{T−1}, :data:`LAMBDA_MIN`) to λ_0, each the timestep
+    nearest in λ, the noisiest replaced by T−1 (DPM-Solver's ``logSNR`` skip type, recommended
+    there for low-resolution images)."""
     T = _check_K(alphas_cumprod, K)
     lam = log_snr(alphas_cumprod)
-    return _nearest(lam, torch.linspace(lam[-1].item(), lam[0].item(), K, dtype=torch.float64), T)
+    targets = torch.linspace(max(lam[-1].item(), LAMBDA_MIN), lam[0].item(), K, dtype=torch.float64)
+    return _nearest_from_last(lam, targets, T)
 
 
 def karras_timesteps(alphas_cumprod: torch.Tensor, K: int, rho: float = 7.0) -> list[int]:
     """Karras et al. (2022) eq. 5 in σ = √((1−ᾱ)/ᾱ): σ_j = (σ_max^{1/ρ} + j/(K−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,
-    ρ = 7, from σ_{T−1} to σ_0, each mapped to the timestep nearest in log σ.
+    ρ = 7, from σ_max = min(σ_{T−1}, e^{−LAMBDA_MIN}) to σ_0, each mapped to the timestep nearest in
+    log σ, the noisiest replaced by T−1.
 
     Nearest, not continuous: the model knows integer timesteps only, and the solvers then use that
     timestep's exact σ, so the grid is a little off eq. 5 but always self-consistent (diffusers
     instead rounds the timestep and keeps eq. 5's σ, a model/σ mismatch).
     """
     T = _check_K(alphas_cumprod, K)
-    log_sigma = -log_snr(alphas_cumprod)
-    s_max, s_min = log_sigma[-1].exp().item() ** (1 / rho), log_sigma[0].exp().item() ** (1 / rho)
+    lam = log_snr(alphas_cumprod)
+    s_max = math.exp(-max(lam[-1].item(), LAMBDA_MIN) / rho)
+    s_min = math.exp(-lam[0].item() / rho)
     ramp = torch.linspace(0, 1, K, dtype=torch.float64)
-    return _nearest(log_sigma, rho * torch.log(s_max + ramp * (s_min - s_max)), T)
+    return _nearest_from_last(lam, -rho * torch.log(s_max + ramp * (s_min - s_max)), T)
 
 
 SPACINGS = {
@@ -185,9 +195,13 @@ def _check_K(alphas_cumprod: torch.Tensor, K: int) -> int:
     return T
 
 
-def _nearest(values: torch.Tensor, targets: torch.Tensor, T: int) -> list[int]:
-    """For each target, the timestep whose (monotone) ``values`` entry is nearest, made distinct."""
-    return _distinct((values[None, :] - targets[:, None]).abs().argmin(dim=1).tolist(), T)
+def _nearest_from_last(lam: torch.Tensor, targets: torch.Tensor, T: int) -> list[int]:
+    """For each target λ, the timestep nearest in λ; the noisiest becomes T−1 (the chain starts from
+    noise, and a first step from T−1 over the λ's below :data:`LAMBDA_MIN` costs the solvers
+    nothing: x̂_0 barely changes there); made distinct."""
+    steps = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+    steps[steps.index(max(steps))] = T - 1
+    return _distinct(steps, T)
 
 
 def _distinct(steps: list[int], T: int) -> list[int]:
