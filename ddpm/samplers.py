@@ -351,6 +351,10 @@ class DPMAdaptive(Solver):
         self.h = (self.lam[0] - self.lam[-1]) / 20  # a first guess; the controller corrects it
         self.reached = -1
 
+    @staticmethod
+    def evaluations(K: int) -> int:
+        raise ValueError("dpm-adaptive's NFE is known only after sampling: pass stats={} to sample()")
+
     def next_step(self, k: int) -> int:
         return self.reached
 
