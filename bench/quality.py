@@ -32,12 +32,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench import common
+from bench.mnist_fd import features, frechet_distance, train_classifier
 from ddpm.config import get_config
 from ddpm.data import ImageData, load_images
 from ddpm.images import make_grid, save_image
@@ -190,56 +190,6 @@ def load_trained(out: Path) -> dict[str, Callable]:
 
 
 # ---------------------------------------------------------------------------- the scores
-
-
-class Classifier(nn.Module):
-    """A small MNIST CNN; its 128-d penultimate layer is the feature space of the Fréchet distance."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
-        )
-        self.head = nn.Linear(128, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-def train_classifier(train: ImageData, test: ImageData, epochs: float, seed: int) -> tuple[Classifier, float]:
-    torch.manual_seed(seed)
-    net = Classifier()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    steps = int(epochs * len(train) / 128)
-    order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(math.ceil(epochs))])
-    for i in range(steps):
-        idx = order[i * 128:(i + 1) * 128]
-        loss = F.cross_entropy(net(train.to_float(idx)), train.labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    with torch.no_grad():
-        pred = torch.cat([net(test.to_float(slice(i, i + 1000))).argmax(1) for i in range(0, len(test), 1000)])
-    return net, (pred == test.labels).float().mean().item()
-
-
-@torch.no_grad()
-def features(net: Classifier, x: Tensor) -> np.ndarray:
-    return torch.cat([net.features(x[i:i + 500]) for i in range(0, len(x), 500)]).double().numpy()
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½), the matrix square root through eigenvalues of Σa^½ Σb Σa^½."""
-    mu = a.mean(0) - b.mean(0)
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(sa)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.linalg.eigvalsh(root_a @ sb @ root_a)
-    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
 
 
 def score(args: argparse.Namespace, out: Path, train_data: ImageData) -> dict[str, dict]:

@@ -270,19 +270,36 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw training weights")
 
 
-def _sampler_arguments(p: argparse.ArgumentParser, default_sampler: str = "ddpm", default_steps: int | None = None,
-                       seed_help: str = "random seed") -> None:
-    from ddpm.samplers import SAMPLERS
-
-    p.add_argument("--sampler", default=default_sampler, choices=list(SAMPLERS),
-                   help=f"the reverse-process solver (default {default_sampler}); 'ddpm' is the paper's Algorithm 2")
-    p.add_argument("--steps", type=int, default=default_steps,
-                   help="network evaluations (NFE) per image (default: %s)" % (default_steps or "all T for ddpm"))
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
+def _sampler_arguments(p: argparse.ArgumentParser, seed_help: str = "random seed") -> None:
+    _solver_arguments(p)
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--batch-size", type=int, default=64, help="images per model call batch")
+    _bf16_argument(p, "bfloat16 autocast")
+
+
+def _bf16_argument(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
-                   help="bfloat16 autocast (auto: on for CUDA, off for the CPU)")
+                   help=f"{what} (auto: on for CUDA, off for the CPU, as measured)")
+
+
+def _solver_arguments(p: argparse.ArgumentParser) -> None:
+    from ddpm.generate import DEFAULT_NFE, DEFAULT_SAMPLER
+    from ddpm.samplers import SAMPLERS
+    from ddpm.schedules import SPACINGS
+
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS),
+                   help=f"the reverse-process solver (default {DEFAULT_SAMPLER}): ddpm is the paper's Algorithm 2 "
+                        "(ancestral, all T steps by default), ddim is DDIM, dpm++2m / dpm++3m DPM-Solver++ multistep, "
+                        "dpm++2m-sde its stochastic variant, unipc UniPC (order 3), heun Karras et al.'s Heun, "
+                        "dpm-adaptive picks its own steps from --rtol")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"network evaluations (NFE) per image (default: all T for ddpm, {DEFAULT_NFE} for the "
+                        "others; heun spends 2K-1 for K steps)")
+    p.add_argument("--spacing", default=None, choices=list(SPACINGS),
+                   help="which timesteps the chain visits (default: the sampler's own: uniform for ddpm, leading "
+                        "for ddim, logsnr for the DPM-Solver++ family and unipc, karras for heun)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM (ddim only)")
+    p.add_argument("--rtol", type=float, default=None, help="dpm-adaptive's relative tolerance (default 0.05)")
 
 
 def _bf16(args: argparse.Namespace) -> bool | None:
@@ -292,12 +309,14 @@ def _bf16(args: argparse.Namespace) -> bool | None:
 def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "sample", parents=[common], help="draw images from a trained model",
-        description="Draw samples with DDPM (1000 steps) or DDIM (e.g. 50 steps); write a PNG grid, PNGs or an .npz.",
+        description="Draw samples with a fast ODE solver (default: DPM-Solver++ 2M, 20 network evaluations), DDIM, "
+                    "or DDPM's 1000 ancestral steps; write a PNG grid, PNGs or an .npz. Prints the NFE spent.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent("""\
             examples:
               ddpm sample runs/mnist --out out/mnist --num-images 64
-              ddpm sample runs/mnist --out out/fid --sampler ddim --steps 50 --num-images 10000 --npz --no-grid
+              ddpm sample runs/mnist --out out/fid --sampler unipc --steps 10 --num-images 10000 --npz --no-grid
+              ddpm sample runs/mnist --out out/paper --sampler ddpm              # Algorithm 2, 1000 steps
               ddpm sample ddpm-cifar10-32/ --out out/cifar --sampler ddim --steps 100
               ddpm sample runs/cond --out out/sevens --label 7 --guidance-scale 3
             """))
@@ -315,9 +334,10 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from ddpm.generate import SamplerSettings
+    from ddpm.generate import SamplerSettings, default_steps
 
-    return SamplerSettings(args.sampler, args.steps, args.eta)
+    steps = args.steps if args.steps is not None else default_steps(args.sampler)
+    return SamplerSettings(args.sampler, steps, args.eta, args.spacing, args.rtol)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -371,19 +391,16 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--fid", action="store_true", help="also FID/KID/IS of samples vs the data (torch-fidelity)")
     p.add_argument("--samples", default=None, help="an .npz of samples for --fid (default: draw --num-samples)")
     p.add_argument("--num-samples", type=int, default=10000, help="samples to draw for --fid")
-    from ddpm.samplers import SAMPLERS
-
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampler for --fid samples")
-    p.add_argument("--steps", type=int, default=50, help="network evaluations per --fid sample")
-    p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
-                   help="bfloat16 autocast for --fid sampling (auto: on for CUDA, off for the CPU)")
+    group = p.add_argument_group("sampling for --fid")
+    _solver_arguments(group)
+    _bf16_argument(group, "bfloat16 autocast for --fid sampling")
     p.add_argument("--inception", default=None, help="local Inception weights file for torch-fidelity (offline)")
     p.set_defaults(handler=cmd_eval, command="eval")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate_bpd, evaluate_fid, write_bpd_report
-    from ddpm.generate import SamplerSettings, generate
+    from ddpm.generate import generate
     from ddpm.loading import describe_run, load_model
     from ddpm.runtime import resolve_device
 
@@ -408,7 +425,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             samples = _load_samples_npz(Path(args.samples))
         else:
             samples = generate(loaded.model, loaded.diffusion.build(), args.num_samples,
-                               SamplerSettings(args.sampler, args.steps), seed=args.seed, batch_size=args.batch_size,
+                               _settings(args), seed=args.seed, batch_size=args.batch_size,
                                device=device, bf16=_bf16(args), progress=not args.quiet,
                                autoencoder=loaded.autoencoder).uint8()
         metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)

@@ -12,6 +12,8 @@ References (cited by equation number in the docstrings):
 - [PD] Salimans, Ho. Progressive Distillation for Fast Sampling of Diffusion Models. ICLR 2022
   (the v-parameterisation, appendix D).
 - [CFG] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022.
+- [SDE] Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole. Score-Based Generative Modeling through
+  Stochastic Differential Equations. ICLR 2021.
 """
 
 from __future__ import annotations
@@ -299,6 +301,21 @@ class GaussianDiffusion:
             "eps": self.predict_eps_from_x0(x_t, t, pred_x0),
         }
 
+    def score(self, model: Model, x_t: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
+        """The model's score ∇_x log q_t(x_t) ≈ −ε̂(x_t, t) / √(1 − ᾱ_t) (the score behind [SDE] eq. 7).
+
+        Since x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, the score of q(x_t | x_0) is −ε/√(1 − ᾱ_t), and the
+        minimum-MSE ε̂ = E[ε | x_t] turns it into the score of the marginal q_t (Vincent 2011).
+        ε̂ comes from the mean prediction (ε, x_0 or v, unclipped, with guidance if asked). Shape of x_t.
+        """
+        out = self.model_output(model, x_t, t, model_kwargs)
+        prediction = out[:, : x_t.shape[1]]  # the mean channels (a learned variance follows them)
+        if self.mean_type == "eps":
+            eps = prediction
+        else:
+            eps = self.predict_eps_from_x0(x_t, t, self.predict_x0(x_t, t, prediction))
+        return -eps / self.coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+
     # ------------------------------------------------------------------ respacing
 
     def respace(self, use_timesteps: Sequence[int]) -> GaussianDiffusion:
@@ -348,13 +365,15 @@ class GaussianDiffusion:
         sampler: str = "ddpm",
         steps: int | None = None,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         progress: bool = False,
         return_trajectory: bool = False,
+        spacing: str | None = None,
         **kwargs: Any,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """Draw samples from p_θ; see :func:`ddpm.samplers.sample` for the options."""
+        """Draw samples from p_θ; see :func:`ddpm.samplers.sample` for the options (``sampler``,
+        ``steps`` = NFE, ``spacing``, per-sample generators, ...)."""
         return samplers.sample(
-            self, model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
+            self, model, shape, sampler=sampler, steps=steps, eta=eta, spacing=spacing, generator=generator,
             progress=progress, return_trajectory=return_trajectory, **kwargs,
         )

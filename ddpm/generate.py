@@ -37,7 +37,9 @@ class SamplerSettings:
         sampler: a name from :data:`ddpm.samplers.SAMPLERS`.
         steps: network evaluations (``None``: the sampler's default, all T for ``ddpm``).
         eta: DDIM's η (0: deterministic).
-        spacing: which timesteps the chain visits (``None``: the sampler's default).
+        spacing: which timesteps the chain visits (``None``: the sampler's default,
+            :data:`ddpm.samplers.DEFAULT_SPACING`).
+        rtol: ``dpm-adaptive``'s relative tolerance (it picks its own steps).
         clip_denoised: clip x̂_0 to [-1, 1] (pixels; off for latents, which have no such range).
     """
 
@@ -45,19 +47,36 @@ class SamplerSettings:
     steps: int | None = None
     eta: float = 0.0
     spacing: str | None = None
+    rtol: float | None = None
     clip_denoised: bool = True
 
     def describe(self, T: int) -> str:
+        if self.sampler == "dpm-adaptive":
+            return f"dpm-adaptive, rtol {self.rtol or DEFAULT_RTOL:g}"
         spacing = f", {self.spacing} spacing" if self.spacing else ""
         eta = f", eta {self.eta:g}" if self.eta else ""
-        return f"{self.sampler}, {self.steps or T} steps{spacing}{eta}"
+        return f"{self.sampler}, {self.steps or T} NFE{spacing}{eta}"
 
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`GaussianDiffusion.sample` these settings fill in."""
-        kwargs = {"sampler": self.sampler, "steps": self.steps, "eta": self.eta, "clip_denoised": self.clip_denoised}
-        if self.spacing is not None:
-            kwargs["spacing"] = self.spacing
+        kwargs = {"sampler": self.sampler, "steps": self.steps, "eta": self.eta, "spacing": self.spacing,
+                  "clip_denoised": self.clip_denoised}
+        if self.sampler == "dpm-adaptive":
+            kwargs["rtol"] = self.rtol or DEFAULT_RTOL
         return kwargs
+
+
+#: What ``ddpm sample`` draws with when not told: the solver and NFE that bench/solvers.py picked
+#: on MNIST (bench/RESULTS.md). ``--sampler ddpm`` is the paper's Algorithm 2 over all T steps.
+DEFAULT_SAMPLER = "dpm++2m"
+DEFAULT_NFE = 20
+#: dpm-adaptive's tolerance when none is given.
+DEFAULT_RTOL = 0.05
+
+
+def default_steps(sampler: str) -> int | None:
+    """The NFE a sampler runs when not told: all T for ``ddpm``, its own for ``dpm-adaptive``, else DEFAULT_NFE."""
+    return None if sampler in ("ddpm", "dpm-adaptive") else DEFAULT_NFE
 
 
 @dataclass
@@ -150,7 +169,8 @@ def generate(
         raise UserError(f"--label {label} is out of range: the model has classes 0..{num_classes - 1}")
     if guidance_scale is not None and not num_classes:
         raise UserError("--guidance-scale needs a class-conditional model; this one is unconditional")
-    check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta)
+    check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta, settings.spacing,
+                            settings.rtol)
     device = torch.device(device)
     use_bf16 = resolve_bf16(bf16, device, training=False)
     counted = _CountingModel(model)

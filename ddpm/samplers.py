@@ -1,14 +1,33 @@
-"""Samplers: one reverse-time loop, one step function per sampler.
+"""Samplers: one reverse-time loop, one small solver class per method.
 
-A step function maps x_t to x_{t−1} given p_θ's prediction at x_t (the dict of
-:meth:`GaussianDiffusion.p_mean_variance`) and a standard-normal draw ``noise``. Timesteps are
-0-based steps of the (maybe respaced) process: the loop runs t = K−1, ..., 0 and t = 0 returns x_0.
-References are listed in :mod:`ddpm.diffusion`.
+The loop (:func:`sample`) visits K kept timesteps t_{K−1} > ... > t_0 of the process (0-based:
+index i is the paper's t = i + 1), calls the network once at each, and hands the prediction to
+the solver's ``step``, which moves x from t_k to t_{k−1}, or at k = 0 to the data (ᾱ = 1). A
+multistep solver keeps its history of x̂_0 on itself; Heun asks the loop's ``denoise`` for its
+second evaluation. Adding a solver is one class and one line in :data:`SAMPLERS`.
+
+The ODE solvers work in the notation of DPM-Solver: x_t = α_t x_0 + σ_t ε with α_t = √ᾱ_t,
+σ_t = √(1 − ᾱ_t), and λ_t = log(α_t/σ_t), which grows from the noise (λ_{T−1} ≈ −5 for the
+linear schedule) to the data (λ = +∞). They use the data prediction x̂_0 only (the mean channels
+of a learned-variance model), clipped to [−1, 1] when ``clip_denoised``.
+
+References (see also :mod:`ddpm.diffusion`):
+
+- [DPM++] Lu, Zhou, Bao, Chen, Li, Zhu. DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+  Probabilistic Models. arXiv:2211.01095 (2022).
+- [UniPC] Zhao, Bai, Rao, Zhou, Lu. UniPC: A Unified Predictor-Corrector Framework for Fast
+  Sampling of Diffusion Models. arXiv:2302.04867 (2023).
+- [EDM] Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based Generative
+  Models. NeurIPS 2022.
+- [SDE] Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole. Score-Based Generative Modeling through
+  Stochastic Differential Equations. ICLR 2021.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,12 +35,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ddpm.errors import UserError
-from ddpm.schedules import even_timesteps, space_timesteps
+from ddpm.schedules import SPACINGS
 
 if TYPE_CHECKING:
     from ddpm.diffusion import GaussianDiffusion, Model
 
-Step = Callable[["GaussianDiffusion", dict[str, Tensor], Tensor, Tensor, Tensor, float], Tensor]
+#: ``denoise(x, k)``: the network's prediction at kept step k (the dict of ``p_mean_variance``).
+Denoise = Callable[[Tensor, int], dict[str, Tensor]]
+#: ``noise()``: a fresh standard-normal tensor shaped like x, drawn only when a solver needs one.
+Noise = Callable[[], Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+# ---------------------------------------------------------------------------- DDPM and DDIM
 
 
 def ddpm_step(
@@ -62,22 +88,389 @@ def ddim_step(
     return acp_prev.sqrt() * p["pred_x0"] + direction + sigma * noise
 
 
-SAMPLERS: dict[str, Step] = {"ddpm": ddpm_step, "ddim": ddim_step}
+class Solver:
+    """A reverse-time solver on the (respaced) process ``d``; ``step`` is called at k = K−1, ..., 0.
+
+    ``step(x, k, p, denoise, noise)`` gets x at kept step k and the network's prediction ``p`` there,
+    and returns x at step k − 1 (at k = 0: the sample). ``evaluations(K)`` is its NFE on K steps.
+    """
+
+    def __init__(self, d: GaussianDiffusion, eta: float = 0.0) -> None:
+        self.d, self.eta = d, eta
+
+    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def evaluations(K: int) -> int:
+        return K
+
+    @staticmethod
+    def kept_steps(nfe: int) -> int:
+        """How many timesteps to keep for a budget of ``nfe`` network evaluations."""
+        return nfe
+
+    def next_step(self, k: int) -> int:
+        """The kept step that the last ``step`` from k reached (every solver but the adaptive one: k − 1)."""
+        return k - 1
+
+    def alpha_sigma(self, k: int) -> tuple[float, float]:
+        """(α, σ) = (√ᾱ, √(1 − ᾱ)) at kept step k, in float64; k = −1 is the data, (1, 0)."""
+        if k < 0:
+            return 1.0, 0.0
+        acp = self.d.alphas_cumprod[k].item()
+        return math.sqrt(acp), math.sqrt(1.0 - acp)
+
+    def log_snr(self, k: int) -> float:
+        """λ = log(α/σ) at kept step k (+∞ at the data)."""
+        alpha, sigma = self.alpha_sigma(k)
+        return math.inf if sigma == 0.0 else math.log(alpha / sigma)
 
 
-def check_sampler_arguments(T: int, sampler: str, steps: int | None, eta: float) -> None:
-    """Raise :class:`UserError` unless ``sampler``, ``steps`` (1..T or None) and ``eta`` (in [0, 1]) are valid."""
+class DDPM(Solver):
+    """Ancestral sampling, [DDPM] Algorithm 2 (:func:`ddpm_step`), on the respaced process."""
+
+    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
+        z = noise() if k > 0 else torch.zeros_like(x)
+        return ddpm_step(self.d, p, x, _timestep(k, x), z, self.eta)
+
+
+class DDIM(Solver):
+    """[DDIM] eq. 12 (:func:`ddim_step`); η = 0 is the first-order solver of the PF-ODE in λ."""
+
+    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
+        z = noise() if self.eta > 0 and k > 0 else torch.zeros_like(x)
+        return ddim_step(self.d, p, x, _timestep(k, x), z, self.eta)
+
+
+# ---------------------------------------------------------------------------- DPM-Solver++
+
+
+class DPMSolverPP(Solver):
+    """DPM-Solver++ multistep with data prediction, [DPM++] Algorithm 2 (2M) and its third order (3M).
+
+    The PF-ODE's exact solution from s to t (h = λ_t − λ_s; [DPM++] section 4, data prediction) is
+    x_t = (σ_t/σ_s) x_s + σ_t ∫_{λ_s}^{λ_t} e^λ x̂_0(λ) dλ. Order 1 takes x̂_0 constant (DDIM);
+    2M takes D = (1 + 1/(2r)) x̂_0(s) − 1/(2r) x̂_0(s') from the previous step s' (r = h'/h);
+    3M expands x̂_0 to second order in λ through the last three points and integrates exactly.
+    The first steps use lower orders (no history yet), the step before last at most order 2, and
+    the last step, to λ = ∞, is first order: it returns x̂_0 at t_0.
+    """
+
+    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, order: int = 2) -> None:
+        super().__init__(d, eta)
+        self.order = order
+        self.history: list[tuple[float, Tensor]] = []  # (λ, x̂_0), newest last
+
+    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
+        lam_s, x0 = self.log_snr(k), p["pred_x0"]
+        self.history = [*self.history, (lam_s, x0)][-self.order:]
+        alpha_t, sigma_t = self.alpha_sigma(k - 1)
+        if sigma_t == 0.0:
+            return x0  # h = ∞: e^{−h} = 0, the update is x̂_0 itself
+        h = math.log(alpha_t / sigma_t) - lam_s
+        order = min(self.order, len(self.history), k + 1)
+        decay = (sigma_t / self.alpha_sigma(k)[1]) * x  # (σ_t/σ_s) x_s
+        if order == 1:
+            return decay - alpha_t * math.expm1(-h) * x0
+        if order == 2:
+            (lam_1, x0_1), _ = self.history[-2:]
+            r = (lam_s - lam_1) / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_1  # [DPM++] Algorithm 2
+            return decay - alpha_t * math.expm1(-h) * D
+        d1, d2 = _lambda_derivatives(self.history)
+        # I_n = ∫_0^h e^{u−h} u^n/n! du for n = 0, 1, 2 (= h^{n+1} φ_{n+1}(−h) in φ-function terms).
+        i0 = -math.expm1(-h)
+        i1 = h + math.expm1(-h)
+        i2 = h * h / 2 - h - math.expm1(-h)
+        return decay + alpha_t * (i0 * x0 + i1 * d1 + i2 * d2)
+
+
+def _lambda_derivatives(history: list[tuple[float, Tensor]]) -> tuple[Tensor, Tensor]:
+    """dx̂_0/dλ and d²x̂_0/dλ² at the newest point, from the quadratic through the last three.
+
+    Newton's divided differences: f[s0,s1] = (x̂_0(s0) − x̂_0(s1)) / (λ_0 − λ_1), and the quadratic's
+    derivatives at λ_0 are f[s0,s1] + (λ_0 − λ_1) f[s0,s1,s2] and 2 f[s0,s1,s2].
+    """
+    (l2, m2), (l1, m1), (l0, m0) = history[-3:]
+    f01, f12 = (m0 - m1) / (l0 - l1), (m1 - m2) / (l1 - l2)
+    f012 = (f01 - f12) / (l0 - l2)
+    return f01 + (l0 - l1) * f012, 2 * f012
+
+
+class DPMSolverPPSDE(DPMSolverPP):
+    """SDE-DPM-Solver++(2M): the reverse SDE, not the ODE, solved like [DPM++]'s ODE in λ (diffusers'
+    ``sde-dpmsolver++`` with the midpoint rule).
+
+    Its exact linear part gives x_t = (σ_t/σ_s) e^{−h} x_s + α_t (1 − e^{−2h}) x̂_0 + σ_t √(1 − e^{−2h}) z,
+    and the second-order (midpoint) correction adds α_t (1 − e^{−2h}) D_1 / 2 with
+    D_1 = (x̂_0(s) − x̂_0(s')) / r. It samples the model's distribution; the last step returns x̂_0.
+    """
+
+    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
+        lam_s, x0 = self.log_snr(k), p["pred_x0"]
+        self.history = [*self.history, (lam_s, x0)][-self.order:]
+        alpha_t, sigma_t = self.alpha_sigma(k - 1)
+        if sigma_t == 0.0:
+            return x0
+        h = math.log(alpha_t / sigma_t) - lam_s
+        D = x0
+        if len(self.history) == 2:
+            (lam_1, x0_1), _ = self.history
+            D = x0 + (x0 - x0_1) * h / (2 * (lam_s - lam_1))
+        one_minus = -math.expm1(-2 * h)  # 1 − e^{−2h}
+        decay = sigma_t / self.alpha_sigma(k)[1] * math.exp(-h)
+        return decay * x + alpha_t * one_minus * D + sigma_t * math.sqrt(one_minus) * noise()
+
+
+# ---------------------------------------------------------------------------- UniPC
+
+
+class UniPC(Solver):
+    """UniPC with B(h) = e^h − 1 (bh2) and data prediction, [UniPC] section 3 (UniC, UniP).
+
+    Each step predicts with UniP-p from the last p points, then, once the network has been called
+    at the predicted point (the next step's evaluation, so no extra NFE), corrects that point with
+    UniC-p, which raises the order by one; the model output kept in the history is the one at the
+    uncorrected point. The order ramps up over the first steps, is at most k + 1 at step k (so 2
+    before last), the last step (to λ = ∞) returns x̂_0, and no corrector follows it.
+    """
+
+    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, order: int = 3) -> None:
+        super().__init__(d, eta)
+        self.order = order
+        self.history: list[tuple[float, Tensor]] = []
+        self.last: tuple[Tensor, int, int] | None = None  # (x_s, k of s, order) of the last prediction
+
+    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
+        x0 = p["pred_x0"]
+        if k == 0:
+            return x0  # to λ = ∞: x̂_0, whatever a correction of x would have been
+        if self.last is not None:  # UniC: x was predicted; correct it with the model output at x
+            x_s, k_s, order = self.last
+            x = self.update(x_s, k_s, k, self.history[-order:], x0_t=x0)
+        self.history = [*self.history, (self.log_snr(k), x0)][-self.order:]
+        order = min(self.order, len(self.history), k + 1)
+        self.last = (x, k, order)
+        return self.update(x, k, k - 1, self.history[-order:])
+
+    def update(
+        self, x: Tensor, k_s: int, k_t: int, points: list[tuple[float, Tensor]], x0_t: Tensor | None = None
+    ) -> Tensor:
+        """UniP (``x0_t`` None) or UniC from s = t_{k_s} to t = t_{k_t} ([UniPC] section 3, B(h) = e^h − 1).
+
+        ``points`` are (λ, x̂_0) with s last. With r_m = (λ_m − λ_s)/h and D_m = (x̂_0(m) − x̂_0(s)) / r_m,
+        x_t = (σ_t/σ_s) x_s + α_t (1 − e^{−h}) x̂_0(s) + α_t (1 − e^{−h}) Σ_m ρ_m D_m,
+        where ρ solves Σ_m ρ_m r_m^{i−1} = b_i = i! z φ_{i+1}(z) / (e^z − 1), z = −h, i = 1..p (the order
+        conditions of [UniPC] with B = e^z − 1), φ_1(z) = (e^z − 1)/z, φ_{i+1}(z) = (φ_i(z) − 1/i!)/z.
+        The corrector adds the point t itself (r = 1, D = x̂_0(t) − x̂_0(s)). With a single D (the
+        predictor of order 2, the corrector of order 1) ρ = ½, b_1's limit as h → 0, as in UniPC's
+        reference code and diffusers.
+        """
+        (lam_s, x0_s), older = points[-1], points[:-1]
+        alpha_t, sigma_t = self.alpha_sigma(k_t)
+        h = math.log(alpha_t / sigma_t) - lam_s
+        r = [(lam - lam_s) / h for lam, _ in older]
+        D = [(m - x0_s) / r_m for (_, m), r_m in zip(older, r, strict=True)]
+        if x0_t is not None:
+            r, D = [*r, 1.0], [*D, x0_t - x0_s]
+        x_t = (sigma_t / self.alpha_sigma(k_s)[1]) * x - alpha_t * math.expm1(-h) * x0_s
+        if not D:
+            return x_t
+        rho = [0.5] if len(D) == 1 else _unipc_rho(r, h)
+        return x_t - alpha_t * math.expm1(-h) * sum(rho_m * D_m for rho_m, D_m in zip(rho, D, strict=True))
+
+
+def _unipc_rho(r: list[float], h: float) -> list[float]:
+    """Solve [UniPC]'s order conditions R ρ = b with R_{i,m} = r_m^{i−1} and bh2's b (see UniPC.update)."""
+    z, n = -h, len(r)  # data prediction integrates e^{−h}
+    phi, fact, b = math.expm1(z) / z, 1.0, []
+    for i in range(1, n + 1):
+        phi = (phi - 1.0 / fact) / z  # φ_{i+1}(z)
+        b.append(fact * z * phi / math.expm1(z))  # i! · z φ_{i+1}(z) / B, B = e^z − 1
+        fact *= i + 1
+    R = torch.tensor([[rm ** (i - 1) for rm in r] for i in range(1, n + 1)], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+# ---------------------------------------------------------------------------- Heun
+
+
+class Heun(Solver):
+    """Heun's second-order method on the PF-ODE in σ = σ_t/α_t, [EDM] Algorithm 1 (S_churn = 0).
+
+    With y = x/α, the ODE is dy/dσ = (y − x̂_0(y, σ))/σ ([EDM] eq. 4 with s = 1). Each step takes an
+    Euler step to the next σ and corrects it with the slope there (the second evaluation, at the
+    next kept timestep); the last step, to σ = 0, is Euler alone and returns x̂_0. So K kept
+    timesteps cost 2K − 1 network evaluations, and ``steps`` = N evaluations keep K = ⌊(N+1)/2⌋
+    (an even N spends N − 1).
+    """
+
+    @staticmethod
+    def evaluations(K: int) -> int:
+        return 2 * K - 1
+
+    @staticmethod
+    def kept_steps(nfe: int) -> int:
+        return (nfe + 1) // 2
+
+    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
+        (alpha_s, sigma_s), (alpha_t, sigma_t) = self.alpha_sigma(k), self.alpha_sigma(k - 1)
+        s, t = sigma_s / alpha_s, sigma_t / alpha_t
+        y = x / alpha_s
+        slope = (y - p["pred_x0"]) / s
+        y_euler = y + (t - s) * slope
+        if t == 0.0:
+            return y_euler
+        slope_t = (y_euler - denoise(alpha_t * y_euler, k - 1)["pred_x0"]) / t
+        return alpha_t * (y + (t - s) * (slope + slope_t) / 2)
+
+
+# ---------------------------------------------------------------------------- adaptive
+
+
+class DPMAdaptive(Solver):
+    """DPM-Solver-12 with adaptive step size (Lu et al. 2022a, "DPM-Solver", its adaptive solver), in
+    the data-prediction form of [DPM++], on the process's own integer timesteps.
+
+    From s it proposes t with λ_t ≈ λ_s + h and takes both a first-order step (DDIM) and the
+    second-order singlestep DPM-Solver++(2S) through the midpoint u (λ_u ≈ (λ_s + λ_t)/2, one more
+    evaluation). Their difference estimates the local error, measured as
+    E = RMS((x_high − x_low) / max(atol, rtol · max(|x_low|, |x_s|))) over the whole batch: E ≤ 1
+    accepts x_high, else t is refused; either way h ← h · min(5, max(0.2, 0.9 E^{−1/2})).
+    Proposals snap to the nearest timestep (at least two below s, so a midpoint exists), and the
+    last step returns x̂_0 at timestep 0. The NFE is known only afterwards (``stats`` of
+    :func:`sample`); the step sizes depend on the whole batch, so unlike the other solvers a sample
+    is not independent of its batch.
+    """
+
+    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, rtol: float = 0.05, atol: float = 0.0078) -> None:
+        super().__init__(d, eta)
+        self.rtol, self.atol = rtol, atol
+        self.lam = [self.log_snr(k) for k in range(d.num_timesteps)]
+        self.h = (self.lam[0] - self.lam[-1]) / 20  # a first guess; the controller corrects it
+        self.reached = -1
+
+    @staticmethod
+    def evaluations(K: int) -> int:
+        raise ValueError("dpm-adaptive's NFE is known only after sampling: pass stats={} to sample()")
+
+    def next_step(self, k: int) -> int:
+        return self.reached
+
+    def nearest(self, lam: float, lo: int, hi: int) -> int:
+        """The timestep in lo..hi whose λ is nearest to ``lam``."""
+        return min(range(lo, hi + 1), key=lambda j: abs(self.lam[j] - lam))
+
+    def first_order(self, x: Tensor, k_s: int, k_t: int, x0: Tensor) -> Tensor:
+        (alpha_t, sigma_t), sigma_s = self.alpha_sigma(k_t), self.alpha_sigma(k_s)[1]
+        return (sigma_t / sigma_s) * x - alpha_t * math.expm1(self.lam[k_s] - self.lam[k_t]) * x0
+
+    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
+        x0 = p["pred_x0"]
+        if k <= 1:  # nothing left to adapt: DDIM to timestep 0, or x̂_0 from it
+            self.reached = k - 1
+            return x0 if k == 0 else self.first_order(x, k, 0, x0)
+        while True:
+            t = self.nearest(self.lam[k] + self.h, 0, k - 2)
+            u = self.nearest((self.lam[k] + self.lam[t]) / 2, t + 1, k - 1)
+            h, r = self.lam[t] - self.lam[k], (self.lam[u] - self.lam[k]) / (self.lam[t] - self.lam[k])
+            x_low = self.first_order(x, k, t, x0)
+            x0_u = denoise(self.first_order(x, k, u, x0), u)["pred_x0"]
+            x_high = self.first_order(x, k, t, (1 - 1 / (2 * r)) * x0 + 1 / (2 * r) * x0_u)  # [DPM++] Alg. 1
+            scale = torch.maximum(x_low.abs(), x.abs()).mul(self.rtol).clamp(min=self.atol)
+            error = ((x_high - x_low) / scale).pow(2).mean().sqrt().item()
+            self.h = h * min(5.0, max(0.2, 0.9 * max(error, 1e-10) ** -0.5))
+            if error <= 1.0 or t == k - 2:  # a step of two timesteps is the smallest there is
+                self.reached = t
+                return x_high
+
+
+# ---------------------------------------------------------------------------- registries
+
+#: Every solver by its name: a constructor ``(d, eta) -> Solver``.
+SAMPLERS: dict[str, Callable[..., Solver]] = {
+    "ddpm": DDPM,
+    "ddim": DDIM,
+    "dpm++2m": partial(DPMSolverPP, order=2),
+    "dpm++3m": partial(DPMSolverPP, order=3),
+    "dpm++2m-sde": DPMSolverPPSDE,
+    "unipc": partial(UniPC, order=3),
+    "heun": Heun,
+    "dpm-adaptive": DPMAdaptive,
+}
+
+#: The spacing each solver uses unless told. DDPM and DDIM keep their historical ones (so a seed
+#: gives the same images as before). For the others the spacing with the smallest error on the exact
+#: Gaussian model won (geometric mean over N(0.1, 0.3²) and N(0.1, 0.5²), linear and cosine
+#: schedules, NFE 5, 10, 20; ``python tests/test_math_solvers.py`` prints the table): ``logsnr``,
+#: e.g. for dpm++2m logsnr 0.018, quadratic 0.019, karras 0.030, trailing 0.044, uniform 0.078;
+#: for Heun ``karras`` (0.86 against logsnr's 1.5: Heun suffers on the cosine schedule's σ's).
+DEFAULT_SPACING: dict[str, str] = {
+    "ddpm": "uniform",
+    "ddim": "leading",
+    "dpm++2m": "logsnr",
+    "dpm++3m": "logsnr",
+    "dpm++2m-sde": "logsnr",
+    "unipc": "logsnr",
+    "heun": "karras",
+    "dpm-adaptive": "uniform",  # it keeps every timestep and picks its own steps among them
+}
+
+#: Solvers whose only noise is x_T; ``eta`` means nothing to them.
+_ETA_SAMPLERS = ("ddpm", "ddim")
+
+
+def _solver_class(sampler: str) -> type[Solver]:
+    make = SAMPLERS[sampler]
+    return make.func if isinstance(make, partial) else make  # type: ignore[return-value]
+
+
+def network_evaluations(sampler: str, K: int) -> int:
+    """The number of network evaluations (NFE) ``sampler`` spends on K kept timesteps."""
+    return _solver_class(sampler).evaluations(K)
+
+
+def check_sampler_arguments(
+    T: int, sampler: str, steps: int | None, eta: float, spacing: str | None = None, rtol: float | None = None
+) -> None:
+    """Raise :class:`UserError` unless ``sampler``, ``steps`` (1..T or None; None for dpm-adaptive),
+    ``eta`` (in [0, 1], and 0 for the ODE/SDE solvers), ``spacing`` (a name of :data:`SPACINGS` or
+    None) and ``rtol`` (dpm-adaptive's, > 0) are valid."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must lie in [0, 1], got {eta}")
+    if eta != 0.0 and sampler not in _ETA_SAMPLERS:
+        raise UserError(f"eta is DDIM's; the {sampler} sampler takes none (got eta={eta})")
     if steps is not None and not 1 <= steps <= T:
         raise UserError(f"the number of sampling steps must be between 1 and T={T}, got {steps}")
+    if sampler == "dpm-adaptive" and (steps is not None or spacing is not None):
+        raise UserError("dpm-adaptive chooses its own steps: give it rtol instead of steps or a spacing")
+    if rtol is not None and (sampler != "dpm-adaptive" or not rtol > 0):
+        raise UserError(f"rtol is dpm-adaptive's and must be > 0 (got sampler {sampler!r}, rtol={rtol})")
+    if spacing is not None and spacing not in SPACINGS:
+        raise UserError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
 
 
-def randn(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None,
-          device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
-    """A standard-normal draw of ``shape``; with one generator per sample, sample i's from generator i."""
+def kept_timesteps(
+    diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None = None
+) -> list[int]:
+    """The 0-based timesteps ``sampler`` visits for ``steps`` network evaluations (None: T).
+
+    ``spacing`` (default :data:`DEFAULT_SPACING`) chooses them; Heun keeps ⌊(steps+1)/2⌋.
+    """
+    T = diffusion.num_timesteps
+    K = _solver_class(sampler).kept_steps(T if steps is None else steps)
+    return SPACINGS[spacing or DEFAULT_SPACING[sampler]](diffusion.alphas_cumprod, K)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def randn(shape: Sequence[int], generator: Generators, device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
+    """A standard-normal draw; with one generator per sample, sample i's entries come from generator i
+    alone, so a sample does not depend on the batch it is drawn in."""
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     if len(generator) != shape[0]:
@@ -93,7 +486,8 @@ def sample(
     sampler: str = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    spacing: str | None = None,
+    generator: Generators = None,
     progress: bool = False,
     return_trajectory: bool = False,
     trajectory_every: int = 1,
@@ -103,57 +497,80 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     timesteps: Sequence[int] | None = None,
+    rtol: float | None = None,
+    stats: dict[str, int] | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """Draw samples x_0 ~ p_θ by running the reverse process from x_T ~ N(0, I).
+    """Draw samples x_0 ~ p_θ by solving the reverse process from x_T ~ N(0, I).
 
     Args:
-        sampler: ``"ddpm"`` (ancestral, [DDPM] Algorithm 2) or ``"ddim"`` ([DDIM] eq. 12).
-        steps: K < T runs the process respaced onto K kept steps; ``None`` uses all T. DDIM keeps
-            {0, T/K, 2T/K, ...} (:func:`~ddpm.schedules.even_timesteps`, as the DDIM paper);
-            DDPM keeps K evenly spaced steps from 0 to T−1 inclusive
-            (:func:`~ddpm.schedules.space_timesteps`, improved-diffusion's respacing), so that
-            it starts from the step whose marginal is closest to N(0, I). ``timesteps`` gives the
+        sampler: a name of :data:`SAMPLERS`: ``"ddpm"`` ([DDPM] Algorithm 2), ``"ddim"`` ([DDIM]
+            eq. 12), ``"dpm++2m"``, ``"dpm++3m"``, ``"dpm++2m-sde"`` ([DPM++]), ``"unipc"``
+            ([UniPC], order 3), ``"heun"`` ([EDM] Algorithm 1) or ``"dpm-adaptive"`` (its own
+            steps from ``rtol``, :class:`DPMAdaptive`).
+        steps: the number of network evaluations (NFE); ``None`` means T. Every solver but Heun
+            evaluates once per kept timestep; Heun keeps ⌊(steps+1)/2⌋ and spends 2K − 1.
+        eta: DDIM's η in [0, 1] (0: deterministic; 1: DDPM's posterior variance); others take 0.
+        spacing: which timesteps to keep, a name of :data:`~ddpm.schedules.SPACINGS`; default
+            :data:`DEFAULT_SPACING` (DDPM: ``uniform``, IDDPM's respacing; DDIM: ``leading``, the
+            DDIM paper's {0, T/K, ...}, which does not start at T−1). ``timesteps`` gives the
             kept steps explicitly instead.
-        eta: DDIM's η in [0, 1] (0: deterministic; 1: DDPM's posterior variance).
-        generator: makes the draws (x_T and every z) reproducible; it must live on ``device``.
+        generator: makes the draws (x_T and every z) reproducible; it must live on ``device``. A
+            sequence of generators, one per sample, draws sample i's x_T and noise from generator i
+            only, so that a seed per image gives the same image in any batch.
         progress: show a progress bar over the steps.
         return_trajectory: also return ``{"timesteps": [n], "x_t": [n, *shape],
             "pred_x0": [n, *shape]}`` (on the CPU) every ``trajectory_every`` steps, the last
-            step always included; ``timesteps`` are original 0-based timesteps.
+            step always included; ``timesteps`` are original 0-based timesteps, ``x_t`` the point
+            where the network was evaluated (before a UniPC correction).
         model_kwargs: passed to the model, e.g. ``{"y": labels, "guidance_scale": 3.0}``
             (see :meth:`GaussianDiffusion.model_output`).
+        clip_denoised: clip x̂_0 to [−1, 1]; the ODE solvers then integrate with the clipped x̂_0.
         noise: x_T to start from instead of a fresh draw.
+        rtol: dpm-adaptive's relative tolerance (default 0.05); it takes no ``steps``.
+        stats: if given, filled with ``{"nfe": network evaluations spent}``.
 
     Returns x_0 [*shape] (and the trajectory if asked).
     """
-    check_sampler_arguments(diffusion.num_timesteps, sampler, steps, eta)
-    step = SAMPLERS[sampler]
     T = diffusion.num_timesteps
-    if timesteps is None and steps is not None and steps != T:
-        timesteps = even_timesteps(T, steps) if sampler == "ddim" else space_timesteps(T, [steps])
-    d = diffusion if timesteps is None else diffusion.respace(timesteps)
+    check_sampler_arguments(T, sampler, steps, eta, spacing, rtol)
+    if timesteps is None:
+        timesteps = kept_timesteps(diffusion, sampler, steps, spacing)
+    kept = sorted(set(int(t) for t in timesteps))
+    d = diffusion if kept == list(range(T)) else diffusion.respace(kept)
 
     if noise is not None:
         x = noise.to(device=device or noise.device, dtype=dtype)
     else:
-        x = randn(tuple(shape), generator, device, dtype)
+        x = randn(shape, generator, device, dtype)
     batch = x.shape[0]
-    needs_noise = sampler == "ddpm" or eta > 0
-    record: dict[str, list[Tensor]] = {"timesteps": [], "x_t": [], "pred_x0": []}
 
-    indices = range(d.num_timesteps - 1, -1, -1)
-    for n, i in enumerate(tqdm(indices, desc=f"{sampler} sampling", unit="step", disable=not progress, leave=False)):
-        t = torch.full((batch,), i, device=x.device, dtype=torch.long)
-        p = d.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        if needs_noise and i > 0:
-            z = randn(x.shape, generator, x.device, x.dtype)
-        else:
-            z = torch.zeros_like(x)
-        if return_trajectory and (n % trajectory_every == 0 or i == 0):
-            record["timesteps"].append(d.original_timesteps(t[:1]).cpu())
+    def draw() -> Tensor:
+        return randn(x.shape, generator, x.device, x.dtype)
+
+    nfe = 0
+
+    def denoise(x: Tensor, k: int) -> dict[str, Tensor]:
+        nonlocal nfe
+        nfe += 1
+        t = torch.full((batch,), k, device=x.device, dtype=torch.long)
+        return d.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+
+    solver = SAMPLERS[sampler](d, eta) if rtol is None else SAMPLERS[sampler](d, eta, rtol=rtol)
+    record: dict[str, list[Tensor]] = {"timesteps": [], "x_t": [], "pred_x0": []}
+    bar = tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress, leave=False)
+    k, n = d.num_timesteps - 1, 0  # the loop visits kept steps k = K−1, ..., 0 (0-based)
+    while k >= 0:
+        p = denoise(x, k)
+        if return_trajectory and (n % trajectory_every == 0 or k == 0):
+            record["timesteps"].append(d.timestep_map[k : k + 1].clone())
             record["x_t"].append(x.cpu())
             record["pred_x0"].append(p["pred_x0"].cpu())
-        x = step(d, p, x, t, z, eta)
+        x, n = solver.step(x, k, p, denoise, draw), n + 1
+        bar.update(k - solver.next_step(k))
+        k = solver.next_step(k)
+    bar.close()
+    if stats is not None:
+        stats["nfe"] = nfe
     if not return_trajectory:
         return x
     return x, {
@@ -161,3 +578,7 @@ def sample(
         "x_t": torch.stack(record["x_t"]),
         "pred_x0": torch.stack(record["pred_x0"]),
     }
+
+
+def _timestep(k: int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)

@@ -97,6 +97,127 @@ def space_timesteps(T: int, section_counts: int | str | Sequence[int]) -> list[i
     return kept
 
 
+# ---------------------------------------------------------------------------- spacings
+#
+# A spacing picks the K timesteps a sampler visits, from the process's ᾱ (float64 [T]). Each
+# returns K distinct 0-based timesteps in increasing order, and every one but ``leading`` keeps
+# T − 1, so that the chain starts where x_T ~ N(0, I) is (nearly) true.
+
+
+def uniform_timesteps(alphas_cumprod: torch.Tensor, K: int) -> list[int]:
+    """K timesteps evenly spaced from 0 to T−1, both kept: round(j (T−1)/(K−1)).
+
+    IDDPM's respacing (:func:`space_timesteps` with one section) and diffusers' ``linspace``
+    with 0 kept. K = 1 keeps T−1 alone.
+    """
+    T = _check_K(alphas_cumprod, K)
+    if K == 1:
+        return [T - 1]
+    stride = (T - 1) / (K - 1)  # the same arithmetic as space_timesteps, so the same steps
+    return [round(j * stride) for j in range(K)]
+
+
+def leading_timesteps(alphas_cumprod: torch.Tensor, K: int) -> list[int]:
+    """DDIM's uniform subsequence floor(jT/K) (:func:`even_timesteps`): the one spacing that does
+    not keep T−1 (its last step is T − T/K), kept as DDIM's default for backward compatibility."""
+    return even_timesteps(_check_K(alphas_cumprod, K), K)
+
+
+def trailing_timesteps(alphas_cumprod: torch.Tensor, K: int) -> list[int]:
+    """round(T − jT/K) − 1 for j = 0..K−1: from T−1 down in equal strides, 0 not kept unless K = T
+    (diffusers' ``trailing``; Lin et al. 2024, "Common diffusion noise schedules ...", Table 2)."""
+    T = _check_K(alphas_cumprod, K)
+    return _distinct([round(T - j * T / K) - 1 for j in range(K)], T)
+
+
+def quadratic_timesteps(alphas_cumprod: torch.Tensor, K: int) -> list[int]:
+    """round((T−1)(j/(K−1))²): DDIM's quadratic subsequence (Song et al. 2021, appendix D.2,
+    its CIFAR-10 choice), stretched to end at T−1 instead of 0.8 T; dense near the data."""
+    T = _check_K(alphas_cumprod, K)
+    if K == 1:
+        return [T - 1]
+    return _distinct([round((T - 1) * (j / (K - 1)) ** 2) for j in range(K)], T)
+
+
+def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """λ_t = log(α_t/σ_t) = ½ log(ᾱ_t / (1 − ᾱ_t)), the half log-SNR of DPM-Solver (Lu et al. 2022)."""
+    acp = alphas_cumprod.to(torch.float64)
+    return 0.5 * (acp.log() - torch.log1p(-acp))
+
+
+#: The noisiest λ the λ- and σ-based spacings spread their steps from: about λ_{T−1} of DDPM's linear
+#: schedule (−5.06), and diffusers' ``lambda_min_clipped`` advice for the cosine schedule, whose
+#: clipped last βs reach λ ≈ −10 and would otherwise draw several steps into pure noise.
+LAMBDA_MIN = -5.1
+
+
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, K: int) -> list[int]:
+    """K timesteps uniform in λ from max(λ_{T−1}, :data:`LAMBDA_MIN`) to λ_0, each the timestep
+    nearest in λ, the noisiest replaced by T−1 (DPM-Solver's ``logSNR`` skip type, recommended
+    there for low-resolution images)."""
+    T = _check_K(alphas_cumprod, K)
+    lam = log_snr(alphas_cumprod)
+    targets = torch.linspace(max(lam[-1].item(), LAMBDA_MIN), lam[0].item(), K, dtype=torch.float64)
+    return _nearest_from_last(lam, targets, T)
+
+
+def karras_timesteps(alphas_cumprod: torch.Tensor, K: int, rho: float = 7.0) -> list[int]:
+    """Karras et al. (2022) eq. 5 in σ = √((1−ᾱ)/ᾱ): σ_j = (σ_max^{1/ρ} + j/(K−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,
+    ρ = 7, from σ_max = min(σ_{T−1}, e^{−LAMBDA_MIN}) to σ_0, each mapped to the timestep nearest in
+    log σ, the noisiest replaced by T−1.
+
+    Nearest, not continuous: the model knows integer timesteps only, and the solvers then use that
+    timestep's exact σ, so the grid is a little off eq. 5 but always self-consistent (diffusers
+    instead rounds the timestep and keeps eq. 5's σ, a model/σ mismatch).
+    """
+    T = _check_K(alphas_cumprod, K)
+    lam = log_snr(alphas_cumprod)
+    s_max = math.exp(-max(lam[-1].item(), LAMBDA_MIN) / rho)
+    s_min = math.exp(-lam[0].item() / rho)
+    ramp = torch.linspace(0, 1, K, dtype=torch.float64)
+    return _nearest_from_last(lam, -rho * torch.log(s_max + ramp * (s_min - s_max)), T)
+
+
+SPACINGS = {
+    "uniform": uniform_timesteps,
+    "leading": leading_timesteps,
+    "trailing": trailing_timesteps,
+    "quadratic": quadratic_timesteps,
+    "logsnr": logsnr_timesteps,
+    "karras": karras_timesteps,
+}
+
+
+def _check_K(alphas_cumprod: torch.Tensor, K: int) -> int:
+    T = len(alphas_cumprod)
+    if not 1 <= K <= T:
+        raise UserError(f"the number of sampling steps must be between 1 and T={T}, got {K}")
+    return T
+
+
+def _nearest_from_last(lam: torch.Tensor, targets: torch.Tensor, T: int) -> list[int]:
+    """For each target λ, the timestep nearest in λ; the noisiest becomes T−1 (the chain starts from
+    noise, and a first step from T−1 over the λ's below :data:`LAMBDA_MIN` costs the solvers
+    nothing: x̂_0 barely changes there); made distinct."""
+    steps = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+    steps[steps.index(max(steps))] = T - 1
+    return _distinct(steps, T)
+
+
+def _distinct(steps: list[int], T: int) -> list[int]:
+    """``steps`` sorted and made strictly increasing within 0..T−1, moving as few as needed.
+
+    When K is close to T, rounding puts several targets on one timestep; the j-th smallest is then
+    lifted to at least one above the (j−1)-th and capped at T − K + j, which keeps K distinct
+    steps and leaves T−1 in place.
+    """
+    steps, K = sorted(steps), len(steps)
+    out: list[int] = []
+    for j, s in enumerate(steps):
+        out.append(min(max(s, out[-1] + 1 if out else 0), T - K + j))
+    return out
+
+
 def respace_betas(alphas_cumprod: torch.Tensor, use_timesteps: Sequence[int]) -> torch.Tensor:
     """Betas of the diffusion that visits only ``use_timesteps`` (improved-diffusion's respacing).
 

@@ -71,3 +71,52 @@ def test_quality_runs_on_a_small_fake_mnist(tmp_path):
         assert out["score"][name]["bpd"] > 0 and np.isfinite(out["score"][name]["fd"])
         assert (tmp_path / "img" / f"quality_mnist_{name}.png").is_file()
     assert json.loads((tmp_path / "q" / "score.json").read_text())["ours"]["bpd_images"] == 1
+
+
+@pytest.fixture
+def fake_mnist(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("DDPM_BENCH_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    data = tmp_path / "mnist.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (128, 28, 28), dtype=np.uint8), y_train=rng.integers(0, 10, 128),
+             x_test=rng.integers(0, 256, (32, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 32))
+    return data
+
+
+@pytest.fixture
+def mnist_run(tmp_path, fake_mnist):
+    from ddpm.cli import main as ddpm_main
+
+    run = tmp_path / "run"
+    assert ddpm_main(["train", "--preset", "mnist", "--data", str(fake_mnist), "--out", str(run), "--quiet",
+                      "--train.steps", "2", "--train.sample_every", "0", "--train.sample_count", "2",
+                      "--train.sample_steps", "2"]) == 0
+    return run
+
+
+def test_solvers_sweep_runs_and_resumes(tmp_path, fake_mnist, mnist_run):
+    pytest.importorskip("matplotlib", reason="the sweep draws a plot")
+    pytest.importorskip("diffusers", reason="the sweep drives diffusers' schedulers")
+    from bench.solvers import main
+
+    argv = [str(mnist_run), "--data", str(fake_mnist), "--samples", "12", "--ddpm-samples", "2", "--nfe", "2",
+            "--ddim-nfe", "3", "--methods", "ddim,diffusers-dpm++2m,diffusers-unipc,diffusers-ddim",
+            "--batch", "5", "--out", str(tmp_path / "s"), "--plot", str(tmp_path / "s" / "p.png")]
+    results = main(argv)
+    assert set(results) == {"ddim@3", "diffusers-dpm++2m@2", "diffusers-unipc@2", "diffusers-ddim@2"}
+    assert all(r["nfe_used"] == r["nfe"] and r["samples"] == 12 for r in results.values())
+    assert (tmp_path / "s" / "p.png").is_file()
+    assert main(argv) == results  # a rerun finds every point done
+
+
+def test_cpu_bf16_and_preset_speed_run_on_tiny(fake_mnist, mnist_run, capsys):
+    from bench.cpu_bf16 import main as bf16_main
+    from bench.preset_speed import main as speed_main
+
+    bf16_main(["--presets", "tiny:2", "--repeats", "1", "--warmup", "0", "--run", str(mnist_run),
+               "--data", str(fake_mnist), "--samples", "4", "--steps", "2"])
+    speed_main(["--presets", "tiny:2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "training step" in out and "sampling forward" in out and "float32" in out and "training img/s" in out

@@ -30,9 +30,10 @@ BETAS = np.linspace(1e-4, 0.02, T)
 ACP = np.cumprod(1.0 - BETAS)
 
 
-def exact_model(mean_type, m=M, s=S):
-    """The minimum-MSE predictor for N(m, s²) data, called with original 0-based timesteps."""
-    acp = torch.tensor(ACP)
+def exact_model(mean_type, m=M, s=S, alphas_cumprod=ACP):
+    """The minimum-MSE predictor for N(m, s²) data under the process with these ᾱ (default: the
+    linear schedule), called with original 0-based timesteps."""
+    acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
 
     def model(x, t):
         a = acp[t].reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)

@@ -6,6 +6,7 @@ import torch
 from ddpm import GaussianDiffusion, cosine_betas, linear_betas
 from ddpm.errors import UserError
 from ddpm.samplers import ddim_sigma, ddim_step, ddpm_step
+from ddpm.schedules import even_timesteps, space_timesteps
 
 
 def wiggly_model(x, t):
@@ -135,3 +136,23 @@ def test_sampler_arguments_are_checked():
         d.sample(wiggly_model, (1, 1, 2, 2), sampler="ddim", eta=1.5)
     with pytest.raises(UserError):
         d.sample(wiggly_model, (1, 1, 2, 2), steps=101)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
+def test_a_seed_gives_the_same_ddpm_and_ddim_samples_as_before(sampler, eta):
+    """The loop as it was before the ODE solvers, written out: respace onto DDPM's IDDPM steps or
+    DDIM's floor(kT/K), draw x_T, then one z per step but the last (DDIM only when η > 0)."""
+    d = GaussianDiffusion(linear_betas(1000))
+    kept = space_timesteps(1000, [10]) if sampler == "ddpm" else even_timesteps(1000, 10)
+    r = d.respace(kept)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 1, 4, 4, generator=g)
+    for i in range(9, -1, -1):
+        t = torch.full((3,), i)
+        p = r.p_mean_variance(wiggly_model, x, t)
+        draw = (sampler == "ddpm" or eta > 0) and i > 0
+        z = torch.randn(x.shape, generator=g) if draw else torch.zeros_like(x)
+        x = (ddpm_step if sampler == "ddpm" else ddim_step)(r, p, x, t, z, eta)
+    new = d.sample(wiggly_model, (3, 1, 4, 4), sampler=sampler, steps=10, eta=eta,
+                   generator=torch.Generator().manual_seed(21))
+    assert torch.equal(new, x)
