@@ -257,6 +257,21 @@ def test_a_resumed_latent_run_repeats_the_uninterrupted_one(npz, ae_run, tmp_pat
         assert all(torch.equal(a.tensors[group][k], b.tensors[group][k]) for k in a.tensors[group])
 
 
+def test_fid_of_a_latent_model_compares_pixels(ldm_run, npz, tmp_path, monkeypatch):
+    """With a stand-in torch_fidelity: decoded samples and the data at the same pixel size."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(calculate_metrics=lambda **kwargs: calls.append(kwargs) or {
+        "frechet_inception_distance": 1.0})
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
+    assert main(["eval", str(ldm_run), "--data", str(npz), "--out", str(tmp_path / "e"), "--no-bpd", "--fid",
+                 "--num-samples", "4", "--sampler", "ddim", "--steps", "3", "--quiet"]) == 0
+    samples, reference = calls[0]["input1"], calls[0]["input2"]
+    assert samples[0].shape == reference[0].shape == (3, 8, 8) and len(samples) == len(reference) == 4
+
+
 def test_a_run_whose_autoencoder_is_gone_says_so(ldm_run, tmp_path):
     run = Path(shutil.copytree(ldm_run, tmp_path / "run"))
     path, _ = checkpoints.latest_training_checkpoint(run / "checkpoints")
