@@ -122,8 +122,10 @@ RESUMABLE_FIELDS = {
     "train.threads",
 }
 
-# Run presets: a model preset of ddpm.models.autoencoder.PRESETS plus section overrides. Speeds
-# are training images/s on one thread of a loaded 2-core machine (L1 + KL, no GAN).
+# Run presets: a model preset of ddpm.models.autoencoder.PRESETS plus section overrides. Measured
+# on one thread of the loaded 2-core machine (L1 + KL, no GAN, batch 32): mnist-f4 30 to 60 img/s,
+# reconstructions that read as the digits after 200 steps (lr 1e-3, 4 minutes); cifar10-f4 32
+# img/s, cifar10-f2 34 img/s.
 PRESETS: dict[str, dict] = {
     "mnist-f4": {
         "model": "mnist-f4", "data": {"flip": False},  # a mirrored digit is not a digit
