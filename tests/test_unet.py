@@ -315,7 +315,8 @@ def test_config_rejects_unknown_keys():
 
 
 def test_unknown_preset_lists_the_valid_names():
-    with pytest.raises(UserError, match="cifar10, celebahq256, lsun256, mnist, digits, mnist-latent, cifar10-latent, tiny"):
+    names = "cifar10, celebahq256, lsun256, mnist, digits, mnist-latent, cifar10-latent, tiny"
+    with pytest.raises(UserError, match=names):
         get_preset("imagenet")
 
 
