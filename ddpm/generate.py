@@ -4,9 +4,9 @@
 the demo all call :func:`generate`. It makes the batches (labels for a class-conditional model,
 classifier-free guidance), runs any sampler of :data:`ddpm.samplers.SAMPLERS`, decodes a latent
 model's samples to pixels, counts the network evaluations it spent, and keeps the draws
-reproducible: image ``i`` of a call has its own random
-generator, seeded from ``(seed, i)``, from which its x_T and every noise draw of its chain come,
-so a seed gives the same images whatever the batch size.
+reproducible: image ``i`` of a call has its own random generator, seeded from ``(seed, i)``, from
+which its x_T and every noise draw of its chain come, so a seed gives the same images whatever
+the batch size.
 """
 
 from __future__ import annotations

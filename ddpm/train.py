@@ -3,11 +3,14 @@
 :func:`train` reads as nanoGPT's loop does: the setup in a few named pieces (the run directory
 and configuration, the data, the :class:`TrainState`, resuming it), then one visible loop whose
 body is :func:`train_step` (draw t and ε, compute the loss, clip the gradient, step Adam, update
-the EMA) followed by the bookkeeping (a metrics line, a preview grid, a checkpoint).
+the EMA) followed by the bookkeeping (a metrics line, a preview grid, a checkpoint). With
+``data.autoencoder`` the same loop trains on an autoencoder's scaled latents, the training set
+encoded once (:class:`ddpm.latent.LatentData`), and the previews are decoded (latent diffusion).
 
 Everything random is drawn from generators seeded by (seed, rank): the data order and flips
 (:meth:`ddpm.data.ImageData.batches`), t and label dropout (a CPU generator), ε (a generator on
-the device) and dropout (the global generator). A checkpoint saves all their states together with
+the device), dropout (the global generator) and a latent run's posterior draws (seeded by
+(seed, rank, step), so nothing of them is saved). A checkpoint saves all their states together with
 the weights, the EMA and Adam's moments, so that a resumed run takes exactly the steps the
 uninterrupted one would have. Under ``torchrun`` each process trains on its own shard of every
 batch, DDP averages the gradients, and only rank 0 writes.
