@@ -97,6 +97,9 @@ def _is_run_config(path: Path) -> bool:
 
 def _from_checkpoint(path: Path, ckpt: checkpoints.TrainingCheckpoint, weights: str,
                      device: str | torch.device) -> LoadedModel:
+    if "loss" in ckpt.meta["config"]:  # the autoencoder's run configuration (ddpm.train_autoencoder)
+        raise UserError(f"{path} is an autoencoder's checkpoint ('ddpm train-autoencoder'), which draws no images; "
+                        "train a U-Net on its latents with 'ddpm train --autoencoder RUN'")
     config = RunConfig.from_dict(ckpt.meta["config"])
     model = UNet(config.model)
     group = "ema" if weights == "ema" else "model"

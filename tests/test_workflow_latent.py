@@ -297,6 +297,7 @@ def test_a_run_whose_autoencoder_is_gone_says_so(ldm_run, tmp_path):
      "no.st"),
     (["train-autoencoder", "--preset", "tiny", "--data", "{npz}", "--out", "{tmp}/r", "--train.lr", "0"],
      "train.lr"),
+    (["sample", "{ae}", "--out", "{tmp}/r"], "an autoencoder's checkpoint"),
 ])
 def test_user_mistakes_cost_one_line(argv, message, npz, ae_run, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, npz=npz, ae=ae_run) for a in argv]
