@@ -270,29 +270,30 @@ def train_step(state: TrainState, train_model: nn.Module, diffusion: GaussianDif
 
 
 class MetricsWindow:
-    """The averages of the applied steps' losses and gradient norms since the last log line."""
+    """The averages of the applied steps' losses and gradient norms since the last log line; a term
+    only some steps have (the autoencoder's GAN terms from ``disc_start``) over those steps."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
-        self.applied = 0
+        self.counts: dict[str, int] = {}
         self.images = 0
         self.start = time.perf_counter()
 
     def add(self, outcome: StepOutcome, images: int) -> None:
         self.images += images
         if outcome.applied:
-            self.applied += 1
             for key, value in {**outcome.terms, "grad_norm": outcome.grad_norm}.items():
                 self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
 
     def record(self, **extra: Any) -> dict[str, Any]:
         """The averages, the images per second since the last record, and ``extra``; then reset."""
         elapsed = time.perf_counter() - self.start
-        n = max(self.applied, 1)
-        record = {**{k: v / n for k, v in self.sums.items()}, "img_per_s": self.images / elapsed, **extra}
+        averages = {k: v / self.counts[k] for k, v in self.sums.items()}
+        record = {**averages, "img_per_s": self.images / elapsed, **extra}
         self.reset()
         return record
 

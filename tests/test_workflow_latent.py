@@ -148,6 +148,17 @@ def test_a_signal_stops_the_autoencoder_run_with_a_checkpoint(tmp_path, npz, mon
     assert not (tmp_path / "run" / "autoencoder").exists()
 
 
+def test_a_term_some_steps_lack_is_averaged_over_the_steps_that_have_it():
+    from ddpm.train import MetricsWindow, StepOutcome
+
+    window = MetricsWindow()
+    window.add(StepOutcome({"rec": 4.0}, 1.0, applied=True), 8)
+    window.add(StepOutcome({"rec": 2.0, "gan": 0.5}, 3.0, applied=True), 8)  # the GAN starts here
+    window.add(StepOutcome({}, float("nan"), applied=False), 8)  # a skipped step counts only its images
+    record = window.record()
+    assert (record["rec"], record["gan"], record["grad_norm"]) == (3.0, 0.5, 2.0)
+
+
 class _FixedEncoder(nn.Module):
     """An autoencoder stand-in whose posterior is N(mean, s^2) with given means."""
 
