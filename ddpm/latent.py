@@ -81,10 +81,10 @@ class LatentData:
     Why once, measured on one thread of our 2-core machine: the ``mnist-f4`` encoder runs at 220 to
     300 images/s, the ``mnist-latent`` U-Net's training step at 709, so encoding on the fly would
     make every step about four times slower; encoding MNIST's 60,000 images once costs what
-    training on some 170,000 images (three epochs) would, and then nothing. The
-    batches are those of :meth:`ImageData.batches` (same order and flips) in latent form, and
-    ``eps`` comes from a generator seeded by ``(seed, rank, step)``, so a resumed run draws the
-    same latents without saving anything.
+    training on some 170,000 images (three epochs) would, and then nothing. The batches are those
+    of :meth:`ImageData.batches` (same order and flips) in latent form, and ``eps`` comes from a
+    generator seeded by ``(seed, rank, step)``, so a resumed run draws the same latents without
+    saving anything.
     """
 
     def __init__(self, data: ImageData, autoencoder: AutoencoderKL, flip: bool, batch_size: int = 256,
@@ -120,9 +120,11 @@ class LatentData:
     def batches(self, batch_size: int, seed: int, *, flip: bool = False, rank: int = 0, world_size: int = 1,
                 start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Endless ``(z * scaling_factor, y)`` for steps ``start_step``, ``start_step + 1``, ..."""
+        if flip and self.mean.shape[1] == 1:
+            raise ValueError("flip=True, but the mirror images were not encoded (LatentData(..., flip=False))")
         indices = self.data.batch_indices(batch_size, seed, rank=rank, world_size=world_size, start_step=start_step)
         for step, (idx, flips) in enumerate(indices, start_step):
-            side = (flips & flip).long() if self.mean.shape[1] == 2 else torch.zeros_like(idx)
+            side = (flips & flip).long()
             mean, std = self.mean[idx, side], self.std[idx, side]
             g = torch.Generator().manual_seed(derive_seed(seed, rank, 3, step))
             yield (mean + std * torch.randn(mean.shape, generator=g)) * self.scale, self.data.labels[idx]
