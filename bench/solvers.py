@@ -31,6 +31,8 @@ from ddpm.loading import load_model
 
 OURS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "heun")
 THEIRS = ("diffusers-dpm++2m", "diffusers-unipc", "diffusers-ddim")
+#: The sample count of the small-sample FDs every point also records (the first 250 images, etc.).
+QUARTER = 250
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -39,6 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help=f"MNIST .npz (default ${common.MNIST_ENV})")
     p.add_argument("--samples", type=int, default=1000, help="samples per point (default 1000)")
     p.add_argument("--ddpm-samples", type=int, default=250, help="samples for DDPM-1000 (default 250)")
+    p.add_argument("--ddim1000-samples", type=int, default=None, help="samples for DDIM-1000 (default --samples)")
     p.add_argument("--nfe", default="5,10,20,50", help="NFEs for the solvers and diffusers (default 5,10,20,50)")
     p.add_argument("--ddim-nfe", default="10,20,50,100,1000", help="NFEs for our DDIM")
     p.add_argument("--methods", default=",".join((*OURS, "ddim", "ddpm", *THEIRS)), help="which methods")
@@ -48,6 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/out/solvers", help="where solvers.json goes")
     p.add_argument("--plot", default="docs/img/solvers_mnist.png", help="the FD-vs-NFE plot")
     p.add_argument("--append", action="store_true", help="append an entry to bench/RESULTS.md")
+    p.add_argument("--grid", default=None, help="also draw the same seeds under every method at --grid-nfe (a PNG)")
+    p.add_argument("--grid-nfe", type=int, default=10)
+    p.add_argument("--grid-count", type=int, default=12)
     return p.parse_args(argv)
 
 
@@ -81,7 +87,8 @@ def points(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     todo = []
     for method in methods:
         if method == "ddim":
-            todo += [(method, k, args.samples) for k in map(int, args.ddim_nfe.split(","))]
+            todo += [(method, k, args.ddim1000_samples or args.samples if k == 1000 else args.samples)
+                     for k in map(int, args.ddim_nfe.split(","))]
         elif method == "ddpm":
             todo.append((method, 1000, args.ddpm_samples))
         else:
@@ -111,6 +118,25 @@ def plot(results: dict, floor: float, path: Path) -> Path:
     return _finish(fig, path)
 
 
+def comparison_grid(args: argparse.Namespace, loaded: object, diffusion: object) -> Path:
+    """The first ``--grid-count`` seeds under every method at ``--grid-nfe`` (DDPM: 1000), one row each."""
+    from ddpm.images import save_image
+    from ddpm.viz import labelled_rows
+
+    rows = []
+    methods = args.methods.split(",")
+    for method in [m for m in methods if m != "ddpm"] + ["ddpm"] * ("ddpm" in methods):
+        nfe = 1000 if method == "ddpm" else args.grid_nfe
+        if method.startswith("diffusers"):
+            x, used = diffusers_sample(method, loaded.model, args.grid_count, nfe, args.seed, args.grid_count)
+        else:
+            s = generate(loaded.model, diffusion, args.grid_count, SamplerSettings(method, nfe), seed=args.seed,
+                         batch_size=args.grid_count, bf16=False, progress=False)
+            x, used = s.images, s.nfe
+        rows.append((x, f"{method} ({used:g} NFE)"))
+    return save_image(labelled_rows(rows), args.grid)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     data = common.mnist_path(args.data)
@@ -137,11 +163,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             x, used = s.images, s.nfe
         seconds = time.perf_counter() - start
         results[key] = {"method": method, "nfe": nfe, "nfe_used": used, "samples": n, "fd": space.distance(x),
-                        "confident": space.confident(x), "seconds": seconds, "img_per_s": n / seconds}
+                        "confident": space.confident(x), "seconds": seconds, "img_per_s": n / seconds,
+                        # FD of consecutive quarters of QUARTER samples: a smaller sample's FD and its spread,
+                        # to compare with the points drawn with fewer samples (DDPM-1000, DDIM-1000).
+                        "fd_quarters": [space.distance(x[i:i + QUARTER]) for i in range(0, n - QUARTER + 1, QUARTER)]}
         common.say(f"{key}: {json.dumps(results[key])}")
         results_path.write_text(json.dumps(results, indent=1))
     path = plot(results, floor, Path(args.plot))
     common.say(f"wrote {path} and {results_path}")
+    if args.grid:
+        common.say(f"wrote {comparison_grid(args, loaded, diffusion)}")
     if args.append:
         rows = [[r["method"], r["nfe"], f"{r['nfe_used']:g}", r["samples"], f"{r['fd']:.2f}", f"{r['confident']:.3f}",
                  f"{r['img_per_s']:.1f}"] for r in sorted(results.values(), key=lambda r: (r["method"], r["nfe"]))]

@@ -187,6 +187,23 @@ def reverse_process_pictures(
     return [save_image(grid, out_dir / "reverse.png"), reverse_process_gif(samples.trajectory, out_dir / "reverse.gif")]
 
 
+def labelled_rows(rows: Sequence[tuple[Tensor, str]], scale: int | None = None) -> Image.Image:
+    """One row of images per label, the label to the row's left: e.g. the same seeds under several samplers.
+
+    Each entry is (images [N, C, H, W] in [-1, 1] or uint8, label); every row must have the same N.
+    """
+    size = rows[0][0].shape[-1]
+    scale = scale or auto_scale(size)
+    grids = [make_grid(images, nrow=len(images), padding=PADDING, scale=scale) for images, _ in rows]
+    out = Image.new(grids[0].mode, (grids[0].width, sum(g.height for g in grids)), "white")
+    y, labels = 0, []
+    for grid, (_, label) in zip(grids, rows):
+        out.paste(grid, (0, y))
+        labels.append((y + grid.height / 2, label))
+        y += grid.height
+    return _annotate(out, rows=labels)
+
+
 def _unpack(trajectory: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """``timesteps`` [n], ``x_t`` and ``pred_x0`` [n, B, C, H, W] from a sampler's trajectory."""
     try:

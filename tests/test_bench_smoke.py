@@ -103,11 +103,12 @@ def test_solvers_sweep_runs_and_resumes(tmp_path, fake_mnist, mnist_run):
 
     argv = [str(mnist_run), "--data", str(fake_mnist), "--samples", "12", "--ddpm-samples", "2", "--nfe", "2",
             "--ddim-nfe", "3", "--methods", "ddim,diffusers-dpm++2m,diffusers-unipc,diffusers-ddim",
-            "--batch", "5", "--out", str(tmp_path / "s"), "--plot", str(tmp_path / "s" / "p.png")]
+            "--batch", "5", "--out", str(tmp_path / "s"), "--plot", str(tmp_path / "s" / "p.png"),
+            "--grid", str(tmp_path / "s" / "grid.png"), "--grid-nfe", "2", "--grid-count", "3"]
     results = main(argv)
     assert set(results) == {"ddim@3", "diffusers-dpm++2m@2", "diffusers-unipc@2", "diffusers-ddim@2"}
     assert all(r["nfe_used"] == r["nfe"] and r["samples"] == 12 for r in results.values())
-    assert (tmp_path / "s" / "p.png").is_file()
+    assert (tmp_path / "s" / "p.png").is_file() and (tmp_path / "s" / "grid.png").is_file()
     assert main(argv) == results  # a rerun finds every point done
 
 

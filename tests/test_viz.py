@@ -215,3 +215,16 @@ def test_without_matplotlib_plots_say_how_to_install_it_and_images_still_work(mo
     with pytest.raises(UserError, match="pip install matplotlib"):
         viz.plot_bound_terms(torch.ones(10))
     assert strip(diffusion, binary_images(1)).mode == "L"
+
+
+def test_labelled_rows_stack_one_grid_per_label():
+    rows = [(torch.zeros(3, 1, 8, 8), "ddim (10 NFE)"), (torch.ones(3, 1, 8, 8), "dpm++2m (10 NFE)")]
+    img = viz.labelled_rows(rows, scale=2)
+    grid = viz.make_grid(rows[0][0], nrow=3, padding=viz.PADDING, scale=2)
+    assert img.height == 2 * grid.height and img.width > grid.width  # the labels take a margin on the left
+    pixels = np.asarray(img.convert("L"))
+    left = img.width - grid.width
+    # The first row's images are mid-grey (0 in [-1, 1]), the second's white; the margin holds dark text.
+    assert abs(int(pixels[grid.height // 2, left + grid.width // 2]) - 128) <= 1
+    assert pixels[grid.height + grid.height // 2, left + grid.width // 2] == 255
+    assert pixels[:, :left].min() < 100
