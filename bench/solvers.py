@@ -44,7 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ddim1000-samples", type=int, default=None, help="samples for DDIM-1000 (default --samples)")
     p.add_argument("--nfe", default="5,10,20,50", help="NFEs for the solvers and diffusers (default 5,10,20,50)")
     p.add_argument("--ddim-nfe", default="10,20,50,100,1000", help="NFEs for our DDIM")
-    p.add_argument("--methods", default=",".join((*OURS, "ddim", "ddpm", *THEIRS)), help="which methods")
+    p.add_argument("--methods", default=",".join((*OURS, "ddim", "ddpm", *THEIRS)),
+                   help="which methods; NAME:SPACING runs one of ours with another spacing")
     p.add_argument("--batch", type=int, default=250, help="images per network call")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -80,6 +81,12 @@ def diffusers_sample(kind: str, model: nn.Module, n: int, nfe: int, seed: int, b
     return torch.cat(out), calls / len(out)
 
 
+def settings(method: str, nfe: int) -> SamplerSettings:
+    """Our sampler ``NAME`` or ``NAME:SPACING`` (a spacing other than the solver's default) at ``nfe``."""
+    name, _, spacing = method.partition(":")
+    return SamplerSettings(name, nfe, spacing=spacing or None)
+
+
 def points(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     """(method, NFE, samples) for every point of the sweep, cheapest first."""
     nfes = [int(v) for v in args.nfe.split(",")]
@@ -103,6 +110,8 @@ def plot(results: dict, floor: float, path: Path) -> Path:
     ax = fig.add_subplot()
     by_method: dict[str, list[tuple[int, float]]] = {}
     for r in results.values():
+        if ":" in r["method"]:
+            continue  # spacing variants: in the table, not the plot
         by_method.setdefault(r["method"], []).append((r["nfe"], r["fd"]))
     for method, values in sorted(by_method.items()):
         values.sort()
@@ -130,7 +139,7 @@ def comparison_grid(args: argparse.Namespace, loaded: object, diffusion: object)
         if method.startswith("diffusers"):
             x, used = diffusers_sample(method, loaded.model, args.grid_count, nfe, args.seed, args.grid_count)
         else:
-            s = generate(loaded.model, diffusion, args.grid_count, SamplerSettings(method, nfe), seed=args.seed,
+            s = generate(loaded.model, diffusion, args.grid_count, settings(method, nfe), seed=args.seed,
                          batch_size=args.grid_count, bf16=False, progress=False)
             x, used = s.images, s.nfe
         rows.append((x, f"{method} ({used:g} NFE)"))
@@ -158,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if method.startswith("diffusers"):
             x, used = diffusers_sample(method, loaded.model, n, nfe, args.seed, args.batch)
         else:
-            s = generate(loaded.model, diffusion, n, SamplerSettings(method, nfe), seed=args.seed,
+            s = generate(loaded.model, diffusion, n, settings(method, nfe), seed=args.seed,
                          batch_size=args.batch, bf16=False, progress=False)
             x, used = s.images, s.nfe
         seconds = time.perf_counter() - start
