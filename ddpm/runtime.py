@@ -38,9 +38,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def default_bf16(device: torch.device, training: bool) -> bool:
     """Whether bfloat16 autocast pays on ``device`` at equal quality, as measured (bench/RESULTS.md).
 
-    On CUDA it does. On our AVX-512 BF16 CPUs it does not for training: CPU autocast made the
-    `mnist` and `cifar10` training steps several times slower. For sampling (forward passes
-    only) see :data:`CPU_SAMPLING_BF16`.
+    On CUDA it does. On our AVX-512 BF16 CPUs, with the PyTorch 2.13.0 CPU wheel, it does not:
+    that build reports ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` False, so bf16
+    convolutions fall back to ``aten::_slow_conv2d_forward``, and autocast made the `mnist`
+    training step 5x and its sampling forward 8.5x slower, `cifar10`'s 13x and 21x (medians of
+    paired rounds, ``python -m bench.cpu_bf16``, bench/RESULTS.md 2026-12-01), at equal sample
+    quality. So training and sampling (:data:`CPU_SAMPLING_BF16`) default to float32 on the CPU.
     """
     if device.type == "cuda":
         return True
@@ -49,7 +52,7 @@ def default_bf16(device: torch.device, training: bool) -> bool:
     return False
 
 
-#: bfloat16 autocast for sampling on the CPU by default (measured: see :func:`default_bf16`).
+#: bfloat16 autocast for sampling on the CPU by default: off, measured slower (see :func:`default_bf16`).
 CPU_SAMPLING_BF16 = False
 
 
