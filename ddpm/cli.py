@@ -297,7 +297,7 @@ def _solver_arguments(p: argparse.ArgumentParser) -> None:
                         "others; heun spends 2K-1 for K steps)")
     p.add_argument("--spacing", default=None, choices=list(SPACINGS),
                    help="which timesteps the chain visits (default: the sampler's own: uniform for ddpm, leading "
-                        "for ddim, logsnr for the DPM-Solver++ family and unipc, karras for heun)")
+                        "for ddim, trailing for dpm++2m-sde, logsnr for dpm++2m, dpm++3m and unipc, karras for heun)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM (ddim only)")
     p.add_argument("--rtol", type=float, default=None, help="dpm-adaptive's relative tolerance (default 0.05)")
 
@@ -309,8 +309,9 @@ def _bf16(args: argparse.Namespace) -> bool | None:
 def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "sample", parents=[common], help="draw images from a trained model",
-        description="Draw samples with a fast ODE solver (default: DPM-Solver++ 2M, 20 network evaluations), DDIM, "
-                    "or DDPM's 1000 ancestral steps; write a PNG grid, PNGs or an .npz. Prints the NFE spent.",
+        description="Draw samples with a fast solver (default: DPM-Solver++ 2M SDE, 20 network evaluations, the best "
+                    "measured), an ODE solver, DDIM, or DDPM's 1000 ancestral steps; write a PNG grid, PNGs or an "
+                    ".npz. Prints the NFE spent.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent("""\
             examples:

@@ -68,7 +68,7 @@ class SamplerSettings:
 
 #: What ``ddpm sample`` draws with when not told: the solver and NFE that bench/solvers.py picked
 #: on MNIST (bench/RESULTS.md). ``--sampler ddpm`` is the paper's Algorithm 2 over all T steps.
-DEFAULT_SAMPLER = "dpm++2m"
+DEFAULT_SAMPLER = "dpm++2m-sde"
 DEFAULT_NFE = 20
 #: dpm-adaptive's tolerance when none is given.
 DEFAULT_RTOL = 0.05

@@ -406,12 +406,15 @@ SAMPLERS: dict[str, Callable[..., Solver]] = {
 #: schedules, NFE 5, 10, 20; ``python tests/test_math_solvers.py`` prints the table): ``logsnr``,
 #: e.g. for dpm++2m logsnr 0.018, quadratic 0.019, karras 0.030, trailing 0.044, uniform 0.078;
 #: for Heun ``karras`` (0.86 against logsnr's 1.5: Heun suffers on the cosine schedule's σ's).
+#: dpm++2m-sde is the exception: on a trained MNIST model (``python -m bench.solvers``, FD of 1,000
+#: samples, bench/RESULTS.md) ``trailing`` beat ``logsnr`` at 5 and 10 NFE (85.3 vs 142.9, 27.4 vs
+#: 38.3) and tied at 20 (25.0 vs 23.5); on the Gaussian toy its moments barely separate the two.
 DEFAULT_SPACING: dict[str, str] = {
     "ddpm": "uniform",
     "ddim": "leading",
     "dpm++2m": "logsnr",
     "dpm++3m": "logsnr",
-    "dpm++2m-sde": "logsnr",
+    "dpm++2m-sde": "trailing",
     "unipc": "logsnr",
     "heun": "karras",
     "dpm-adaptive": "uniform",  # it keeps every timestep and picks its own steps among them

@@ -173,10 +173,12 @@ def test_dpmpp_2m_is_at_least_as_accurate_as_diffusers_defaults(steps):
 
 def test_sde_solver_samples_the_data_distribution():
     """dpm++2m-sde on the exact model: mean and standard deviation within Z standard errors of
-    (m, s). At 100 steps its discretisation bias (≈ 1e-4 here) is far below the standard error."""
+    (m, s). At 100 steps uniform in λ its discretisation bias (≈ 1e-4 here) is far below the
+    standard error. (Its default spacing, ``trailing``, chosen on a trained MNIST model, leaves a
+    bias of 0.006 in the standard deviation here: uniform in t, its last steps are long in λ.)"""
     d, model = linear_process()
     n = 40_000
-    x = d.sample(model, (n, 1), sampler="dpm++2m-sde", steps=100, dtype=torch.float64,
+    x = d.sample(model, (n, 1), sampler="dpm++2m-sde", steps=100, spacing="logsnr", dtype=torch.float64,
                  generator=torch.Generator().manual_seed(4), clip_denoised=False).flatten()
     assert abs(x.mean().item() - M) < Z * S / math.sqrt(n)
     assert abs(x.std().item() - S) < Z * S / math.sqrt(2 * (n - 1))
