@@ -172,7 +172,7 @@ def generate(
     check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta, settings.spacing,
                             settings.rtol)
     device = torch.device(device)
-    use_bf16 = resolve_bf16(bf16, device, training=False)
+    use_bf16 = resolve_bf16(bf16, device)
     counted = _CountingModel(model)
     was_training = model.training
     model.eval()

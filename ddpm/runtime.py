@@ -35,7 +35,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def default_bf16(device: torch.device, training: bool) -> bool:
+def default_bf16(device: torch.device) -> bool:
     """Whether bfloat16 autocast pays on ``device`` at equal quality, as measured (bench/RESULTS.md).
 
     On CUDA it does. On our AVX-512 BF16 CPUs, with the PyTorch 2.13.0 CPU wheel, it does not:
@@ -43,24 +43,16 @@ def default_bf16(device: torch.device, training: bool) -> bool:
     convolutions fall back to ``aten::_slow_conv2d_forward``, and autocast made the `mnist`
     training step 5x and its sampling forward 8.5x slower, `cifar10`'s 13x and 21x (medians of
     paired rounds, ``python -m bench.cpu_bf16``, bench/RESULTS.md 2026-12-01), at equal sample
-    quality. So training and sampling (:data:`CPU_SAMPLING_BF16`) default to float32 on the CPU.
+    quality. So training and sampling default to float32 on the CPU (and on MPS, which never autocasts).
     """
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu" and not training:
-        return CPU_SAMPLING_BF16
-    return False
+    return device.type == "cuda"
 
 
-#: bfloat16 autocast for sampling on the CPU by default: off, measured slower (see :func:`default_bf16`).
-CPU_SAMPLING_BF16 = False
-
-
-def resolve_bf16(bf16: bool | None, device: torch.device, training: bool) -> bool:
+def resolve_bf16(bf16: bool | None, device: torch.device) -> bool:
     """``bf16`` as asked, or :func:`default_bf16` when it is ``None`` (auto). MPS never autocasts."""
     if device.type not in ("cuda", "cpu"):
         return False
-    return default_bf16(device, training) if bf16 is None else bf16
+    return default_bf16(device) if bf16 is None else bf16
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:

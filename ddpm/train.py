@@ -325,7 +325,6 @@ class TrainResult:
     last_loss: float | None
     skipped_steps: int
     ranks_max_param_diff: float | None = None
-    steps_taken: int = 0
     nothing_to_do: bool = False
 
 
@@ -347,7 +346,7 @@ def train(
         out_dir: the run directory: ``config.json``, ``metrics.jsonl``, ``samples/step_N.png``,
             ``checkpoints/step_N/``.
         resume: continue the run in ``out_dir`` from its latest checkpoint. A run already at or
-            past ``train.steps`` is left untouched (``steps_taken`` is 0).
+            past ``train.steps`` is left untouched (``nothing_to_do`` is set).
         overwrite: start over in a directory that already holds a run.
         explicit: the ``section.field`` names the user set explicitly (for ``resume``).
         data: preloaded data (tests); by default loaded from ``config.data``.
@@ -467,7 +466,7 @@ def train(
         result = TrainResult(
             run_dir=out_dir, step=state.step, checkpoint=last_ckpt, sample_grid=last_grid, seconds=seconds,
             images_per_second=(state.step - start_step) * cfg.batch_size / max(seconds, 1e-9), last_loss=last_loss,
-            skipped_steps=state.skipped, steps_taken=state.step - start_step,
+            skipped_steps=state.skipped,
             ranks_max_param_diff=_ranks_max_param_diff(state.model, procs) if cfg.check_sync else None,
         )
         if procs.is_main:
@@ -493,7 +492,7 @@ def _nothing_to_do(out_dir: Path, found: tuple[Path, checkpoints.TrainingCheckpo
 
 def _resolve_bf16(config: RunConfig, device: torch.device) -> RunConfig:
     """The configuration with ``train.bf16`` decided for this device (auto → the measured default)."""
-    bf16 = resolve_bf16(config.train.bf16, device, training=True)
+    bf16 = resolve_bf16(config.train.bf16, device)
     return dataclasses.replace(config, train=dataclasses.replace(config.train, bf16=bf16))
 
 

@@ -28,6 +28,20 @@ def _jitter(module: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:
     return module
 
 
+def write_bars_npz(path, n: int, n_test: int):
+    """``n`` grey 8x8 images in 4 classes with a little structure (bars at the class's row on a noisy
+    background), the first ``n_test`` of them again as the test split; returns ``path``."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % 4
+    x = rng.integers(0, 60, size=(n, 8, 8)).astype(np.uint8)
+    for i, label in enumerate(y):
+        x[i, 2 * label : 2 * label + 2] = 230
+    np.savez(path, x_train=x, y_train=y, x_test=x[:n_test], y_test=y[:n_test])
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

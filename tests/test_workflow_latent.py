@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_bars_npz
 from torch import nn
 
 from ddpm import checkpoints
@@ -40,15 +41,8 @@ LATENT = {"model.in_channels": "4", "model.image_size": "4", "train.steps": "4",
 
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory) -> Path:
-    """48 grey 8x8 images in 4 classes: bars at the class's row on a noisy background."""
-    rng = np.random.default_rng(0)
-    y = np.arange(48) % 4
-    x = rng.integers(0, 60, size=(48, 8, 8)).astype(np.uint8)
-    for i, label in enumerate(y):
-        x[i, 2 * label : 2 * label + 2] = 230
-    path = tmp_path_factory.mktemp("data") / "bars.npz"
-    np.savez(path, x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
-    return path
+    """48 grey 8x8 images in 4 classes (bars at the class's row)."""
+    return write_bars_npz(tmp_path_factory.mktemp("data") / "bars.npz", 48, 8)
 
 
 def tiny_ae(npz: Path, **overrides: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_bars_npz
 
 from ddpm.checkpoints import latest_training_checkpoint, list_training_checkpoints
 from ddpm.config import get_config
@@ -23,15 +24,8 @@ QUIET = {"progress": False, "log": lambda message: None}
 
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory) -> Path:
-    """64 grey 8x8 images in 4 classes, with a little structure (bars at the class's row)."""
-    rng = np.random.default_rng(0)
-    y = np.arange(64) % 4
-    x = rng.integers(0, 60, size=(64, 8, 8)).astype(np.uint8)
-    for i, label in enumerate(y):
-        x[i, 2 * label : 2 * label + 2] = 230
-    path = tmp_path_factory.mktemp("data") / "bars.npz"
-    np.savez(path, x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
-    return path
+    """64 grey 8x8 images in 4 classes (bars at the class's row)."""
+    return write_bars_npz(tmp_path_factory.mktemp("data") / "bars.npz", 64, 16)
 
 
 def tiny(npz: Path, **overrides: str):
