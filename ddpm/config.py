@@ -107,7 +107,8 @@ class TrainConfig:
         sample_steps: network evaluations per image of those grids.
         ckpt_every: save a checkpoint every this many steps (and always at the end).
         keep_last: how many checkpoints to keep.
-        time_limit: stop (with a checkpoint) after this many minutes of training (0: no limit).
+        time_limit: stop (with a checkpoint) once this many minutes have passed since the command started
+            (data loading and latent encoding included; 0: no limit).
         max_bad_steps: stop after this many non-finite losses or gradients in a row.
         device: auto (CUDA if available), cpu, cuda, cuda:N or mps.
         bf16: bfloat16 autocast, true or false on any device; auto: on for CUDA, off for the CPU (measured

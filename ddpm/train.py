@@ -352,6 +352,8 @@ def train(
         data: preloaded data (tests); by default loaded from ``config.data``.
     """
     # --- setup: processes, run directory, configuration ---
+    # train.time_limit counts from here, so that data loading and latent encoding are inside it.
+    command_start = time.perf_counter()
     out_dir = Path(out_dir)
     procs, device = init_processes(config.train.device)
     say = log if procs.is_main else (lambda message: None)
@@ -448,7 +450,7 @@ def train(
                     if metrics is not None:
                         metrics.write(record)
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['img_per_s']:.0f}")
-                out_of_time = bool(cfg.time_limit) and time.perf_counter() - run_start > cfg.time_limit * 60
+                out_of_time = bool(cfg.time_limit) and time.perf_counter() - command_start > cfg.time_limit * 60
                 stopping = procs.any(stop.signum is not None or out_of_time)
                 if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
                     last_grid = grid(step) or last_grid

@@ -62,7 +62,8 @@ class AutoencoderTrainConfig:
         sample_count: images in that grid: the first training images above, their reconstructions below.
         ckpt_every: save a checkpoint every this many steps (and always at the end).
         keep_last: how many checkpoints to keep.
-        time_limit: stop (with a checkpoint) after this many minutes (0: no limit).
+        time_limit: stop (with a checkpoint) once this many minutes have passed since the command started
+            (data loading included; 0: no limit).
         scale_images: training images whose latents give the scale factor 1 / std at the end.
         device: auto (CUDA if available), cpu, cuda, cuda:N or mps.
         threads: CPU threads for PyTorch (0: PyTorch's default).
@@ -304,6 +305,7 @@ def train_autoencoder(
     ``autoencoder``, ``checkpoint``, ``samples``, ``seconds``, ``img_per_s``, ``nothing_to_do``.
     """
     # --- setup: run directory, configuration, data, state ---
+    command_start = time.perf_counter()  # train.time_limit counts from here, data loading included
     out_dir = Path(out_dir)
     prepare_run_dir(out_dir, resume, overwrite, RUN_FILES)
     found = None
@@ -371,7 +373,7 @@ def train_autoencoder(
                     record = {"step": step, **window.record(time=time.perf_counter() - run_start)}
                     metrics.write(record)
                     bar.set_postfix(rec=f"{record['rec']:.1f}", img_s=f"{record['img_per_s']:.0f}")
-                out_of_time = bool(cfg.time_limit) and time.perf_counter() - run_start > cfg.time_limit * 60
+                out_of_time = bool(cfg.time_limit) and time.perf_counter() - command_start > cfg.time_limit * 60
                 stopping = stop.signum is not None or out_of_time
                 if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
                     last_grid = grid(step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -121,3 +122,36 @@ def test_cpu_bf16_and_preset_speed_run_on_tiny(fake_mnist, mnist_run, capsys):
     speed_main(["--presets", "tiny:2", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "training step" in out and "sampling forward" in out and "float32" in out and "training img/s" in out
+
+
+def test_psnr_of_a_one_level_error_is_its_closed_form():
+    import torch
+
+    from bench.latent import psnr
+
+    x = torch.linspace(-1, 1 - 2 / 255, 3 * 8 * 8).reshape(1, 3, 8, 8)
+    # Every pixel one 8-bit level off: MSE on [0, 1] is 1/255², PSNR 20 log10(255) = 48.13 dB.
+    assert psnr(x + 2 / 255, x).item() == pytest.approx(20 * math.log10(255), abs=1e-3)
+    assert psnr(x, x).item() == pytest.approx(100.0)  # the floor of the MSE, 1e-10
+
+
+def test_latent_bench_trains_both_sides_in_one_budget_and_measures_them(tmp_path, fake_mnist):
+    import json
+
+    from bench.latent import main
+
+    out = tmp_path / "l"
+    budget = main(["train", "mnist", "--data", str(fake_mnist), "--out", str(out), "--budget", "0.4",
+                   "--ae-minutes", "0.02"])
+    assert budget["latent"]["summary"]["step"] > 0 and budget["pixel"]["summary"]["step"] > 0
+    # The latent run got what the autoencoder's command left of the budget.
+    left = 0.4 - budget["autoencoder"]["seconds"] / 60
+    assert f"--train.time_limit {left:.3f}" in budget["latent"]["command"]
+    results = main(["eval", "mnist", "--data", str(fake_mnist), "--out", str(out), "--samples", "12",
+                    "--repeats", "1", "--recon-images", "16", "--speed-images", "4", "--threads", "2"])
+    assert results["pixel_nfe"] == results["latent_nfe"] == 20
+    assert all(math.isfinite(results[k]) for k in ("psnr_mean", "recon_fd", "pixel_fd", "latent_fd", "latent_img_s"))
+    assert results["speedup"]["median"] > 0
+    assert json.loads((out / "eval.json").read_text())["recon_images"] == 16
+    for name in ("reconstructions_mnist", "samples_mnist_pixel", "samples_mnist_latent"):
+        assert (out / f"{name}.png").is_file()
