@@ -33,7 +33,7 @@ class DiffusionConfig:
 
     Attributes:
         timesteps: T, the number of diffusion steps (1000 in the paper).
-        schedule: the noise schedule, linear (DDPM) or cosine (Improved DDPM).
+        schedule: the noise schedule, linear (DDPM), cosine (Improved DDPM) or scaled_linear (latent diffusion).
         mean_type: what the network predicts: eps (DDPM), x0, or v.
         var_type: the reverse variance: fixed_small (β̃), fixed_large (β) or learned_range (Improved DDPM).
     """
@@ -282,15 +282,20 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
                   "sample_steps": 100},
     },
     # Latent diffusion: the U-Net learns an autoencoder's scaled latents (--autoencoder PATH, a
-    # 'ddpm train-autoencoder' run with the matching preset: mnist-f4, cifar10-f4).
+    # 'ddpm train-autoencoder' run with the matching preset: mnist-f4, cifar10-f4), under LDM's
+    # scaled_linear schedule (less noise than DDPM's at every t). Measured on mnist-latent, two
+    # 6-minute runs side by side on one autoencoder, 1 thread each: FD of 500 samples
+    # (dpm++2m-sde, 20 NFE) 61.4 with scaled_linear at step 1,357 against 91.4 with linear at 1,436.
     "mnist-latent": {
         "model": "mnist-latent",
+        "diffusion": {"schedule": "scaled_linear"},
         "data": {"flip": False},
         "train": {"steps": 20_000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "ema_decay": 0.999,
                   "log_every": 50, "sample_every": 2000, "ckpt_every": 500, "sample_steps": 100},
     },
     "cifar10-latent": {
         "model": "cifar10-latent",
+        "diffusion": {"schedule": "scaled_linear"},
         "train": {"steps": 50_000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 500, "ema_decay": 0.999,
                   "log_every": 50, "sample_every": 5000, "ckpt_every": 1000, "sample_steps": 100},
     },

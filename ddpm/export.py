@@ -14,6 +14,7 @@ from ddpm import checkpoints
 from ddpm.config import DiffusionConfig
 from ddpm.errors import UserError
 from ddpm.loading import LoadedModel
+from ddpm.schedules import SCALED_LINEAR_ENDS
 
 
 def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "diffusers") -> list[Path]:
@@ -43,12 +44,13 @@ def scheduler_config(d: DiffusionConfig, clip_sample: bool = True) -> dict[str, 
     # diffusers does not rescale the linear schedule with T; writing the scaled ends makes its
     # linspace(beta_start, beta_end, T) equal to ours.
     scale = 1000 / d.timesteps
+    ends = SCALED_LINEAR_ENDS if d.schedule == "scaled_linear" else (1e-4 * scale, 0.02 * scale)
     return {
         "_class_name": "DDPMScheduler",
         "num_train_timesteps": d.timesteps,
-        "beta_schedule": "linear" if d.schedule == "linear" else "squaredcos_cap_v2",
-        "beta_start": 1e-4 * scale,
-        "beta_end": 0.02 * scale,
+        "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(d.schedule, d.schedule),
+        "beta_start": ends[0],
+        "beta_end": ends[1],
         "prediction_type": {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[d.mean_type],
         "variance_type": d.var_type,
         "clip_sample": clip_sample,

@@ -25,6 +25,7 @@ from ddpm.latent import load_autoencoder, pixel_size
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.unet import UNet
 from ddpm.runtime import num_parameters
+from ddpm.schedules import SCALED_LINEAR_ENDS
 
 
 @dataclass
@@ -116,9 +117,9 @@ def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
     """Our diffusion for a diffusers scheduler config next to the model, or the paper's default.
 
     Reads ``scheduler_config.json`` beside ``config.json`` or in ``../scheduler/``. Only the
-    schedules we implement are accepted: linear from 1e-4 to 0.02 over 1000 steps (DDPM) and
-    ``squaredcos_cap_v2`` (cosine); for T ≠ 1000 the linear ends must be scaled by 1000 / T, as
-    ours are.
+    schedules we implement are accepted: linear from 1e-4 to 0.02 over 1000 steps (DDPM),
+    ``scaled_linear`` from 0.00085 to 0.012 (latent diffusion) and ``squaredcos_cap_v2`` (cosine);
+    for T ≠ 1000 the linear ends must be scaled by 1000 / T, as ours are.
     """
     candidates = [path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"]
     found = next((p for p in candidates if p.is_file()), None)
@@ -135,8 +136,14 @@ def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
                             f"for T=1000, both scaled by 1000/T otherwise); got {ends[0]} to {ends[1]} for T={T}")
     elif schedule == "squaredcos_cap_v2":
         schedule = "cosine"
+    elif schedule == "scaled_linear":
+        ends = (cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02))
+        if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(ends, SCALED_LINEAR_ENDS)):
+            raise UserError(f"{found}: only latent diffusion's scaled_linear schedule is supported (beta from "
+                            f"0.00085 to 0.012); got {ends[0]} to {ends[1]}")
     else:
-        raise UserError(f"{found}: beta_schedule {schedule!r} is not supported (linear or squaredcos_cap_v2)")
+        raise UserError(f"{found}: beta_schedule {schedule!r} is not supported "
+                        "(linear, scaled_linear or squaredcos_cap_v2)")
     mean_type = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}.get(cfg.get("prediction_type", "epsilon"))
     var_type = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
                 "fixed_large_log": "fixed_large", "learned_range": "learned_range"}.get(

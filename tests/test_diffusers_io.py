@@ -279,3 +279,27 @@ def test_our_export_loads_in_diffusers_with_equal_outputs(diffusers, jitter, tmp
     assert not any(info.values()), info
     labels = torch.tensor([2, -1]) if config.num_classes else None
     assert_same_outputs(ours, theirs, config, labels=labels)
+
+
+@pytest.mark.parametrize("schedule,timesteps", [("linear", 1000), ("linear", 250), ("cosine", 1000),
+                                                ("scaled_linear", 1000), ("scaled_linear", 100)])
+def test_exported_scheduler_has_our_betas_in_diffusers_and_reads_back(diffusers, tmp_path, schedule, timesteps):
+    from ddpm.config import DiffusionConfig
+    from ddpm.export import scheduler_config
+    from ddpm.loading import diffusion_from_diffusers
+
+    ours = DiffusionConfig(timesteps=timesteps, schedule=schedule)
+    config = scheduler_config(ours)
+    theirs = diffusers.DDPMScheduler.from_config(config)
+    assert torch.allclose(theirs.betas.double(), ours.build().betas, rtol=1e-6, atol=0)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    assert diffusion_from_diffusers(tmp_path) == ours
+
+
+def test_a_scaled_linear_schedule_with_other_ends_is_refused(tmp_path):
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02}
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    from ddpm.loading import diffusion_from_diffusers
+
+    with pytest.raises(UserError, match="scaled_linear schedule is supported"):
+        diffusion_from_diffusers(tmp_path)

@@ -13,17 +13,18 @@ from scipy.stats import norm
 
 from ddpm import GaussianDiffusion, cosine_betas, even_timesteps, linear_betas, space_timesteps
 from ddpm.errors import UserError
+from ddpm.schedules import get_betas, scaled_linear_betas
 
 # Two-sided z for the statistical tests: P(|Z| > 5) = 5.7e-7 per comparison, so a suite of a
 # few hundred comparisons fails by chance with probability below 1e-4 (and the seeds are fixed).
 Z = 5.0
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "scaled_linear"])
 def test_markov_chain_matches_closed_form_marginal(schedule):
     """Iterating q(x_t | x_{t-1}) = N(√(1-β_t) x_{t-1}, β_t) reproduces q(x_t | x_0) ([DDPM] eq. 2 → 4)."""
     T, N = 1000, 50_000
-    betas = linear_betas(T) if schedule == "linear" else cosine_betas(T)
+    betas = get_betas(schedule, T)
     d = GaussianDiffusion(betas)
     rng = np.random.default_rng(0)
     x0 = np.array([-1.0, -0.3, 0.5, 1.0])
@@ -122,6 +123,21 @@ def test_cosine_schedule_telescopes_to_closed_form():
     assert clipped > 990  # only the last steps are clipped
     assert np.allclose(acp[:clipped], f[:clipped], rtol=1e-10, atol=1e-15)
     assert b.max().item() == pytest.approx(0.999) and torch.all(b.diff() >= 0)
+
+
+def test_scaled_linear_schedule_is_ldms():
+    """LDM's schedule (make_beta_schedule "linear", linear_start 0.00085, linear_end 0.012): equal
+    steps in √β, whatever T; ᾱ_T for T = 1000 is the 0.0047 Stable Diffusion's samplers start from."""
+    for T in (1000, 50):
+        b = scaled_linear_betas(T)
+        assert b.dtype == torch.float64 and len(b) == T
+        assert b[0].item() == pytest.approx(0.00085, rel=1e-12) and b[-1].item() == pytest.approx(0.012, rel=1e-12)
+        step = (math.sqrt(0.012) - math.sqrt(0.00085)) / (T - 1)
+        assert torch.allclose(b.sqrt().diff(), torch.full((T - 1,), step, dtype=torch.float64), rtol=1e-9)
+    acp_T = math.prod(1 - (math.sqrt(0.00085) + i * (math.sqrt(0.012) - math.sqrt(0.00085)) / 999) ** 2
+                      for i in range(1000))
+    assert torch.cumprod(1 - scaled_linear_betas(1000), 0)[-1].item() == pytest.approx(acp_T, rel=1e-9)
+    assert 0.0046 < acp_T < 0.0048
 
 
 def test_kept_timesteps():
