@@ -193,7 +193,8 @@ def eval_stage(args: argparse.Namespace, out: Path) -> dict:
     if args.dataset == "mnist":
         from bench.mnist_fd import FeatureSpace
 
-        space = FeatureSpace(args.data, seed=args.seed)
+        with torch.enable_grad():  # a first run trains the classifier
+            space = FeatureSpace(args.data, seed=args.seed)
         results["classifier_accuracy"] = space.accuracy
         results["fd_floor_samples"] = space.floor(args.samples)
         results["fd_floor_recon"] = space.floor(n)
