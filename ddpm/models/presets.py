@@ -56,7 +56,8 @@ PRESETS: dict[str, UNetConfig] = {
     # parameters) at 228 img/s; after 300 steps their losses were 0.107 and 0.090, so per minute
     # the narrow one takes three times the steps for a slightly worse step. Width 32 because of
     # sampling: DDIM with 50 NFE, batch 128, one thread, decoding included, draws 47 img/s against
-    # 7.4 img/s for the pixel `mnist` preset (6.4x; the issue asks for 4x).
+    # 7.4 img/s for the pixel `mnist` preset (6.4x). At 20 NFE the decoder weighs more: 3.83x
+    # (dpm++2m-sde, batch 250, 2 threads; `python -m bench.latent`, bench/RESULTS.md).
     "mnist-latent": UNetConfig(
         image_size=7, in_channels=4, ch=32, ch_mult=(1,), num_res_blocks=1,
         attn_resolutions=(7,), dropout=0.0, norm_groups=8,
