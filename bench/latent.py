@@ -14,7 +14,7 @@ reconstructions in the classifier features of :mod:`bench.mnist_fd`), its encode
 and the sampling speed of both, in alternating rounds (latent: decoding included). Grids for the
 gallery go to ``--out``; ``--append`` adds an entry to bench/RESULTS.md.
 
-    python -m bench.latent train mnist --data mnist.npz --out bench/out/latent_mnist --budget 20 --ae-minutes 6
+    python -m bench.latent train mnist --data mnist.npz --out bench/out/latent_mnist --budget 20 --ae-minutes 7
     python -m bench.latent eval mnist --data mnist.npz --out bench/out/latent_mnist --append
 """
 
