@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="MNIST .npz, or the CIFAR-10 image-folder tree (train/ and test/)")
     p.add_argument("--out", required=True, help="where the runs, budget.json, eval.json and grids go")
     p.add_argument("--budget", type=float, default=20.0, help="train: minutes for each side (default 20)")
-    p.add_argument("--ae-minutes", type=float, default=6.0, help="train: the autoencoder's share of the budget")
+    p.add_argument("--ae-minutes", type=float, default=7.0, help="train: the autoencoder's share (default 7)")
     p.add_argument("--class-cond", action="store_true", help="train: class-conditional U-Nets (both sides)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (train: 1 each, side by side)")
     p.add_argument("--samples", type=int, default=1000, help="eval: samples per model (default 1000)")
@@ -119,7 +119,6 @@ def train_stage(args: argparse.Namespace, out: Path) -> dict:
         "pixel": {"command": " ".join(pixel_cmd[1:]), "seconds": pixel_seconds, "summary": summary("pixel")},
         "autoencoder": {"command": " ".join(ae_cmd[1:]), "seconds": ae_seconds, "summary": summary("autoencoder")},
         "latent": {"command": " ".join(latent_cmd[1:]), "seconds": latent_seconds, "summary": summary("latent")},
-        "latent_total_seconds": ae_seconds + latent_seconds,
     }
     (out / "budget.json").write_text(json.dumps(budget, indent=2))
     common.say(f"pixel {pixel_seconds / 60:.2f} min; autoencoder {ae_seconds / 60:.2f} + latent "
@@ -147,7 +146,6 @@ def save_grid(images: Tensor, path: Path, nrow: int) -> Path:
 @torch.no_grad()
 def eval_stage(args: argparse.Namespace, out: Path) -> dict:
     threads = common.set_threads(args.threads)
-    torch.manual_seed(args.seed)
     pixel, latent = load_model(out / "pixel"), load_model(out / "latent")
     vae = latent.autoencoder
     assert vae is not None
@@ -232,7 +230,7 @@ def append(args: argparse.Namespace, out: Path, r: dict, speedup: common.Ratio) 
         f"{budget['pixel']['seconds'] / 60:.1f} min ({steps['pixel']} steps); autoencoder "
         f"`{PRESETS[args.dataset][1]}` {budget['autoencoder']['seconds'] / 60:.1f} min ({steps['autoencoder']} steps) "
         f"+ latent `{PRESETS[args.dataset][2]}` {budget['latent']['seconds'] / 60:.1f} min ({steps['latent']} steps, "
-        f"encoding included) = {budget['latent_total_seconds'] / 60:.1f} min"
+        f"encoding included) = {(budget['autoencoder']['seconds'] + budget['latent']['seconds']) / 60:.1f} min"
         + ("; class-conditional" if budget["class_cond"] else ""),
         f"evaluation: {r['threads']} threads; {args.sampler} at {args.nfe} NFE, seed {args.seed}"
         + (f", guidance {args.guidance:g}" if args.guidance is not None else ""),

@@ -25,7 +25,7 @@ from ddpm.latent import load_autoencoder, pixel_size
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.unet import UNet
 from ddpm.runtime import num_parameters
-from ddpm.schedules import SCALED_LINEAR_ENDS
+from ddpm.schedules import get_betas
 
 
 @dataclass
@@ -128,19 +128,17 @@ def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
     cfg = checkpoints.load_json(found)
     T = int(cfg.get("num_train_timesteps", 1000))
     schedule = cfg.get("beta_schedule", "linear")
-    if schedule == "linear":
-        scale = 1000 / T
+    if schedule in ("linear", "scaled_linear"):
+        # diffusers takes the ends as given; ours follow from the schedule's name and T.
+        expected = get_betas(schedule, T)[[0, -1]].tolist()
         ends = (cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02))
-        if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(ends, (1e-4 * scale, 0.02 * scale))):
-            raise UserError(f"{found}: only the paper's linear schedule is supported (beta from 1e-4 to 0.02 "
-                            f"for T=1000, both scaled by 1000/T otherwise); got {ends[0]} to {ends[1]} for T={T}")
+        if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(ends, expected)):
+            ours = ("the paper's linear schedule is supported (beta from 1e-4 to 0.02 for T=1000, both scaled by "
+                    "1000/T otherwise)" if schedule == "linear" else
+                    "latent diffusion's scaled_linear schedule is supported (beta from 0.00085 to 0.012)")
+            raise UserError(f"{found}: only {ours}; got {ends[0]} to {ends[1]} for T={T}")
     elif schedule == "squaredcos_cap_v2":
         schedule = "cosine"
-    elif schedule == "scaled_linear":
-        ends = (cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02))
-        if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(ends, SCALED_LINEAR_ENDS)):
-            raise UserError(f"{found}: only latent diffusion's scaled_linear schedule is supported (beta from "
-                            f"0.00085 to 0.012); got {ends[0]} to {ends[1]}")
     else:
         raise UserError(f"{found}: beta_schedule {schedule!r} is not supported "
                         "(linear, scaled_linear or squaredcos_cap_v2)")
