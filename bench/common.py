@@ -239,10 +239,10 @@ def diffusers_twin(model: nn.Module) -> nn.Module:
     """diffusers' ``UNet2DModel`` in our U-Net's layout, holding its weights (same parameter count, same outputs)."""
     from diffusers import UNet2DModel
 
-    from ddpm.models.diffusers_io import config_to_diffusers, state_dict_to_diffusers
+    from ddpm.models.diffusers_io import UNET2D
 
-    twin = UNet2DModel.from_config(config_to_diffusers(model.config))
-    twin.load_state_dict(state_dict_to_diffusers(model.state_dict(), model.config))
+    twin = UNet2DModel.from_config(UNET2D.config_to(model.config))
+    twin.load_state_dict(UNET2D.state_to(model.state_dict(), model.config))
     return twin.to(next(model.parameters()).device)
 
 

@@ -77,10 +77,10 @@ class DiffusersRecipe:
         from diffusers.optimization import get_cosine_schedule_with_warmup
         from diffusers.training_utils import EMAModel
 
-        from ddpm.models.diffusers_io import config_to_diffusers
+        from ddpm.models.diffusers_io import UNET2D
 
         torch.manual_seed(seed)
-        self.model = UNet2DModel.from_config(config_to_diffusers(ours.config))
+        self.model = UNet2DModel.from_config(UNET2D.config_to(ours.config))
         if num_parameters(self.model) != num_parameters(ours):
             raise RuntimeError("the diffusers twin does not have our parameter count")
         self.batch = batch

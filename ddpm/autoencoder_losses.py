@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddpm.checkpoints import load_state_dict
-from ddpm.errors import UserError
+from ddpm.errors import UserError, is_int
 from ddpm.losses import sum_flat
 from ddpm.models.autoencoder import DiagonalGaussian
-from ddpm.models.unet import _is_int, load_matching_weights
+from ddpm.models.io import load_matching_weights
 
 # Esser et al. 2021, eq. 7: the denominator's delta, and the LDM code's clamp.
 ADAPTIVE_EPS = 1e-4
@@ -75,7 +75,7 @@ class AutoencoderLossConfig:
                 raise UserError(f"AutoencoderLossConfig.{name} must be a number >= 0, got {value!r}")
         for name, least in (("disc_start", 0), ("disc_layers", 1), ("disc_channels", 1)):
             value = getattr(self, name)
-            if not _is_int(value) or value < least:
+            if not is_int(value) or value < least:
                 raise UserError(f"AutoencoderLossConfig.{name} must be an integer >= {least}, got {value!r}")
         if self.disc_norm not in DISC_NORMS:
             raise UserError(f"AutoencoderLossConfig.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")

@@ -1,4 +1,4 @@
-"""The one exception type for a user's mistake.
+"""The one exception type for a user's mistake, and the checks of a value that raise it.
 
 A :class:`UserError` is something the person running ``ddpm`` can fix (a bad path, an option out
 of range, a file that is not a checkpoint). The CLI prints its message as one line and exits with
@@ -14,3 +14,21 @@ class UserError(Exception):
     exit_code: int = 2
     #: How the CLI labels the message: ``ddpm: error: ...``.
     label: str = "error"
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer (``True`` and ``False`` are not, though Python says so)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive(name: str, value: object, allow_zero: bool = False) -> None:
+    """:class:`UserError` naming ``name`` unless ``value`` is an integer >= 1 (>= 0 with ``allow_zero``)."""
+    if not is_int(value) or value < (0 if allow_zero else 1):  # type: ignore[operator]
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise UserError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> None:
+    """:class:`UserError` naming ``name`` and the choices unless ``value`` is one of them."""
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -7,14 +7,15 @@ that back.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ddpm import checkpoints
 from ddpm.config import DiffusionConfig
 from ddpm.errors import UserError
 from ddpm.loading import LoadedModel
-from ddpm.schedules import SCALED_LINEAR_ENDS
+from ddpm.models import diffusers_io
+from ddpm.models.diffusers_io import AUTOENCODER_KL, UNET2D
 
 
 def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "diffusers") -> list[Path]:
@@ -26,32 +27,20 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "diffusers
         if fmt != "diffusers":
             raise UserError("a latent model is exported in the diffusers layout only (unet/, vae/, scheduler/); "
                             "drop --format ddpm")
-        loaded.model.save_diffusers(out_dir / "unet")
-        loaded.autoencoder.save_diffusers(out_dir / "vae")
-        scheduler = scheduler_config(loaded.diffusion, clip_sample=False)
-        checkpoints.save_json(out_dir / "scheduler" / "scheduler_config.json", scheduler)
-        return [out_dir / "unet", out_dir / "vae", out_dir / "scheduler"]
+        unet, vae = out_dir / UNET2D.pipeline_folder, out_dir / AUTOENCODER_KL.pipeline_folder
+        loaded.model.save_diffusers(unet)
+        loaded.autoencoder.save_diffusers(vae)
+        scheduler = diffusers_io.write_scheduler(out_dir, scheduler_config(loaded.diffusion, clip_sample=False),
+                                                 pipeline=True)
+        return [unet, vae, scheduler.parent]
     if fmt == "ddpm":
         loaded.model.save_pretrained(out_dir)
         return [out_dir]
     loaded.model.save_diffusers(out_dir)
-    checkpoints.save_json(out_dir / "scheduler_config.json", scheduler_config(loaded.diffusion))
+    diffusers_io.write_scheduler(out_dir, scheduler_config(loaded.diffusion), pipeline=False)
     return [out_dir]
 
 
-def scheduler_config(d: DiffusionConfig, clip_sample: bool = True) -> dict[str, Any]:
+def scheduler_config(diffusion: DiffusionConfig, clip_sample: bool = True) -> dict[str, Any]:
     """diffusers' ``DDPMScheduler`` config for our diffusion (``clip_sample``: x̂_0 in [-1, 1], pixels only)."""
-    # diffusers does not rescale the linear schedule with T; writing the scaled ends makes its
-    # linspace(beta_start, beta_end, T) equal to ours.
-    scale = 1000 / d.timesteps
-    ends = SCALED_LINEAR_ENDS if d.schedule == "scaled_linear" else (1e-4 * scale, 0.02 * scale)
-    return {
-        "_class_name": "DDPMScheduler",
-        "num_train_timesteps": d.timesteps,
-        "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(d.schedule, d.schedule),
-        "beta_start": ends[0],
-        "beta_end": ends[1],
-        "prediction_type": {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[d.mean_type],
-        "variance_type": d.var_type,
-        "clip_sample": clip_sample,
-    }
+    return diffusers_io.scheduler_to_diffusers(**dataclasses.asdict(diffusion), clip_sample=clip_sample)

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm.checkpoints import load_json
 from ddpm.data import ImageData
 from ddpm.errors import UserError
-from ddpm.models.autoencoder import FORMAT, AutoencoderKL, AutoencoderKLConfig
+from ddpm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from ddpm.models.io import read_format
 from ddpm.models.unet import UNetConfig
 from ddpm.runtime import derive_seed
 
@@ -40,8 +40,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Au
     elif (path / "checkpoints").is_dir():
         raise UserError(f"autoencoder {path}: the run has not finished (no {AUTOENCODER_DIR}/ yet); "
                         "complete it with 'ddpm train-autoencoder --out PATH --resume'")
-    config = path / "config.json"
-    if config.is_file() and load_json(config).get("format") == FORMAT:
+    if read_format(path) == AutoencoderKL.FORMAT:
         model = AutoencoderKL.from_pretrained(path)
     else:
         model = AutoencoderKL.from_diffusers(path)
@@ -78,10 +77,9 @@ class LatentData:
     """A training set encoded once: the posterior mean and standard deviation of every image (and
     of its mirror image, with ``flip``), from which each batch draws ``z = mean + std * eps``, scaled.
 
-    Why once, measured on one thread of our 2-core machine: the ``mnist-f4`` encoder runs at 220 to
-    300 images/s, the ``mnist-latent`` U-Net's training step at 709, so encoding on the fly would
-    make every step about four times slower; encoding MNIST's 60,000 images once costs what
-    training on some 170,000 images (three epochs) would, and then nothing. The batches are those
+    Why once: the ``mnist-f4`` encoder is several times slower per image than the ``mnist-latent``
+    U-Net's training step (bench/RESULTS.md), so encoding on the fly would make every step several
+    times slower; encoding the set once costs a few epochs' worth of steps, and then nothing. The batches are those
     of :meth:`ImageData.batches` (same order and flips) in latent form, and ``eps`` comes from a
     generator seeded by ``(seed, rank, step)``, so a resumed run draws the same latents without
     saving anything.

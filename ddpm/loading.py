@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +21,11 @@ from ddpm import checkpoints
 from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import UserError
 from ddpm.latent import load_autoencoder, pixel_size
+from ddpm.models import diffusers_io
 from ddpm.models.autoencoder import AutoencoderKL
+from ddpm.models.diffusers_io import AUTOENCODER_KL, UNET2D
 from ddpm.models.unet import UNet
 from ddpm.runtime import num_parameters
-from ddpm.schedules import get_betas
 
 
 @dataclass
@@ -72,19 +72,18 @@ def load_model(source: str | Path, weights: str = "ema", device: str | torch.dev
         return _from_checkpoint(*found, weights, device)
     if (path / checkpoints.CHECKPOINT_META).is_file():
         return _from_checkpoint(path, checkpoints.load_training_checkpoint(path), weights, device)
-    config_path = path / "config.json"
     autoencoder = None
-    if not config_path.is_file() and (path / "unet" / "config.json").is_file():
-        if (path / "vae" / "config.json").is_file():
-            autoencoder = load_autoencoder(path / "vae", device)
-        path, config_path = path / "unet", path / "unet" / "config.json"  # a diffusers pipeline directory
-    if not config_path.is_file():
+    unet_dir, vae_dir = path / UNET2D.pipeline_folder, path / AUTOENCODER_KL.pipeline_folder
+    if not (path / "config.json").is_file() and (unet_dir / "config.json").is_file():  # a diffusers pipeline
+        if (vae_dir / "config.json").is_file():
+            autoencoder = load_autoencoder(vae_dir, device)
+        path = unet_dir
+    if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a run, checkpoint or model directory (no config.json, no checkpoints/)")
-    config = checkpoints.load_json(config_path)
-    if isinstance(config, dict) and config.get("_class_name") == "UNet2DModel":
+    if diffusers_io.class_name(path) == UNET2D.class_name:
         model = UNet.from_diffusers(path, device=device)
         if autoencoder is not None:
-            pixel_size(model.config, autoencoder.config, path.parent / "vae")
+            pixel_size(model.config, autoencoder.config, vae_dir)
         return LoadedModel(model.eval(), diffusion_from_diffusers(path), f"diffusers model {path}",
                            autoencoder=autoencoder)
     model = UNet.from_pretrained(path, device=device)
@@ -114,42 +113,13 @@ def _from_checkpoint(path: Path, ckpt: checkpoints.TrainingCheckpoint, weights: 
 
 
 def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
-    """Our diffusion for a diffusers scheduler config next to the model, or the paper's default.
-
-    Reads ``scheduler_config.json`` beside ``config.json`` or in ``../scheduler/``. Only the
-    schedules we implement are accepted: linear from 1e-4 to 0.02 over 1000 steps (DDPM),
-    ``scaled_linear`` from 0.00085 to 0.012 (latent diffusion) and ``squaredcos_cap_v2`` (cosine);
-    for T ≠ 1000 the linear ends must be scaled by 1000 / T, as ours are.
-    """
-    candidates = [path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"]
-    found = next((p for p in candidates if p.is_file()), None)
+    """Our diffusion for the diffusers scheduler config beside the model at ``path`` (or in its
+    pipeline's ``scheduler/``), or the paper's default when there is none; the supported schedules
+    are those of :func:`ddpm.models.diffusers_io.scheduler_from_diffusers`."""
+    found = diffusers_io.find_scheduler_config(path)
     if found is None:
         return DiffusionConfig()  # the paper's: linear, T = 1000, ε, σ² = β̃
-    cfg = checkpoints.load_json(found)
-    T = int(cfg.get("num_train_timesteps", 1000))
-    schedule = cfg.get("beta_schedule", "linear")
-    if schedule in ("linear", "scaled_linear"):
-        # diffusers takes the ends as given; ours follow from the schedule's name and T.
-        expected = get_betas(schedule, T)[[0, -1]].tolist()
-        ends = (cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02))
-        if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(ends, expected)):
-            ours = ("the paper's linear schedule is supported (beta from 1e-4 to 0.02 for T=1000, both scaled by "
-                    "1000/T otherwise)" if schedule == "linear" else
-                    "latent diffusion's scaled_linear schedule is supported (beta from 0.00085 to 0.012)")
-            raise UserError(f"{found}: only {ours}; got {ends[0]} to {ends[1]} for T={T}")
-    elif schedule == "squaredcos_cap_v2":
-        schedule = "cosine"
-    else:
-        raise UserError(f"{found}: beta_schedule {schedule!r} is not supported "
-                        "(linear, scaled_linear or squaredcos_cap_v2)")
-    mean_type = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}.get(cfg.get("prediction_type", "epsilon"))
-    var_type = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
-                "fixed_large_log": "fixed_large", "learned_range": "learned_range"}.get(
-        cfg.get("variance_type", "fixed_small"))
-    if mean_type is None or var_type is None:
-        raise UserError(f"{found}: prediction_type / variance_type {cfg.get('prediction_type')!r} / "
-                        f"{cfg.get('variance_type')!r} is not supported")
-    return DiffusionConfig(timesteps=T, schedule=schedule, mean_type=mean_type, var_type=var_type)
+    return DiffusionConfig(**diffusers_io.scheduler_from_diffusers(checkpoints.load_json(found), found))
 
 
 def describe_run(loaded: LoadedModel) -> str:

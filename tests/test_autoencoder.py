@@ -17,8 +17,16 @@ from torch.distributions import Normal, kl_divergence
 
 from ddpm.errors import UserError
 from ddpm.models import AutoencoderKL, AutoencoderKLConfig
-from ddpm.models.autoencoder import PRESETS, DiagonalGaussian, config_from_diffusers, config_to_diffusers
+from ddpm.models.autoencoder import PRESETS, DiagonalGaussian
+from ddpm.models.diffusers_io import AUTOENCODER_KL
 from ddpm.runtime import num_parameters
+
+
+def config_from_diffusers(values, source="config"):
+    return AUTOENCODER_KL.build_config(AutoencoderKLConfig, values, source)
+
+
+config_to_diffusers = AUTOENCODER_KL.config_to
 
 # Two levels at most, every kind of module (shortcut, resamplers, attention), 3 latent channels.
 SMALL = AutoencoderKLConfig(

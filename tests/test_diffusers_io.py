@@ -15,8 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from ddpm.errors import UserError
 from ddpm.models import PRESETS, UNet, UNetConfig, get_preset
-from ddpm.models.diffusers_io import config_from_diffusers, config_to_diffusers
+from ddpm.models.diffusers_io import UNET2D
 from ddpm.runtime import num_parameters
+
+
+def config_from_diffusers(values, source="config"):
+    return UNET2D.build_config(UNetConfig, values, source)
+
+
+config_to_diffusers = UNET2D.config_to
 
 # config.json of google/ddpm-cifar10-32 and google/ddpm-cat-256 as published (diffusers 0.0.4).
 GOOGLE_CIFAR10 = {

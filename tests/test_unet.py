@@ -28,6 +28,7 @@ PARAM_COUNTS = {
     "mnist-latent": 176_772,
     "cifar10-latent": 2_796_740,
     "tiny": 702_499,
+    "tiny-latent": 665_636,
 }
 
 
@@ -111,7 +112,7 @@ def test_parameter_count_with_options_matches_the_layer_by_layer_count():
 # A small input for each preset: the 256 models run at 32x32, the least their six levels divide
 # (the network is convolutional and keeps its attention levels), 1/64 of the cost.
 SIDES = {"cifar10": 32, "celebahq256": 32, "lsun256": 32, "mnist": 28, "digits": 8, "tiny": 8, "mnist-latent": 7,
-         "cifar10-latent": 8}
+         "cifar10-latent": 8, "tiny-latent": 4}
 
 
 @pytest.mark.parametrize("name", PRESETS)

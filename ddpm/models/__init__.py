@@ -1,8 +1,10 @@
-"""Denoising networks: the DDPM U-Net, its presets, and diffusers interop; the latent-diffusion
-autoencoder."""
+"""Denoising networks: the DDPM U-Net and its presets; the latent-diffusion autoencoder. Shared
+layers are in :mod:`ddpm.models.layers`, saving and loading (ours and diffusers' layout) in
+:mod:`ddpm.models.io` and :mod:`ddpm.models.diffusers_io`."""
 
 from ddpm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from ddpm.models.layers import timestep_embedding
 from ddpm.models.presets import PRESETS, get_preset
-from ddpm.models.unet import UNet, UNetConfig, timestep_embedding
+from ddpm.models.unet import UNet, UNetConfig
 
 __all__ = ["PRESETS", "AutoencoderKL", "AutoencoderKLConfig", "UNet", "UNetConfig", "get_preset", "timestep_embedding"]

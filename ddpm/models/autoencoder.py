@@ -16,8 +16,9 @@ followed by the 1x1 ``quant_conv``; the decoder starts with the 1x1 ``post_quant
 
 The state dict has diffusers' names exactly, so ``save_diffusers`` writes it unchanged; reading
 also accepts the attention names of diffusers before 0.14 (``query``, ``key``, ``value``,
-``proj_attn``), which checkpoints such as ``stabilityai/sd-vae-ft-mse`` may still carry.
-Tiling, slicing and other variants (``shift_factor``, no attention in the middle) are left out.
+``proj_attn``), which checkpoints such as ``stabilityai/sd-vae-ft-mse`` may still carry
+(:data:`ddpm.models.diffusers_io.AUTOENCODER_KL`). Tiling, slicing and other variants
+(``shift_factor``, no attention in the middle) are left out.
 """
 
 from __future__ import annotations
@@ -26,37 +27,18 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.checkpoints import load_json, load_state_dict, save_json, save_state_dict
-from ddpm.errors import UserError
+from ddpm.errors import UserError, is_int
 from ddpm.losses import normal_kl, sum_flat
-from ddpm.models.diffusers_io import (
-    CONFIG_NAME,
-    SAFETENSORS_NAME,
-    _modern_attention_names,
-    _read_weights,
-)
-from ddpm.models.unet import (
-    WEIGHTS_NAME,
-    Downsample,
-    Upsample,
-    _conv3,
-    _is_int,
-    _norm,
-    _norm_act,
-    load_matching_weights,
-    read_model_config,
-    save_model_directory,
-)
+from ddpm.models.diffusers_io import AUTOENCODER_KL
+from ddpm.models.io import SavedModel, config_from_dict
+from ddpm.models.layers import Downsample, ResnetBlock2D, Upsample, conv3x3, group_norm, norm_silu
 
-FORMAT = "ddpm-autoencoder-kl"
-FORMAT_VERSION = 1
 # diffusers (after the LDM code) clamps the log-variance so that exp() neither overflows nor
 # underflows: std stays within [3e-7, 2.2e4].
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -93,10 +75,10 @@ class AutoencoderKLConfig:
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
                      "norm_num_groups", "sample_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise UserError(f"AutoencoderKLConfig.{name} must be a positive integer, got {value!r}")
         widths = self.block_out_channels
-        if not isinstance(widths, tuple) or not widths or not all(_is_int(w) and w > 0 for w in widths):
+        if not isinstance(widths, tuple) or not widths or not all(is_int(w) and w > 0 for w in widths):
             raise UserError(
                 f"AutoencoderKLConfig.block_out_channels must be a non-empty list of positive "
                 f"integers, got {widths!r}"
@@ -122,13 +104,7 @@ class AutoencoderKLConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> AutoencoderKLConfig:
         """The config from :meth:`to_dict`'s output; an unknown key raises :class:`UserError`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(values) - known:
-            raise UserError(
-                f"unknown autoencoder config key(s) {', '.join(sorted(set(values) - known))}; "
-                f"valid keys are {', '.join(sorted(known))}"
-            )
-        return cls(**values)
+        return config_from_dict(cls, values, "autoencoder")
 
     @classmethod
     def preset(cls, name: str) -> AutoencoderKLConfig:
@@ -142,12 +118,10 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
     # Stable Diffusion's KL-f8 (CompVis/stable-diffusion-v1-4's vae, stabilityai/sd-vae-ft-mse):
     # 83,653,863 parameters, the count of diffusers' AutoencoderKL with this config.
     "sd": AutoencoderKLConfig(),
-    # Placeholders sized for 2 CPU cores, to be chosen by measurement (issue 14): MNIST
-    # 28 -> 14 -> 7 (f = 4, 7x7x4 latents); CIFAR-10 32 -> 8 (f = 4) or 32 -> 16 (f = 2).
-    # scaling_factor 1 until a trained model's latent standard deviation replaces it.
-    # Parameters (equal to diffusers' counts) and a first look at speed, one thread of a loaded
-    # 2-core machine, batch 32, L1 + KL step forward and backward: mnist-f4 953,413 (46 img/s),
-    # cifar10-f4 954,567 (28 img/s), cifar10-f2 658,375 (23 img/s).
+    # Sized for 2 CPU cores, f = 4: MNIST 28 -> 14 -> 7 (7x7x4 latents), CIFAR-10 32 -> 8 (8x8x4),
+    # or 32 -> 16 with cifar10-f2. scaling_factor 1 here; a trained model's is measured at the end
+    # of its run (ddpm.train_autoencoder.latent_scale). Parameter counts equal diffusers' (tests);
+    # speeds and reconstruction quality are in bench/RESULTS.md (python -m bench.latent).
     "mnist-f4": AutoencoderKLConfig(
         in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
         norm_num_groups=16, scaling_factor=1.0, sample_size=28,
@@ -203,24 +177,6 @@ class DiagonalGaussian:
         return 0.5 * sum_flat(math.log(2 * math.pi) + self.logvar + (z - self.mean).square() / self.var)
 
 
-class ResnetBlock(nn.Module):
-    """diffusers' ``ResnetBlock2D`` without a time embedding: GN, SiLU, conv, GN, SiLU, conv, plus
-    the input (through a 1x1 ``conv_shortcut`` when the width changes). ``[B, c_in, H, W] ->
-    [B, c_out, H, W]``."""
-
-    def __init__(self, c_in: int, c_out: int, groups: int) -> None:
-        super().__init__()
-        self.norm1 = _norm(c_in, groups)
-        self.conv1 = _conv3(c_in, c_out)
-        self.norm2 = _norm(c_out, groups)
-        self.conv2 = _conv3(c_out, c_out)
-        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv2(_norm_act(self.norm2, self.conv1(_norm_act(self.norm1, x))))
-        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
-
-
 class Attention(nn.Module):
     """Single-head self-attention over the ``H * W`` positions with a residual connection, in
     diffusers' ``Attention`` names (``group_norm``, ``to_q``, ``to_k``, ``to_v``, ``to_out.0``).
@@ -228,7 +184,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
-        self.group_norm = _norm(channels, groups)
+        self.group_norm = group_norm(channels, groups)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -246,7 +202,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups) for _ in range(2)])
         self.attentions = nn.ModuleList([Attention(channels, groups)])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -260,7 +216,7 @@ class Block(nn.Module):
     def __init__(self, c_in: int, c_out: int, num_layers: int, groups: int, resample: str | None) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(num_layers)]
+            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, groups) for i in range(num_layers)]
         )
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample(c_out)])
@@ -280,21 +236,21 @@ class Encoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig) -> None:
         super().__init__()
         widths, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = _conv3(config.in_channels, widths[0])
+        self.conv_in = conv3x3(config.in_channels, widths[0])
         self.down_blocks = nn.ModuleList(
             Block(widths[max(i - 1, 0)], w, config.layers_per_block, groups,
                   "down" if i < len(widths) - 1 else None)
             for i, w in enumerate(widths)
         )
         self.mid_block = MidBlock(widths[-1], groups)
-        self.conv_norm_out = _norm(widths[-1], groups)
-        self.conv_out = _conv3(widths[-1], 2 * config.latent_channels)  # diffusers' double_z
+        self.conv_norm_out = group_norm(widths[-1], groups)
+        self.conv_out = conv3x3(widths[-1], 2 * config.latent_channels)  # diffusers' double_z
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
         for block in self.down_blocks:
             h = block(h)
-        return self.conv_out(_norm_act(self.conv_norm_out, self.mid_block(h)))
+        return self.conv_out(norm_silu(self.conv_norm_out, self.mid_block(h)))
 
 
 class Decoder(nn.Module):
@@ -304,30 +260,35 @@ class Decoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig) -> None:
         super().__init__()
         widths, groups = config.block_out_channels[::-1], config.norm_num_groups
-        self.conv_in = _conv3(config.latent_channels, widths[0])
+        self.conv_in = conv3x3(config.latent_channels, widths[0])
         self.mid_block = MidBlock(widths[0], groups)
         self.up_blocks = nn.ModuleList(
             Block(widths[max(i - 1, 0)], w, config.layers_per_block + 1, groups,
                   "up" if i < len(widths) - 1 else None)
             for i, w in enumerate(widths)
         )
-        self.conv_norm_out = _norm(widths[-1], groups)
-        self.conv_out = _conv3(widths[-1], config.out_channels)
+        self.conv_norm_out = group_norm(widths[-1], groups)
+        self.conv_out = conv3x3(widths[-1], config.out_channels)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             h = block(h)
-        return self.conv_out(_norm_act(self.conv_norm_out, h))
+        return self.conv_out(norm_silu(self.conv_norm_out, h))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(SavedModel):
     """The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, section 3.1).
 
     ``encode(x)`` gives the posterior :class:`DiagonalGaussian` over latents, ``decode(z)`` the
     images; diffusion runs on ``posterior.sample() * config.scaling_factor``. Initialised as
     PyTorch's defaults, as in the LDM code and diffusers.
     """
+
+    CONFIG: ClassVar[type] = AutoencoderKLConfig
+    FORMAT: ClassVar[str] = "ddpm-autoencoder-kl"
+    WHAT: ClassVar[str] = "autoencoder"
+    LAYOUT = AUTOENCODER_KL
 
     def __init__(self, config: AutoencoderKLConfig) -> None:
         super().__init__()
@@ -371,119 +332,3 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"{name} must be [B, {channels}, H, W], got {tuple(x.shape)}")
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"{name} is {x.shape[2]}x{x.shape[3]}; H and W must be divisible by {factor}")
-
-    # --- weights -----------------------------------------------------------------------------
-
-    def load_weights(self, state_dict: Mapping[str, Tensor], source: str | Path = "weights") -> None:
-        """Copy a state dict in diffusers' names (today's or the legacy attention names) into the
-        model, or raise :class:`UserError` naming ``source`` and the keys that do not fit.
-        Attention weights stored as 1x1 convolutions ``[C, C, 1, 1]`` (the LDM code's) are taken
-        as the linear maps they are."""
-        state = {
-            k: v[:, :, 0, 0] if ".attentions." in k and v.shape[2:] == (1, 1) else v
-            for k, v in _modern_attention_names(state_dict).items()
-        }
-        load_matching_weights(self, state, source, "autoencoder")
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` (the config with a format marker) and ``model.safetensors``."""
-        save_model_directory(directory, self.state_dict(), FORMAT, FORMAT_VERSION, self.config.to_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
-        """Load an autoencoder written by :meth:`save_pretrained`; :class:`UserError` for a missing
-        or foreign directory or weights that do not fit."""
-        values = read_model_config(
-            directory, FORMAT, FORMAT_VERSION, "autoencoder", ("AutoencoderKL", "AutoencoderKL")
-        )
-        model = cls(AutoencoderKLConfig.from_dict(values))
-        weights_path = Path(directory) / WEIGHTS_NAME
-        model.load_weights(load_state_dict(weights_path), source=weights_path)
-        return model.to(device)
-
-    @classmethod
-    def from_diffusers(cls, path: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
-        """Load a diffusers ``AutoencoderKL`` directory, or a pipeline's with a ``vae/`` folder
-        (``config.json`` and ``diffusion_pytorch_model.safetensors``; a ``.bin`` is read only with
-        ``torch.load(weights_only=True)``, which cannot run code). :class:`UserError` for a missing
-        directory or file, a layout we do not implement, or weights that do not fit."""
-        directory = Path(path)
-        if not directory.is_dir():
-            raise UserError(f"{directory}: not a diffusers model directory")
-        if not (directory / CONFIG_NAME).exists() and (directory / "vae" / CONFIG_NAME).is_file():
-            directory = directory / "vae"  # A whole pipeline's directory: its autoencoder.
-        config_path = directory / CONFIG_NAME
-        model = cls(config_from_diffusers(load_json(config_path), source=config_path))
-        state, weights_path = _read_weights(directory)
-        model.load_weights(state, source=weights_path)
-        return model.to(device)
-
-    def save_diffusers(self, path: str | Path) -> None:
-        """Write a directory that ``diffusers.AutoencoderKL.from_pretrained`` loads."""
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_state_dict(directory / SAFETENSORS_NAME, self.state_dict(), metadata={"format": "pt"})
-        save_json(directory / CONFIG_NAME, config_to_diffusers(self.config))
-
-
-# diffusers AutoencoderKL fields with one value here: (accepted values, diffusers' default for a
-# config.json without the field). The first accepted value is written on export.
-_FIXED: dict[str, tuple[tuple[Any, ...], Any]] = {
-    "act_fn": (("silu", "swish"), "silu"),
-    "shift_factor": ((None,), None),
-    "latents_mean": ((None,), None),
-    "latents_std": ((None,), None),
-    "use_quant_conv": ((True,), True),
-    "use_post_quant_conv": ((True,), True),
-    "mid_block_add_attention": ((True,), True),
-    # Whether pipelines run the model in float32; ours runs in the caller's dtype.
-    "force_upcast": ((True, False), True),
-}
-# Fields of AutoencoderKLConfig and diffusers' defaults for them.
-_MAPPED: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "block_out_channels": (64,), "layers_per_block": 1,
-    "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215, "sample_size": 32,
-}
-_BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-
-
-def config_from_diffusers(values: Any, source: str | Path = "config") -> AutoencoderKLConfig:
-    """Our config for a diffusers ``AutoencoderKL`` config.json, or :class:`UserError` naming the
-    field that this implementation does not support."""
-
-    def fail(message: str) -> UserError:
-        return UserError(f"{source}: {message}; only diffusers' plain AutoencoderKL layout is supported")
-
-    if not isinstance(values, dict) or values.get("_class_name") != "AutoencoderKL":
-        name = values.get("_class_name") if isinstance(values, dict) else None
-        raise fail(f"_class_name is {name!r}, not 'AutoencoderKL'")
-    unknown = sorted(k for k in values if not k.startswith("_") and k not in _FIXED | _MAPPED | _BLOCK_TYPES)
-    if unknown:
-        raise fail(f"unsupported field(s) {', '.join(unknown)}")
-    for key, (accepted, default) in _FIXED.items():
-        if values.get(key, default) not in accepted:
-            raise fail(f"unsupported {key}={values.get(key, default)!r}")
-    mapped = {key: values.get(key, default) for key, default in _MAPPED.items()}
-    size = mapped["sample_size"]
-    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
-        mapped["sample_size"] = size[0]
-    try:
-        config = AutoencoderKLConfig(**mapped)
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
-    for key, block in _BLOCK_TYPES.items():
-        types = values.get(key, [block])
-        if not isinstance(types, (list, tuple)) or list(types) != [block] * len(config.block_out_channels):
-            raise fail(f"unsupported {key} {types} (needs {len(config.block_out_channels)} x {block})")
-    return config
-
-
-def config_to_diffusers(config: AutoencoderKLConfig) -> dict[str, Any]:
-    """The diffusers ``AutoencoderKL`` config.json for ``config``."""
-    levels = len(config.block_out_channels)
-    return {
-        "_class_name": "AutoencoderKL",
-        **{key: accepted[0] for key, (accepted, _) in _FIXED.items()},
-        **{key: [block] * levels for key, block in _BLOCK_TYPES.items()},
-        **{key: getattr(config, key) for key in _MAPPED},
-    }

@@ -1,42 +1,186 @@
-"""Read and write diffusers' ``UNet2DModel`` directories in the DDPM layout, without diffusers.
+"""The diffusers layout, without diffusers: every model's config fields and weight names, the
+scheduler's config, and a pipeline's folders, in both directions. The one place that knows them.
 
-The paper's trained weights are published in this form (google/ddpm-cifar10-32,
-ddpm-celebahq-256, ddpm-church-256, ddpm-bedroom-256, ddpm-cat-256): a ``config.json`` with
-``"_class_name": "UNet2DModel"`` and ``diffusion_pytorch_model.safetensors`` (or a ``.bin``
-pickle, read only with ``torch.load(..., weights_only=True)``).
+A diffusers model directory is a ``config.json`` with a ``_class_name`` beside
+``diffusion_pytorch_model.safetensors`` (or a ``.bin`` pickle, read only with
+``torch.load(..., weights_only=True)``); a pipeline directory holds one per component folder
+(``unet/``, ``vae/``) and ``scheduler/scheduler_config.json``. The paper's trained weights are
+published so (google/ddpm-cifar10-32, ddpm-celebahq-256, ddpm-church-256, ...).
 
-Only the DDPM block layout is accepted: ``DownBlock2D``/``AttnDownBlock2D`` levels mirrored by
-``UpBlock2D``/``AttnUpBlock2D``, ``UNetMidBlock2D`` with attention, SiLU, GroupNorm(32, 1e-6),
-DDPM's sinusoidal embedding (``flip_sin_to_cos=False``, ``freq_shift=1``), stride-2 downsampling
-padded bottom-right (``downsample_padding=0``) and additive time conditioning. Anything else raises
-:class:`UserError` naming the field.
-
-Names map through one table, :func:`_module_table`, used in both directions by :func:`_remap`.
+Each model class names a :class:`Layout`: how its config maps to diffusers' fields (fields with one
+accepted value are checked, anything else raises :class:`UserError` naming the field) and how its
+weight names map (:data:`UNET2D`: DDPM's TF names through one table; :data:`AUTOENCODER_KL`:
+diffusers' names already). This module works on config values and state dicts only; the networks
+(:mod:`ddpm.models.unet`, :mod:`ddpm.models.autoencoder`) build themselves from what it returns.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from ddpm.checkpoints import load_json, load_state_dict, save_json, save_state_dict
-from ddpm.errors import UserError
-from ddpm.models.unet import NORM_EPS, UNet, UNetConfig
+from ddpm.errors import UserError, is_int
+from ddpm.models.layers import NORM_EPS
+from ddpm.schedules import SCALED_LINEAR_ENDS, get_betas
+
+if TYPE_CHECKING:
+    from ddpm.models.autoencoder import AutoencoderKLConfig
+    from ddpm.models.unet import UNetConfig
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_NAME = "diffusion_pytorch_model.bin"
+SCHEDULER_FOLDER = "scheduler"
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+
+C = TypeVar("C")
+Fixed = dict[str, tuple[tuple[Any, ...], Any]]
+
+
+def _identity(state: Mapping[str, Tensor], config: Any) -> dict[str, Tensor]:
+    return dict(state)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one diffusers model class maps onto one of ours.
+
+    Attributes:
+        class_name: diffusers' ``_class_name``.
+        pipeline_folder: the folder of a pipeline directory that holds such a model.
+        config_from: diffusers' config values (and their file, for messages) -> our config's fields.
+        config_to: our config -> diffusers' config.json (with ``_class_name``).
+        state_from, state_to: a state dict in diffusers' names -> ours, and back.
+    """
+
+    class_name: str
+    pipeline_folder: str
+    config_from: Callable[[Mapping[str, Any], str | Path], dict[str, Any]]
+    config_to: Callable[[Any], dict[str, Any]]
+    state_from: Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]] = _identity
+    state_to: Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]] = _identity
+
+    def build_config(self, config_class: type[C], values: Mapping[str, Any], source: str | Path = "config") -> C:
+        """Our config for diffusers' ``values``; :class:`UserError` naming ``source`` if it cannot be."""
+        if not isinstance(values, Mapping) or values.get("_class_name") != self.class_name:
+            name = values.get("_class_name") if isinstance(values, Mapping) else None
+            raise UserError(f"{source}: _class_name is {name!r}, not {self.class_name!r}")
+        try:
+            return config_class(**self.config_from(values, source))
+        except UserError as e:
+            message = str(e)
+            raise UserError(message if message.startswith(str(source)) else f"{source}: {message}") from None
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def read_config(path: str | Path, layout: Layout) -> tuple[Path, dict[str, Any]]:
+    """The model directory at ``path`` (or in its pipeline folder) and its config values."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: not a diffusers model directory")
+    inner = directory / layout.pipeline_folder
+    if not (directory / CONFIG_NAME).exists() and (inner / CONFIG_NAME).is_file():
+        directory = inner  # a whole pipeline's directory: its component
+    values = load_json(directory / CONFIG_NAME)
+    if not isinstance(values, dict):
+        raise UserError(f"{directory / CONFIG_NAME}: not a diffusers config (not a JSON object)")
+    return directory, values
+
+
+def class_name(directory: str | Path) -> str | None:
+    """The ``_class_name`` of the diffusers config in ``directory``, or None."""
+    path = Path(directory) / CONFIG_NAME
+    values = load_json(path) if path.is_file() else None
+    return values.get("_class_name") if isinstance(values, dict) else None
+
+
+def read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
+    """The state dict of a diffusers model directory (safetensors, else a weights-only ``.bin``)."""
+    path = directory / SAFETENSORS_NAME
+    if path.is_file():
+        return load_state_dict(path), path
+    path = directory / PICKLE_NAME
+    if not path.is_file():
+        raise UserError(f"{directory}: neither {SAFETENSORS_NAME} nor {PICKLE_NAME} found")
+    try:
+        # weights_only: the unpickler builds tensors and containers only and refuses any other
+        # callable, so a malicious file cannot run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a loadable weights-only PyTorch file ({e})") from e
+    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+        raise UserError(f"{path}: not a state dict of tensors")
+    return state, path
+
+
+def write_model(path: str | Path, config: Mapping[str, Any], state: Mapping[str, Tensor]) -> None:
+    """Write a diffusers model directory: the weights, then ``config.json`` (the pair is complete)."""
+    directory = Path(path)
+    save_state_dict(directory / SAFETENSORS_NAME, state, metadata={"format": "pt"})
+    save_json(directory / CONFIG_NAME, config)
+
+
+# The attention parameter names of diffusers before 0.14 (its AttentionBlock), still those of the
+# published google/ddpm-* files and of some autoencoders (stabilityai/sd-vae-ft-mse); diffusers
+# renames them on load (_fix_state_dict_keys_on_load).
+_LEGACY_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def modern_attention_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with the legacy attention names renamed, and attention weights stored as 1x1
+    convolutions ``[C, C, 1, 1]`` (the LDM code's) taken as the linear maps they are."""
+    out = {}
+    for key, value in state.items():
+        match = _LEGACY_ATTENTION.match(key)
+        if match:
+            module, name, param = match.groups()
+            key = f"{module}.{_LEGACY_NAMES[name]}.{param}"
+        if ".attentions." in key and value.ndim == 4 and value.shape[2:] == (1, 1):
+            value = value[:, :, 0, 0]
+        out[key] = value
+    return out
+
+
+def _check_fixed(values: Mapping[str, Any], fixed: Fixed, fail: Callable[[str], UserError]) -> None:
+    for key, (accepted, default) in fixed.items():
+        value = values.get(key, default)
+        if value not in accepted:
+            raise fail(f"unsupported {key}={value!r} (needs {accepted[0]!r})")
+
+
+def _check_known(values: Mapping[str, Any], known: set[str], fail: Callable[[str], UserError]) -> None:
+    unknown = sorted(k for k in values if not k.startswith("_") and k not in known)
+    if unknown:
+        raise fail(f"unsupported field(s) {', '.join(unknown)}")
+
+
+def _square(size: Any) -> Any:
+    """diffusers' ``sample_size`` as one side (it may be ``[s, s]``)."""
+    return size[0] if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1] else size
+
+
+def _positive(value: object) -> bool:
+    return is_int(value) and value > 0  # type: ignore[operator]
+
+
+# ---------------------------------------------------------------------------- UNet2DModel (DDPM)
 
 # UNet2DModel's fixed choices that make it DDPM's network: the accepted values of each field, the
 # first of which is written on export. A key missing from an old config.json takes diffusers'
 # default (second element), as diffusers does.
-_FIXED: dict[str, tuple[tuple[Any, ...], Any]] = {
+_UNET2D_FIXED: Fixed = {
     "center_input_sample": ((False,), False),
     "time_embedding_type": (("positional",), "positional"),
     "freq_shift": ((1,), 0),
@@ -54,7 +198,7 @@ _FIXED: dict[str, tuple[tuple[Any, ...], Any]] = {
     "time_embedding_dim": ((None,), None),  # None means 4 * block_out_channels[0], DDPM's width.
 }
 # Fields translated into UNetConfig, with diffusers' defaults.
-_MAPPED: dict[str, Any] = {
+_UNET2D_MAPPED: dict[str, Any] = {
     "sample_size": None,
     "in_channels": 3,
     "out_channels": 3,
@@ -74,8 +218,8 @@ _DOWN = {False: "DownBlock2D", True: "AttnDownBlock2D"}
 _UP = {False: "UpBlock2D", True: "AttnUpBlock2D"}
 
 
-def config_from_diffusers(values: Mapping[str, Any], source: str | Path = "config") -> UNetConfig:
-    """Our :class:`UNetConfig` for a diffusers ``UNet2DModel`` config, or :class:`UserError`.
+def unet2d_config_from_diffusers(values: Mapping[str, Any], source: str | Path = "config") -> dict[str, Any]:
+    """:class:`~ddpm.models.unet.UNetConfig`'s fields for a ``UNet2DModel`` config in the DDPM layout.
 
     diffusers has no null label: a model with ``num_class_embeds = N`` becomes ``num_classes =
     N - 1`` whose null label is row ``N - 1``; labels ``0 .. N-1`` pick the same rows in both.
@@ -84,16 +228,9 @@ def config_from_diffusers(values: Mapping[str, Any], source: str | Path = "confi
     def fail(message: str) -> UserError:
         return UserError(f"{source}: {message}; only the DDPM UNet2DModel layout is supported")
 
-    if values.get("_class_name") != "UNet2DModel":
-        raise fail(f"_class_name is {values.get('_class_name')!r}, not 'UNet2DModel'")
-    unknown = sorted(k for k in values if not k.startswith("_") and k not in _FIXED | _MAPPED)
-    if unknown:
-        raise fail(f"unsupported field(s) {', '.join(unknown)}")
-    for key, (accepted, default) in _FIXED.items():
-        value = values.get(key, default)
-        if value not in accepted:
-            raise fail(f"unsupported {key}={value!r} (DDPM needs {accepted[0]!r})")
-    v = {key: values.get(key, default) for key, default in _MAPPED.items()}
+    _check_known(values, set(_UNET2D_FIXED) | set(_UNET2D_MAPPED), fail)
+    _check_fixed(values, _UNET2D_FIXED, fail)
+    v = {key: values.get(key, default) for key, default in _UNET2D_MAPPED.items()}
 
     widths = v["block_out_channels"]
     if not isinstance(widths, (list, tuple)) or not widths or not all(_positive(w) for w in widths):
@@ -109,9 +246,7 @@ def config_from_diffusers(values: Mapping[str, Any], source: str | Path = "confi
     if len(down) != len(widths) or up != [_UP[a] for a in reversed(attention)]:
         raise fail(f"up_block_types {up} do not mirror down_block_types {down}")
 
-    size = v["sample_size"]
-    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
-        size = size[0]
+    size = _square(v["sample_size"])
     if not isinstance(size, int):
         raise fail(f"sample_size {size!r} is not one square size")
     in_channels, out_channels = v["in_channels"], v["out_channels"]
@@ -130,58 +265,44 @@ def config_from_diffusers(values: Mapping[str, Any], source: str | Path = "confi
         raise fail(f"attention_head_dim={head_dim!r} is not a positive integer")
     heads = {1} if head_dim is None else {w // head_dim for w in attended}
     if (head_dim is not None and any(w % head_dim for w in attended)) or len(heads) != 1:
-        raise fail(
-            f"attention_head_dim={head_dim} gives a different number of heads per level for "
-            f"widths {attended}"
-        )
+        raise fail(f"attention_head_dim={head_dim} gives a different number of heads per level for widths {attended}")
     groups = v["norm_num_groups"]
     if v["attn_norm_num_groups"] not in (None, groups):
         raise fail(f"attn_norm_num_groups={v['attn_norm_num_groups']!r} differs from norm_num_groups={groups!r}")
     resolutions = [size // 2**i for i in range(len(widths))]
-    try:
-        return UNetConfig(
-            image_size=size,
-            in_channels=in_channels,
-            ch=ch,
-            ch_mult=tuple(w // ch for w in widths),
-            num_res_blocks=v["layers_per_block"],
-            attn_resolutions=tuple(r for r, a in zip(resolutions, attention) if a),
-            dropout=v["dropout"],
-            learned_sigma=out_channels == 2 * in_channels,
-            num_classes=num_classes,
-            num_heads=heads.pop(),
-            norm_groups=groups,
-        )
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
+    return {
+        "image_size": size,
+        "in_channels": in_channels,
+        "ch": ch,
+        "ch_mult": tuple(w // ch for w in widths),
+        "num_res_blocks": v["layers_per_block"],
+        "attn_resolutions": tuple(r for r, a in zip(resolutions, attention) if a),
+        "dropout": v["dropout"],
+        "learned_sigma": out_channels == 2 * in_channels,
+        "num_classes": num_classes,
+        "num_heads": heads.pop(),
+        "norm_groups": groups,
+    }
 
 
-def _positive(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
-    """The ``UNet2DModel`` config.json for a :class:`UNetConfig` (inverse of
-    :func:`config_from_diffusers`); :class:`UserError` if diffusers cannot express it."""
+def unet2d_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
+    """The ``UNet2DModel`` config.json for a :class:`~ddpm.models.unet.UNetConfig`;
+    :class:`UserError` if diffusers cannot express it."""
     if config.ch_mult[0] != 1:
         # diffusers' input convolution and time embedding take block_out_channels[0], DDPM's ch.
-        raise UserError(
-            f"ch_mult {list(config.ch_mult)} has no diffusers equivalent (needs ch_mult[0] = 1)"
-        )
+        raise UserError(f"ch_mult {list(config.ch_mult)} has no diffusers equivalent (needs ch_mult[0] = 1)")
     attended = config.attention_channels
     if config.num_heads == 1:
         head_dim = None  # One head of the full width, at every level.
     elif len({w // config.num_heads for w in attended}) == 1:
         head_dim = attended[0] // config.num_heads
     else:
-        raise UserError(
-            f"num_heads={config.num_heads} over widths {list(attended)} has no diffusers "
-            "equivalent (diffusers fixes the head width, not the number of heads)"
-        )
+        raise UserError(f"num_heads={config.num_heads} over widths {list(attended)} has no diffusers equivalent "
+                        "(diffusers fixes the head width, not the number of heads)")
     levels = config.attention_levels
     return {
         "_class_name": "UNet2DModel",
-        **{key: accepted[0] for key, (accepted, _) in _FIXED.items()},
+        **{key: accepted[0] for key, (accepted, _) in _UNET2D_FIXED.items()},
         "sample_size": config.image_size,
         "in_channels": config.in_channels,
         "out_channels": config.out_channels,
@@ -198,7 +319,7 @@ def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     }
 
 
-def _module_table(config: UNetConfig) -> list[tuple[str, tuple[str, ...]]]:
+def _unet2d_table(config: UNetConfig) -> list[tuple[str, tuple[str, ...]]]:
     """(our module, its diffusers module(s)) for every module with weights.
 
     Several diffusers modules for one of ours are concatenated along the output dimension (the
@@ -243,16 +364,14 @@ def _module_table(config: UNetConfig) -> list[tuple[str, tuple[str, ...]]]:
     return table
 
 
-def _remap(
-    state: Mapping[str, Tensor], config: UNetConfig, to_diffusers: bool
-) -> dict[str, Tensor]:
+def _remap(state: Mapping[str, Tensor], config: UNetConfig, to_diffusers: bool) -> dict[str, Tensor]:
     """Rename (and split or concatenate) a state dict between our names and diffusers'.
 
     Keys the table does not cover keep their names, for the loader to report as unexpected.
     """
     rest = dict(state)
     out: dict[str, Tensor] = {}
-    for ours, theirs in _module_table(config):
+    for ours, theirs in _unet2d_table(config):
         src, dst = ((ours,), theirs) if to_diffusers else (theirs, (ours,))
         for param in ("weight", "bias"):
             keys = [f"{name}.{param}" for name in src]
@@ -266,85 +385,151 @@ def _remap(
     return out
 
 
-# The attention parameter names of diffusers before 0.14 (its AttentionBlock), still those of the
-# published google/ddpm-* files; diffusers renames them on load (_fix_state_dict_keys_on_load).
-_LEGACY_ATTENTION = re.compile(
-    r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$"
-)
-_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+def unet2d_state_from_diffusers(state: Mapping[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    """A ``UNet2DModel`` state dict (current or legacy attention names) in our names."""
+    return _remap(modern_attention_names(state), config, to_diffusers=False)
 
 
-def _modern_attention_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        match = _LEGACY_ATTENTION.match(key)
-        if match:
-            module, name, param = match.groups()
-            key = f"{module}.{_LEGACY_NAMES[name]}.{param}"
-            if value.ndim == 4:  # A 1x1 convolution's weight [C, C, 1, 1] is a linear map's.
-                value = value[:, :, 0, 0]
-        out[key] = value
-    return out
-
-
-def state_dict_from_diffusers(state: Mapping[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
-    """A diffusers ``UNet2DModel`` state dict (current or legacy attention names) in our names."""
-    return _remap(_modern_attention_names(state), config, to_diffusers=False)
-
-
-def state_dict_to_diffusers(state: Mapping[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
-    """Our state dict in diffusers ``UNet2DModel`` names."""
+def unet2d_state_to_diffusers(state: Mapping[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    """Our U-Net's state dict in ``UNet2DModel`` names."""
     return _remap(state, config, to_diffusers=True)
 
 
-def _read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
-    path = directory / SAFETENSORS_NAME
-    if path.is_file():
-        return load_state_dict(path), path
-    path = directory / PICKLE_NAME
-    if not path.is_file():
-        raise UserError(f"{directory}: neither {SAFETENSORS_NAME} nor {PICKLE_NAME} found")
-    try:
-        # weights_only: the unpickler builds tensors and containers only and refuses any other
-        # callable, so a malicious file cannot run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise UserError(f"{path}: not a loadable weights-only PyTorch file ({e})") from e
-    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
-        raise UserError(f"{path}: not a state dict of tensors")
-    return state, path
+#: The DDPM U-Net (:class:`ddpm.models.unet.UNet`) as diffusers' ``UNet2DModel``.
+UNET2D = Layout("UNet2DModel", "unet", unet2d_config_from_diffusers, unet2d_config_to_diffusers,
+                unet2d_state_from_diffusers, unet2d_state_to_diffusers)
 
 
-def load_diffusers(path: str | Path, device: str | torch.device = "cpu") -> UNet:
-    """A :class:`UNet` with the weights of a diffusers ``UNet2DModel`` directory.
+# ---------------------------------------------------------------------------- AutoencoderKL
 
-    The outputs equal diffusers' for the same inputs (``unet(x, t, y)`` vs
-    ``model(x, t, class_labels=y).sample``). Raises :class:`UserError` for a missing directory or
-    file, an unsupported layout, or weights that do not fit.
+# diffusers AutoencoderKL fields with one value here: (accepted values, diffusers' default for a
+# config.json without the field). The first accepted value is written on export.
+_AUTOENCODER_FIXED: Fixed = {
+    "act_fn": (("silu", "swish"), "silu"),
+    "shift_factor": ((None,), None),
+    "latents_mean": ((None,), None),
+    "latents_std": ((None,), None),
+    "use_quant_conv": ((True,), True),
+    "use_post_quant_conv": ((True,), True),
+    "mid_block_add_attention": ((True,), True),
+    # Whether pipelines run the model in float32; ours runs in the caller's dtype.
+    "force_upcast": ((True, False), True),
+}
+# Fields of AutoencoderKLConfig and diffusers' defaults for them.
+_AUTOENCODER_MAPPED: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "block_out_channels": (64,), "layers_per_block": 1,
+    "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215, "sample_size": 32,
+}
+_AUTOENCODER_BLOCKS = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+
+
+def autoencoder_config_from_diffusers(values: Mapping[str, Any], source: str | Path = "config") -> dict[str, Any]:
+    """:class:`~ddpm.models.autoencoder.AutoencoderKLConfig`'s fields for an ``AutoencoderKL``
+    config, or :class:`UserError` naming the field that this implementation does not support."""
+
+    def fail(message: str) -> UserError:
+        return UserError(f"{source}: {message}; only diffusers' plain AutoencoderKL layout is supported")
+
+    _check_known(values, set(_AUTOENCODER_FIXED) | set(_AUTOENCODER_MAPPED) | set(_AUTOENCODER_BLOCKS), fail)
+    _check_fixed(values, _AUTOENCODER_FIXED, fail)
+    mapped = {key: values.get(key, default) for key, default in _AUTOENCODER_MAPPED.items()}
+    mapped["sample_size"] = _square(mapped["sample_size"])
+    widths = mapped["block_out_channels"]
+    levels = len(widths) if isinstance(widths, (list, tuple)) else None
+    for key, block in _AUTOENCODER_BLOCKS.items():
+        types = values.get(key, [block])  # diffusers' default: one level
+        if not isinstance(types, (list, tuple)) or list(types) != [block] * len(types) or \
+                (levels and len(types) != levels):
+            raise fail(f"unsupported {key} {types} (needs {levels} x {block})")
+    return mapped
+
+
+def autoencoder_config_to_diffusers(config: AutoencoderKLConfig) -> dict[str, Any]:
+    """The ``AutoencoderKL`` config.json for ``config``."""
+    levels = len(config.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        **{key: accepted[0] for key, (accepted, _) in _AUTOENCODER_FIXED.items()},
+        **{key: [block] * levels for key, block in _AUTOENCODER_BLOCKS.items()},
+        **{key: getattr(config, key) for key in _AUTOENCODER_MAPPED},
+    }
+
+
+def _autoencoder_state_from_diffusers(state: Mapping[str, Tensor], config: Any) -> dict[str, Tensor]:
+    return modern_attention_names(state)  # our names are diffusers' own
+
+
+#: Latent diffusion's autoencoder (:class:`ddpm.models.autoencoder.AutoencoderKL`), whose weight
+#: names are diffusers' own.
+AUTOENCODER_KL = Layout("AutoencoderKL", "vae", autoencoder_config_from_diffusers, autoencoder_config_to_diffusers,
+                        _autoencoder_state_from_diffusers)
+
+
+# ---------------------------------------------------------------------------- the scheduler
+
+_PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+_VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+                   "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
+_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+def find_scheduler_config(model_dir: Path) -> Path | None:
+    """The ``scheduler_config.json`` beside a model's ``config.json``, or in a pipeline's ``scheduler/``."""
+    candidates = [model_dir / SCHEDULER_CONFIG_NAME, model_dir.parent / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def scheduler_from_diffusers(values: Mapping[str, Any], source: str | Path = "scheduler") -> dict[str, Any]:
+    """:class:`~ddpm.config.DiffusionConfig`'s fields for a diffusers scheduler config.
+
+    Only the schedules we implement are accepted: linear from 1e-4 to 0.02 over 1000 steps (DDPM),
+    ``scaled_linear`` from 0.00085 to 0.012 (latent diffusion) and ``squaredcos_cap_v2`` (cosine);
+    for T ≠ 1000 the linear ends must be scaled by 1000 / T, as ours are.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise UserError(f"{directory}: not a diffusers model directory")
-    config_path = directory / CONFIG_NAME
-    values = load_json(config_path)
-    if not isinstance(values, dict):
-        raise UserError(f"{config_path}: not a diffusers config (not a JSON object)")
-    config = config_from_diffusers(values, source=config_path)
-    state, weights_path = _read_weights(directory)
-    model = UNet(config)
-    model.load_weights(state_dict_from_diffusers(state, config), source=weights_path)
-    return model.to(device)
+    T = int(values.get("num_train_timesteps", 1000))
+    theirs = values.get("beta_schedule", "linear")
+    schedule = next((ours for ours, name in _SCHEDULES.items() if name == theirs), None)
+    if schedule is None:
+        raise UserError(f"{source}: beta_schedule {theirs!r} is not supported "
+                        f"({', '.join(_SCHEDULES.values())})")
+    if schedule in ("linear", "scaled_linear"):
+        # diffusers takes the ends as given; ours follow from the schedule's name and T.
+        expected = get_betas(schedule, T)[[0, -1]].tolist()
+        ends = (values.get("beta_start", 1e-4), values.get("beta_end", 0.02))
+        if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(ends, expected)):
+            ours = ("the paper's linear schedule is supported (beta from 1e-4 to 0.02 for T=1000, both scaled by "
+                    "1000/T otherwise)" if schedule == "linear" else
+                    "latent diffusion's scaled_linear schedule is supported (beta from 0.00085 to 0.012)")
+            raise UserError(f"{source}: only {ours}; got {ends[0]} to {ends[1]} for T={T}")
+    prediction, variance = values.get("prediction_type", "epsilon"), values.get("variance_type", "fixed_small")
+    mean_type = next((ours for ours, name in _PREDICTION_TYPES.items() if name == prediction), None)
+    var_type = _VARIANCE_TYPES.get(variance)
+    if mean_type is None or var_type is None:
+        raise UserError(f"{source}: prediction_type / variance_type {prediction!r} / {variance!r} is not supported")
+    return {"timesteps": T, "schedule": schedule, "mean_type": mean_type, "var_type": var_type}
 
 
-def save_diffusers(model: UNet, path: str | Path) -> None:
-    """Write ``model`` as a diffusers ``UNet2DModel`` directory (config.json and
-    diffusion_pytorch_model.safetensors) that ``UNet2DModel.from_pretrained`` loads."""
-    directory = Path(path)
-    config = config_to_diffusers(model.config)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_state_dict(
-        directory / SAFETENSORS_NAME,
-        state_dict_to_diffusers(model.state_dict(), model.config),
-        metadata={"format": "pt"},
-    )
-    save_json(directory / CONFIG_NAME, config)
+def scheduler_to_diffusers(timesteps: int, schedule: str, mean_type: str, var_type: str,
+                           clip_sample: bool = True) -> dict[str, Any]:
+    """diffusers' ``DDPMScheduler`` config for our diffusion (``clip_sample``: x̂_0 in [-1, 1], pixels only)."""
+    # diffusers does not rescale the linear schedule with T; writing the scaled ends makes its
+    # linspace(beta_start, beta_end, T) equal to ours.
+    scale = 1000 / timesteps
+    ends = SCALED_LINEAR_ENDS if schedule == "scaled_linear" else (1e-4 * scale, 0.02 * scale)
+    return {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": timesteps,
+        "beta_schedule": _SCHEDULES[schedule],
+        "beta_start": ends[0],
+        "beta_end": ends[1],
+        "prediction_type": _PREDICTION_TYPES[mean_type],
+        "variance_type": var_type,
+        "clip_sample": clip_sample,
+    }
+
+
+def write_scheduler(directory: Path, config: Mapping[str, Any], pipeline: bool) -> Path:
+    """Write a scheduler config beside a model (``pipeline``: into the pipeline's ``scheduler/``)."""
+    path = directory / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME if pipeline else directory / SCHEDULER_CONFIG_NAME
+    save_json(path, config)
+    return path

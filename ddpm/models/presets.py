@@ -1,8 +1,9 @@
 """Named U-Net sizes: the paper's models and small ones for CPUs and tests.
 
 A preset is data, a :class:`~ddpm.models.unet.UNetConfig`; change a field with
-``dataclasses.replace(get_preset("mnist"), num_classes=10)``. Parameter counts are measured (and
-checked in ``tests/test_unet.py``).
+``dataclasses.replace(get_preset("mnist"), num_classes=10)``. Parameter counts are checked in
+``tests/test_unet.py``; the measurements that chose the small presets, and their speeds, are in
+bench/RESULTS.md ("How the CPU presets were chosen", and ``python -m bench.preset_speed``).
 """
 
 from __future__ import annotations
@@ -31,51 +32,43 @@ PRESETS: dict[str, UNetConfig] = {
     # MNIST at its native 28x28, sized for a CPU: levels must divide 28, so three of them,
     # 28 -> 14 -> 7, with widths 16, 32, 32 (8 GroupNorm groups) and one block per level;
     # attention at 7x7 (49 positions) and in the middle gives a global view for almost nothing.
-    # 280,177 parameters, ~260 MFLOP per image for a training step. Chosen by measurement: after 5
-    # CPU minutes (2 cores) its validation ε-MSE (0.0293, lr 2e-3) beat widths 16-32-64 (0.0337),
-    # two blocks per level (0.0326) and width 32 with two blocks (0.0380, the paper's layout
-    # shrunk, 1.6M parameters at 21 images/s): on a CPU, steps matter more than width.
+    # Chosen by validation ε-MSE after 5 CPU minutes against wider and deeper variants: on a CPU,
+    # steps matter more than width.
     "mnist": UNetConfig(
         image_size=28, in_channels=1, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
         attn_resolutions=(7,), dropout=0.0, norm_groups=8,
     ),
     # scikit-learn's 8x8 digits (1,797 images, 17 grey levels) at native size: two levels, 8 -> 4,
-    # widths 16 and 32, attention at 4x4 and in the middle. 176,849 parameters: small enough that
-    # `ddpm demo` trains it in a few CPU minutes and samples 100 digits with DDPM's 1000 steps in
-    # about half a minute (a forward pass of 100 images takes 31 ms on 2 cores).
+    # widths 16 and 32, attention at 4x4 and in the middle: small enough that `ddpm demo` trains
+    # it in a few CPU minutes and samples 100 digits with DDPM's 1000 steps.
     "digits": UNetConfig(
         image_size=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(4,), dropout=0.0, norm_groups=8,
     ),
     # Latent diffusion's U-Nets (Rombach et al. 2022) on an autoencoder's 4-channel latents
-    # (ddpm.models.autoencoder.PRESETS), sized for 2 CPU cores. Measured with one thread
-    # (--train.threads 1) on the shared, loaded 2-core machine, 300 steps of batch 64.
+    # (ddpm.models.autoencoder.PRESETS), sized for 2 CPU cores.
     # MNIST through mnist-f4 (f = 4): 7x7x4 latents, too small to halve (7 is odd), so one level at
-    # 7x7 with attention and the middle block. `ddpm train --preset mnist-latent --data mnist.npz
-    # --autoencoder RUN --data.limit 10000`: width 32 trains at 709 img/s, width 64 (697,604
-    # parameters) at 228 img/s; after 300 steps their losses were 0.107 and 0.090, so per minute
-    # the narrow one takes three times the steps for a slightly worse step. Width 32 because of
-    # sampling: DDIM with 50 NFE, batch 128, one thread, decoding included, draws 47 img/s against
-    # 7.4 img/s for the pixel `mnist` preset (6.4x). At 20 NFE the decoder weighs more: 3.83x
-    # (dpm++2m-sde, batch 250, 2 threads; `python -m bench.latent`, bench/RESULTS.md).
+    # 7x7 with attention and the middle block. Width 32 rather than 64: about three times the steps
+    # per minute for a slightly worse step, and faster sampling.
     "mnist-latent": UNetConfig(
         image_size=7, in_channels=4, ch=32, ch_mult=(1,), num_res_blocks=1,
         attn_resolutions=(7,), dropout=0.0, norm_groups=8,
     ),
-    # CIFAR-10 through cifar10-f4: 8x8x4 latents, two levels 8 -> 4 with attention at 4x4.
-    # `ddpm train --preset cifar10-latent --data cifar10/train --data.limit 5000 --autoencoder RUN`:
-    # 115 img/s. The same widths on cifar10-f2's 16x16x4 latents (three levels, attention at 8x8)
-    # trained at 31 img/s, so in a fixed CPU budget the 8x8x4 latents (f = 4) see almost four times
-    # the images; both autoencoders train at about the same speed (32 and 34 img/s).
+    # CIFAR-10 through cifar10-f4: 8x8x4 latents, two levels 8 -> 4 with attention at 4x4. In a
+    # fixed CPU budget the 8x8x4 latents (f = 4) see almost four times the images that cifar10-f2's
+    # 16x16x4 would, for autoencoders of about the same speed.
     "cifar10-latent": UNetConfig(
         image_size=8, in_channels=4, ch=64, ch_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(4,), dropout=0.0, norm_groups=8,
     ),
-    # For tests: every kind of block (shortcut, down/upsampling, attention, middle) at the least
-    # cost; forward and backward of a batch of 8 take about 70 ms on 2 CPU cores. 702,499
-    # parameters.
+    # For tests: every kind of block (shortcut, down/upsampling, attention, middle) at the least cost;
+    # tiny-latent is the same on the tiny autoencoder's 4x4x4 latents.
     "tiny": UNetConfig(
         image_size=8, in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+        attn_resolutions=(4,), dropout=0.0,
+    ),
+    "tiny-latent": UNetConfig(
+        image_size=4, in_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(4,), dropout=0.0,
     ),
 }

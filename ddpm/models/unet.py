@@ -10,8 +10,8 @@ two-layer MLP.
 Parameter names follow the TF code (``down.1.block.0.temb_proj``, ``mid.attn_1``, ``up.0.upsample``,
 ``norm_out``), ``up.i`` is the up path of level ``i`` as in the TF code, so ``self.up`` is run in
 reverse. The one change is that the attention's q, k and v projections are one ``qkv`` matrix: one
-matmul instead of three. :mod:`ddpm.models.diffusers_io` maps these names onto diffusers'
-``UNet2DModel``.
+matmul instead of three. :data:`ddpm.models.diffusers_io.UNET2D` maps these names onto diffusers'
+``UNet2DModel``; the shared layers are in :mod:`ddpm.models.layers`.
 
 Additions from later papers, all off by default: ``learned_sigma`` (Nichol and Dhariwal 2021,
 section 3.1: a second output block for the variance interpolation ``v``), class conditioning with a
@@ -21,26 +21,27 @@ reserved null label (Ho and Salimans 2022, classifier-free guidance), and ``num_
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.checkpoints import load_json, load_state_dict, save_json, save_state_dict
-from ddpm.errors import UserError
-
-GROUPS = 32  # GroupNorm groups, as tf.contrib.layers.group_norm in the DDPM code (the default).
-NORM_EPS = 1e-6  # tf.contrib.layers.group_norm's epsilon.
-
-FORMAT = "ddpm-unet"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from ddpm.errors import UserError, is_int
+from ddpm.models.diffusers_io import UNET2D
+from ddpm.models.io import SavedModel, config_from_dict
+from ddpm.models.layers import (
+    GROUPS,
+    Downsample,
+    Upsample,
+    conv3x3,
+    group_norm,
+    norm_silu,
+    per_sample,
+    timestep_embedding,
+)
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,11 @@ class UNetConfig:
         counts = ("image_size", "in_channels", "ch", "num_res_blocks", "num_classes", "num_heads", "norm_groups")
         for name in counts:
             value = getattr(self, name)
-            if not _is_int(value) or value < (0 if name == "num_classes" else 1):
+            if not is_int(value) or value < (0 if name == "num_classes" else 1):
                 raise UserError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
         for name in ("ch_mult", "attn_resolutions"):
             value = getattr(self, name)
-            if not isinstance(value, tuple) or not all(_is_int(v) and v > 0 for v in value):
+            if not isinstance(value, tuple) or not all(is_int(v) and v > 0 for v in value):
                 raise UserError(
                     f"UNetConfig.{name} must be a list of positive integers, got {value!r}"
                 )
@@ -163,74 +164,34 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> UNetConfig:
         """The config from :meth:`to_dict`'s output; an unknown key raises :class:`UserError`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(
-                f"unknown U-Net config key(s) {', '.join(unknown)}; "
-                f"valid keys are {', '.join(sorted(known))}"
-            )
-        return cls(**values)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def timestep_embedding(t: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Sinusoidal embedding of timesteps, DDPM's ``get_timestep_embedding`` (after Vaswani 2017).
-
-    With ``half = dim // 2`` and ``f_i = exp(-log(10000) * i / (half - 1))``, row ``b`` is
-    ``[sin(t_b f_0), ..., sin(t_b f_{half-1}), cos(t_b f_0), ..., cos(t_b f_{half-1})]``,
-    zero-padded when ``dim`` is odd. ``t`` has shape ``[B]`` (integers or floats); the result
-    ``[B, dim]``. DDPM and diffusers compute it in float32, and so does the U-Net.
-    """
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(10000) * torch.arange(half, dtype=dtype, device=t.device) / (half - 1)
-    )
-    args = t.to(dtype)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    return F.pad(emb, (0, dim % 2))
-
-
-def _norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=NORM_EPS)
-
-
-def _norm_act(norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    # SiLU in place on the normalised copy: one large allocation less per call (~2% of a CPU
-    # step), and autograd supports it (GroupNorm's backward keeps its input, not its output).
-    return F.silu(norm(x), inplace=True)
-
-
-def _conv3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1 if stride == 1 else 0)
+        return config_from_dict(cls, values, "U-Net")
 
 
 class ResBlock(nn.Module):
     """DDPM's ``resnet_block``: GN, SiLU, conv, + time embedding, GN, SiLU, dropout, conv, + skip.
 
     The time embedding goes through SiLU and a per-block linear map and is added after the first
-    convolution; a 1x1 convolution (``nin_shortcut``) matches widths on the skip path.
+    convolution; a 1x1 convolution (``nin_shortcut``) matches widths on the skip path. It is
+    :class:`~ddpm.models.layers.ResnetBlock2D` under the TF code's names, which every saved run of
+    this U-Net carries (:data:`~ddpm.models.diffusers_io.UNET2D` maps them to diffusers').
     """
 
     def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int = GROUPS) -> None:
         super().__init__()
-        self.norm1 = _norm(c_in, groups)
-        self.conv1 = _conv3(c_in, c_out)
+        self.norm1 = group_norm(c_in, groups)
+        self.conv1 = conv3x3(c_in, c_out)
         self.temb_proj = nn.Linear(temb_dim, c_out)
-        self.norm2 = _norm(c_out, groups)
+        self.norm2 = group_norm(c_out, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _conv3(c_out, c_out)
+        self.conv2 = conv3x3(c_out, c_out)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
         """``x`` [B, c_in, H, W] and ``temb_act = silu(temb)`` [B, 4ch] -> [B, c_out, H, W]."""
-        h = self.conv1(_norm_act(self.norm1, x))
+        h = self.conv1(norm_silu(self.norm1, x))
         # In place: neither the convolution nor the addition needs this tensor for backward.
         h += self.temb_proj(temb_act)[:, :, None, None]
-        h = self.conv2(self.dropout(_norm_act(self.norm2, h)))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         h += x if self.nin_shortcut is None else self.nin_shortcut(x)
         return h
 
@@ -247,7 +208,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int = 1, groups: int = GROUPS) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.norm = _norm(channels, groups)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = nn.Linear(channels, channels)
 
@@ -262,55 +223,6 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v)
         h = self.proj_out(h.transpose(1, 2).reshape(b, height * width, c))
         return x + h.transpose(1, 2).view(b, c, height, width)
-
-
-class Downsample(nn.Module):
-    """3x3 convolution, stride 2, with TF 'SAME' padding: one zero row and column, bottom-right."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = _conv3(channels, channels, stride=2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-# Which 3x3 kernel taps land on the same input pixel after nearest upsampling: output row 2i + a
-# sees input rows (i - 1, i) with taps (k0, k1 + k2) when a = 0, and rows (i, i + 1) with taps
-# (k0 + k1, k2) when a = 1. Indexed [a, input row of the 2x2 window, tap]; the same for columns.
-_UPSAMPLE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour upsampling by 2, then a 3x3 convolution (DDPM's ``upsample``).
-
-    Computed without the upsampled tensor: each output pixel's 3x3 window covers a 2x2 block of
-    input pixels, so the layer is four 2x2 convolutions of the input, one per output-pixel parity,
-    with kernels summed from the 3x3 one, interleaved. That is 16 instead of 36 multiply-adds per
-    input pixel and channel pair (about 7% of a CIFAR-10 forward pass on CPU). The parameter is
-    still the 3x3 kernel, as in diffusers' ``Upsample2D``.
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = _conv3(channels, channels)
-        # A buffer so that it follows the module's device; not saved (no parameter).
-        self.register_buffer("taps", torch.tensor(_UPSAMPLE_TAPS), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        weight = self.conv.weight
-        taps = self.taps.to(weight.dtype)
-        # kernels[a, a', o, i, p, q]: the 2x2 kernel of output parity (a, a') in rows and columns.
-        kernels = torch.einsum("apk,oikl,bql->aboipq", taps, weight, taps)
-        # Padding 1 and a 2x2 kernel give (h+1)x(w+1) outputs; parity a starts at row a.
-        y = F.conv2d(x, kernels.reshape(4 * c, c, 2, 2), self.conv.bias.repeat(4), padding=1)
-        y = y.view(b, 2, 2, c, h + 1, w + 1)
-        rows = [
-            torch.stack([y[:, a, a2, :, a : a + h, a2 : a2 + w] for a2 in (0, 1)], dim=-1)
-            for a in (0, 1)
-        ]
-        return torch.stack(rows, dim=3).view(b, c, 2 * h, 2 * w)  # [b, c, h, a, w, a'].
 
 
 class Level(nn.Module):
@@ -363,7 +275,7 @@ class TimeEmbedding(nn.Module):
         return self.dense1(F.silu(self.dense0(emb)))
 
 
-class UNet(nn.Module):
+class UNet(SavedModel):
     """The DDPM noise-prediction network ``eps_theta(x_t, t)`` (Ho et al. 2020, appendix B).
 
     Build it from a :class:`UNetConfig` (``UNet(get_preset("cifar10"))``) and call it as
@@ -373,6 +285,11 @@ class UNet(nn.Module):
     convolution (``init_scale=0.``), so that every residual branch starts as the identity and the
     network starts by predicting 0.
     """
+
+    CONFIG: ClassVar[type] = UNetConfig
+    FORMAT: ClassVar[str] = "ddpm-unet"
+    WHAT: ClassVar[str] = "U-Net"
+    LAYOUT = UNET2D
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -389,7 +306,7 @@ class UNet(nn.Module):
         self.class_emb = (
             nn.Embedding(config.num_classes + 1, temb_dim) if config.num_classes else None
         )
-        self.conv_in = _conv3(config.in_channels, ch)
+        self.conv_in = conv3x3(config.in_channels, ch)
 
         # Widths of the skip connections, in the order the down path produces them.
         skips = [ch]
@@ -418,8 +335,8 @@ class UNet(nn.Module):
         # Indexed by level as in the TF code (up.0 is the full-resolution level).
         self.up = nn.ModuleList(reversed(up))
 
-        self.norm_out = _norm(c_in, groups)
-        self.conv_out = _conv3(c_in, config.out_channels)
+        self.norm_out = group_norm(c_in, groups)
+        self.conv_out = conv3x3(c_in, config.out_channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -454,7 +371,7 @@ class UNet(nn.Module):
         """
         config = self.config
         batch = self._check_input(x_t)
-        temb = self.temb(_per_sample(t, batch, x_t.device, "t"))
+        temb = self.temb(per_sample(t, batch, x_t.device, "t"))
         if self.class_emb is not None:
             temb = temb + self.class_emb(self._labels(y, batch, x_t.device))
         elif y is not None:
@@ -478,7 +395,7 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         assert not skips and h.shape[1] == config.level_channels[0]
-        return self.conv_out(_norm_act(self.norm_out, h))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
     def _check_input(self, x_t: Tensor) -> int:
         config = self.config
@@ -497,140 +414,5 @@ class UNet(nn.Module):
         null = self.config.num_classes
         if y is None:
             return torch.full((batch,), null, dtype=torch.long, device=device)
-        y = _per_sample(y, batch, device, "y").long()
+        y = per_sample(y, batch, device, "y").long()
         return torch.where(y < 0, torch.full_like(y, null), y)
-
-    # --- weights -----------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` (the :class:`UNetConfig` with a format marker) and
-        ``model.safetensors`` into ``directory``, each atomically."""
-        save_model_directory(directory, self.state_dict(), FORMAT, FORMAT_VERSION, self.config.to_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> UNet:
-        """Load a U-Net written by :meth:`save_pretrained`.
-
-        Raises :class:`UserError` for a missing directory or file, a file that is not ours
-        (a diffusers directory is pointed to :meth:`from_diffusers`), or weights that do not fit
-        the config.
-        """
-        values = read_model_config(directory, FORMAT, FORMAT_VERSION, "U-Net", ("UNet2DModel", "UNet"))
-        model = cls(UNetConfig.from_dict(values))
-        weights_path = Path(directory) / WEIGHTS_NAME
-        model.load_weights(load_state_dict(weights_path), source=weights_path)
-        return model.to(device)
-
-    def load_weights(
-        self, state_dict: Mapping[str, Tensor], source: str | Path = "weights"
-    ) -> None:
-        """Copy ``state_dict`` into the model, or raise :class:`UserError` naming ``source`` and
-        the missing, unexpected and wrongly shaped keys when it does not fit the architecture."""
-        load_matching_weights(self, state_dict, source, "U-Net")
-
-    @classmethod
-    def from_diffusers(cls, path: str | Path, device: str | torch.device = "cpu") -> UNet:
-        """Load a diffusers ``UNet2DModel`` directory in the DDPM layout (e.g. the paper's
-        google/ddpm-* weights); see :func:`ddpm.models.diffusers_io.load_diffusers`."""
-        # Imported here: diffusers_io builds on this module.
-        from ddpm.models.diffusers_io import load_diffusers
-
-        return load_diffusers(path, device=device)
-
-    def save_diffusers(self, path: str | Path) -> None:
-        """Write a directory that ``diffusers.UNet2DModel.from_pretrained`` loads; see
-        :func:`ddpm.models.diffusers_io.save_diffusers`."""
-        from ddpm.models.diffusers_io import save_diffusers
-
-        save_diffusers(self, path)
-
-
-def save_model_directory(
-    directory: str | Path,
-    state_dict: Mapping[str, Tensor],
-    format_name: str,
-    format_version: int,
-    config: Mapping[str, Any],
-) -> None:
-    """Write ``model.safetensors`` and ``config.json`` (``config`` with a format marker) into
-    ``directory``, each atomically: the layout of every model's ``save_pretrained``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # Weights first: a config.json next to them says the pair is complete.
-    save_state_dict(directory / WEIGHTS_NAME, state_dict, metadata={"format": format_name})
-    save_json(
-        directory / CONFIG_NAME,
-        {"format": format_name, "format_version": format_version, **config},
-    )
-
-
-def read_model_config(
-    directory: str | Path,
-    format_name: str,
-    format_version: int,
-    what: str,
-    diffusers_class: tuple[str, str],
-) -> dict[str, Any]:
-    """The config values of a directory written by :func:`save_model_directory`, without the
-    format marker; :class:`UserError` for a missing directory, another format (a diffusers
-    ``diffusers_class = (its _class_name, our class)`` directory is pointed to ``from_diffusers``)
-    or another format version."""
-    directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not directory.is_dir():
-        raise UserError(f"{directory}: not a directory with a saved {what}")
-    values = load_json(config_path)
-    if not isinstance(values, dict) or values.get("format") != format_name:
-        class_name, ours = diffusers_class
-        hint = (
-            f" (a diffusers model: load it with {ours}.from_diffusers)"
-            if isinstance(values, dict) and values.get("_class_name") == class_name
-            else ""
-        )
-        raise UserError(
-            f"{config_path}: not a ddpm {what} config (no format {format_name!r}){hint}"
-        )
-    values = dict(values)
-    values.pop("format")
-    version = values.pop("format_version", None)
-    if version != format_version:
-        raise UserError(
-            f"{config_path}: format_version {version!r}, this ddpm reads {format_version}"
-        )
-    return values
-
-
-def load_matching_weights(
-    module: nn.Module, state_dict: Mapping[str, Tensor], source: str | Path, what: str
-) -> None:
-    """Copy ``state_dict`` into ``module`` (a ``what``), or raise :class:`UserError` naming
-    ``source`` and the missing, unexpected and wrongly shaped keys when it does not fit."""
-    expected = module.state_dict()
-    problems = []
-    for label, keys in (
-        ("missing", [k for k in expected if k not in state_dict]),
-        ("unexpected", [k for k in state_dict if k not in expected]),
-        ("shape mismatch", [
-            f"{k} {list(state_dict[k].shape)} != {list(v.shape)}"
-            for k, v in expected.items()
-            if k in state_dict and state_dict[k].shape != v.shape
-        ]),
-    ):
-        if keys:
-            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-            problems.append(f"{len(keys)} {label} ({shown})")
-    if problems:
-        raise UserError(f"{source}: weights do not fit this {what} config: {'; '.join(problems)}")
-    module.load_state_dict(state_dict)
-
-
-def _per_sample(value: Tensor | int | float, batch: int, device: torch.device, name: str) -> Tensor:
-    """``value`` as a ``[batch]`` tensor: a scalar or one-element tensor is repeated."""
-    value = torch.as_tensor(value, device=device)
-    if value.ndim == 0 or value.shape == (1,):
-        return value.reshape(1).expand(batch)
-    if value.shape != (batch,):
-        raise ValueError(
-            f"{name} must be a scalar or have shape [{batch}], got {tuple(value.shape)}"
-        )
-    return value
