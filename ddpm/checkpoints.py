@@ -88,6 +88,17 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def make_dir(path: str | Path) -> Path:
+    """Create the directory ``path`` and its parents if missing; a file-system error (no
+    permission, a file in the way, a read-only place such as /proc) is a :class:`UserError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path}: {e.strerror or e}") from e
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     with atomic_write(path, "wb") as f:
@@ -201,8 +212,7 @@ def save_training_checkpoint(
     keep_last: int | None = None,
 ) -> Path:
     """Write ``root/step_<step>/`` atomically and keep only the newest ``keep_last`` checkpoints."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = make_dir(root)
     for leftover in root.glob(".step_*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
     final = root / f"step_{step:08d}"

@@ -170,17 +170,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Recorded absolute, so that sampling from the run works from any directory.
         overrides["data.autoencoder"] = str(Path(overrides["data.autoencoder"]).resolve())
     config, explicit = _run_config(args, overrides, RunConfig, get_config, "digits")
-    result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
-                   progress=not args.quiet)
-    if result.nothing_to_do:
-        return 0
-    print(f"trained {result.step} steps in {result.seconds / 60:.1f} min ({result.images_per_second:.0f} img/s)")
-    if result.checkpoint:
-        print(f"checkpoint: {result.checkpoint}")
-    if result.sample_grid:
-        print(f"samples:    {result.sample_grid}")
-    print(f"metrics:    {Path(args.out) / 'metrics.jsonl'}")
+    _report(train(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
+                  progress=not args.quiet))
     return 0
+
+
+def _report(result: Any) -> None:
+    """What a training verb prints at the end: the steps, and every file it wrote for a person."""
+    if result.nothing_to_do:
+        return
+    print(f"trained {result.step} steps in {result.seconds / 60:.1f} min ({result.images_per_second:.0f} img/s)")
+    if result.skipped_steps:
+        print(f"skipped:     {result.skipped_steps} steps with a non-finite loss or gradient")
+    if "autoencoder" in result.extra:
+        print(f"autoencoder: {result.extra['autoencoder']} (scaling_factor {result.extra['scaling_factor']:.5g})")
+    if result.checkpoint:
+        print(f"checkpoint:  {result.checkpoint}")
+    if result.sample_grid:
+        print(f"samples:     {result.sample_grid}")
+    print(f"metrics:     {result.run_dir / 'metrics.jsonl'}")
 
 
 def _run_config(args: argparse.Namespace, overrides: dict[str, str], config_type: Any, get_config: Any,
@@ -192,9 +200,10 @@ def _run_config(args: argparse.Namespace, overrides: dict[str, str], config_type
     if args.device != "auto" or "train.device" not in overrides:
         overrides.setdefault("train.device", args.device)
     if args.resume:
-        saved = config_type.from_dict(_load_json(Path(args.out) / "config.json"))
-        base = saved if args.preset is None else get_config(args.preset)
-        config = base.replace(overrides)
+        if args.preset is not None:
+            print(f"ddpm: note: --preset {args.preset} is ignored with --resume: the run's saved configuration wins "
+                  "(change a resumable field with --section.field)", file=sys.stderr)
+        config = config_type.from_dict(_load_json(Path(args.out) / "config.json")).replace(overrides)
     else:
         config = get_config(args.preset or default_preset, overrides)
         if not config.data.source:
@@ -242,14 +251,8 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
         overrides["loss.lpips_path"] = str(Path(args.lpips).resolve())
         overrides.setdefault("loss.perceptual_weight", "1.0")
     config, explicit = _run_config(args, overrides, AutoencoderRunConfig, get_config, "mnist-f4")
-    summary = train_autoencoder(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
-                                progress=not args.quiet)
-    if summary["nothing_to_do"]:
-        return 0
-    print(f"trained {summary['step']} steps in {summary['seconds'] / 60:.1f} min ({summary['img_per_s']:.0f} img/s)")
-    print(f"autoencoder: {summary['autoencoder']} (scaling_factor {summary['scaling_factor']:.5g})")
-    print(f"samples:     {summary['samples']}")
-    print(f"metrics:     {Path(args.out) / 'metrics.jsonl'}")
+    _report(train_autoencoder(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
+                              progress=not args.quiet))
     return 0
 
 
@@ -283,8 +286,7 @@ def _bf16_argument(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _solver_arguments(p: argparse.ArgumentParser) -> None:
-    from ddpm.generate import DEFAULT_NFE, DEFAULT_SAMPLER
-    from ddpm.samplers import SAMPLERS
+    from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, SAMPLERS
     from ddpm.schedules import SPACINGS
 
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS),
@@ -335,10 +337,9 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from ddpm.generate import SamplerSettings, default_steps
+    from ddpm.generate import SamplerSettings
 
-    steps = args.steps if args.steps is not None else default_steps(args.sampler)
-    return SamplerSettings(args.sampler, steps, args.eta, args.spacing, args.rtol)
+    return SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ body is :func:`train_step` (draw t and ε, compute the loss, clip the gradient, 
 the EMA) followed by the bookkeeping (a metrics line, a preview grid, a checkpoint). With
 ``data.autoencoder`` the same loop trains on an autoencoder's scaled latents, the training set
 encoded once (:class:`ddpm.latent.LatentData`), and the previews are decoded (latent diffusion).
+The loop itself, with its bookkeeping, is :func:`ddpm.runs.train_loop`, shared with every trainer.
 
 Everything random is drawn from generators seeded by (seed, rank): the data order and flips
 (:meth:`ddpm.data.ImageData.batches`), t and label dropout (a CPU generator), ε (a generator on
@@ -21,10 +22,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ddpm import checkpoints
 from ddpm.config import RunConfig
@@ -44,83 +42,38 @@ from ddpm.images import save_image
 from ddpm.latent import LatentData, load_autoencoder, pixel_size
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.unet import UNet
-from ddpm.runs import Interrupted, MetricsLog, StopFlag, prepare_run_dir, resume_config, rng_state, set_rng_state
-from ddpm.runtime import autocast, derive_seed, num_parameters, resolve_bf16, resolve_device
+from ddpm.runs import (
+    Hooks,
+    MetricsLog,
+    Processes,
+    RunSpec,
+    StepOutcome,
+    TrainResult,
+    clipped_grad_norm,
+    ema_decay,
+    init_processes,
+    nothing_to_do,
+    open_run,
+    record_config,
+    rng_state,
+    set_rng_state,
+    train_loop,
+    update_ema,
+)
+from ddpm.runtime import autocast, derive_seed, num_parameters, resolve_bf16
 from ddpm.timestep_sampling import UniformSampler, make_timestep_sampler
 
-#: Run-directory entries that ``--overwrite`` may delete (nothing else is ever removed).
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples", "tensorboard", "summary.json")
-
-#: Fields that may change when a run is resumed; any other difference is an incompatible config.
-RESUMABLE_FIELDS = {
-    "data.source", "data.root",
-    "train.steps", "train.time_limit", "train.log_every", "train.sample_every", "train.sample_count",
-    "train.sample_sampler", "train.sample_steps", "train.ckpt_every", "train.keep_last", "train.device",
-    "train.threads", "train.tensorboard", "train.compile", "train.max_bad_steps", "train.check_sync",
-}
-
-
-class Diverged(UserError):
-    """Too many non-finite steps in a row; the last good state was saved."""
-
-
-# ---------------------------------------------------------------------------- processes
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place in a (maybe single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def gather(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Each tensor concatenated over the ranks (itself on one process)."""
-        if self.world_size == 1:
-            return tensors
-        out = []
-        for tensor in tensors:
-            parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-            dist.all_gather(parts, tensor.contiguous())
-            out.append(torch.cat(parts))
-        return out
-
-    def gather_objects(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (picklable), in rank order."""
-        if self.world_size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def any(self, flag: bool) -> bool:
-        """Whether any process raised ``flag`` (all processes must stop at the same step)."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0])
-        if dist.get_backend() == "nccl":
-            value = value.cuda()
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-
-def init_processes(device_name: str) -> tuple[Processes, torch.device]:
-    """Join the process group that ``torchrun`` describes in the environment (if any)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Processes(), resolve_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world_size, local_rank), device
+#: The run directory's entries (``--overwrite`` deletes only these) and the fields a resume may change
+#: (any other difference is an incompatible config).
+SPEC = RunSpec(
+    run_files=("config.json", "metrics.jsonl", "checkpoints", "samples", "tensorboard", "summary.json"),
+    resumable={
+        "data.source", "data.root",
+        "train.steps", "train.time_limit", "train.log_every", "train.sample_every", "train.sample_count",
+        "train.sample_sampler", "train.sample_steps", "train.ckpt_every", "train.keep_last", "train.device",
+        "train.threads", "train.tensorboard", "train.compile", "train.max_bad_steps", "train.check_sync",
+    },
+)
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -129,21 +82,6 @@ def init_processes(device_name: str) -> tuple[Processes, torch.device]:
 def learning_rate(step: int, lr: float, warmup_steps: int) -> float:
     """The paper's linear warm-up: lr · min(1, (step + 1) / warmup)."""
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
-
-
-def ema_decay(step: int, decay: float, warmup: bool) -> float:
-    """EMA decay at step n: min(decay, (1 + n) / (10 + n)) with warm-up (as TF's ExponentialMovingAverage)."""
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema ← decay · ema + (1 − decay) · model, for every parameter; buffers are copied."""
-    ema_params = [p for p in ema.parameters()]
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-    for eb, b in zip(ema.buffers(), model.buffers()):
-        eb.copy_(b)
 
 
 # ---------------------------------------------------------------------------- the training state
@@ -222,16 +160,6 @@ def save_checkpoint(state: TrainState, step: int, out_dir: Path, config: RunConf
 # ---------------------------------------------------------------------------- one step and its log
 
 
-@dataclass
-class StepOutcome:
-    """What one step did: its loss terms (batch means), gradient norm, and whether it was applied."""
-
-    terms: dict[str, float]
-    grad_norm: float
-    applied: bool
-    loss: float | None = None  # the importance-weighted loss that was minimised
-
-
 def train_step(state: TrainState, train_model: nn.Module, diffusion: GaussianDiffusion, x: Tensor, y: Tensor,
                config: RunConfig, device: torch.device, procs: Processes, bf16: bool) -> StepOutcome:
     """One step of Algorithm 1: t and ε drawn, the loss, its gradient clipped, Adam, the EMA.
@@ -254,7 +182,7 @@ def train_step(state: TrainState, train_model: nn.Module, diffusion: GaussianDif
     loss.backward()
     # The norm is the same on every rank (DDP averaged the gradients), so all ranks agree on
     # skipping a step.
-    grad_norm = float(nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf))
+    grad_norm = clipped_grad_norm(state.model.parameters(), cfg.grad_clip)
     if not math.isfinite(grad_norm):
         state.optimizer.zero_grad(set_to_none=True)
         return StepOutcome({}, grad_norm, applied=False)
@@ -269,35 +197,6 @@ def train_step(state: TrainState, train_model: nn.Module, diffusion: GaussianDif
     return StepOutcome(means, grad_norm, applied=True, loss=loss.item())
 
 
-class MetricsWindow:
-    """The averages of the applied steps' losses and gradient norms since the last log line; a term
-    only some steps have (the autoencoder's GAN terms from ``disc_start``) over those steps."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.images = 0
-        self.start = time.perf_counter()
-
-    def add(self, outcome: StepOutcome, images: int) -> None:
-        self.images += images
-        if outcome.applied:
-            for key, value in {**outcome.terms, "grad_norm": outcome.grad_norm}.items():
-                self.sums[key] = self.sums.get(key, 0.0) + value
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def record(self, **extra: Any) -> dict[str, Any]:
-        """The averages, the images per second since the last record, and ``extra``; then reset."""
-        elapsed = time.perf_counter() - self.start
-        averages = {k: v / self.counts[k] for k, v in self.sums.items()}
-        record = {**averages, "img_per_s": self.images / elapsed, **extra}
-        self.reset()
-        return record
-
-
 def preview(ema: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, device: torch.device, bf16: bool,
             path: Path, autoencoder: AutoencoderKL | None = None) -> Path:
     """A fixed-seed grid of EMA samples (class-conditional: the classes in turn, one per column),
@@ -309,23 +208,7 @@ def preview(ema: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, dev
     return save_image(grid_image(samples.uint8(), nrow=config.model.num_classes or None), path)
 
 
-# ---------------------------------------------------------------------------- the loop
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or stopped) run leaves behind."""
-
-    run_dir: Path
-    step: int
-    checkpoint: Path | None
-    sample_grid: Path | None
-    seconds: float
-    images_per_second: float
-    last_loss: float | None
-    skipped_steps: int
-    ranks_max_param_diff: float | None = None
-    nothing_to_do: bool = False
+# ---------------------------------------------------------------------------- the run
 
 
 def train(
@@ -342,9 +225,8 @@ def train(
 
     Args:
         config: the resolved configuration (with ``resume``, the one asked for: the run's saved
-            configuration wins, except for ``explicit`` overrides listed in :data:`RESUMABLE_FIELDS`).
-        out_dir: the run directory: ``config.json``, ``metrics.jsonl``, ``samples/step_N.png``,
-            ``checkpoints/step_N/``.
+            configuration wins, except for ``explicit`` overrides listed in ``SPEC.resumable``).
+        out_dir: the run directory (config.json, metrics.jsonl, samples/, checkpoints/, summary.json).
         resume: continue the run in ``out_dir`` from its latest checkpoint. A run already at or
             past ``train.steps`` is left untouched (``nothing_to_do`` is set).
         overwrite: start over in a directory that already holds a run.
@@ -352,20 +234,14 @@ def train(
         data: preloaded data (tests); by default loaded from ``config.data``.
     """
     # --- setup: processes, run directory, configuration ---
-    # train.time_limit counts from here, so that data loading and latent encoding are inside it.
-    command_start = time.perf_counter()
+    command_start = time.perf_counter()  # train.time_limit counts from here, data loading included
     out_dir = Path(out_dir)
     procs, device = init_processes(config.train.device)
     say = log if procs.is_main else (lambda message: None)
-    if procs.is_main:
-        prepare_run_dir(out_dir, resume, overwrite, RUN_FILES)
-    found = None
-    if resume:
-        config = resume_config(RunConfig.from_dict(checkpoints.load_json(out_dir / "config.json")), config,
-                               explicit or set(), RESUMABLE_FIELDS)
-        found = checkpoints.latest_training_checkpoint(out_dir / "checkpoints", warn=lambda m: say(f"warning: {m}"))
-        if found is not None and found[1].meta["step"] >= config.train.steps:
-            return _nothing_to_do(out_dir, found, config, say)
+    config, found = open_run(out_dir, config, SPEC, resume=resume, overwrite=overwrite, explicit=explicit,
+                             procs=procs, say=say)
+    if (done := nothing_to_do(out_dir, found, config.train.steps, say)) is not None:
+        return done
     config = _resolve_bf16(config, device)
     cfg = config.train
     if cfg.threads:
@@ -380,31 +256,25 @@ def train(
     say(f"data: {data.describe()}")
     state = build_state(config, device, procs)
     diffusion = config.diffusion.build()
-    if resume and found is None:
-        say(f"no checkpoint in {out_dir / 'checkpoints'} yet: starting from step 0")
-    elif found is not None:
+    if found is not None:
         restore(state, *found, config, procs, say)
-    start_step = state.step
-    if procs.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints.save_json(out_dir / "config.json", config.to_dict())
-    say(f"config:\n{config.to_json()}")
+    record_config(out_dir, config, procs, say)
     say(f"model: {num_parameters(state.model):,} parameters; device {device}, "
         f"{'bfloat16 autocast' if cfg.bf16 else 'float32'}; {procs.world_size} process(es), "
         f"{local_batch} images each per step")
-    train_model: nn.Module = torch.compile(state.model) if cfg.compile else state.model
-    if procs.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = _compiled_and_distributed(state.model, cfg.compile, procs, device)
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None,
-                         keep_until=start_step if resume else None) if procs.is_main else None
+                         keep_until=state.step if resume else None) if procs.is_main else None
     # Latent runs: batches of scaled latents, flipped in pixel space before encoding.
-    batches: Iterator[tuple[Tensor, Tensor]] = data.batches(
-        local_batch, cfg.seed, flip=config.data.flip, rank=procs.rank, world_size=procs.world_size,
-        start_step=start_step)
+    batches = data.batches(local_batch, cfg.seed, flip=config.data.flip, rank=procs.rank,
+                           world_size=procs.world_size, start_step=state.step)
 
-    def checkpoint(step: int) -> Path | None:
-        return save_checkpoint(state, step, out_dir, config, procs)
+    def step(batch: tuple[Tensor, Tensor]) -> StepOutcome:
+        x, y = batch
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return train_step(state, train_model, diffusion, x, y, config, device, procs, cfg.bf16)
 
     def grid(step: int) -> Path | None:
         if not procs.is_main:
@@ -412,84 +282,24 @@ def train(
         return preview(state.ema, diffusion, config, device, cfg.bf16, out_dir / "samples" / f"step_{step:08d}.png",
                        autoencoder)
 
+    def finish() -> dict[str, Any]:
+        return {"ranks_max_param_diff": _ranks_max_param_diff(state.model, procs)} if cfg.check_sync else {}
+
     # --- the loop ---
-    last_ckpt, last_grid, last_loss, bad_in_a_row, out_of_time = None, None, None, 0, False
-    window = MetricsWindow()
-    run_start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (progress and procs.is_main), file=sys.stderr)
-    stop = StopFlag()
-    try:
-        with stop:
-            state.model.train()
-            while state.step < cfg.steps:
-                x, y = next(batches)
-                x = x.to(device, non_blocking=True)
-                if device.type == "cuda" and cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                outcome = train_step(state, train_model, diffusion, x, y, config, device, procs, cfg.bf16)
-                state.step += 1
-                window.add(outcome, cfg.batch_size)
-                bar.update(1)
-                if outcome.applied:
-                    bad_in_a_row, last_loss = 0, outcome.loss
-                else:
-                    state.skipped += 1
-                    bad_in_a_row += 1
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        # The weights are still those of the last good step: save them.
-                        last_ckpt = checkpoint(state.step - bad_in_a_row)
-                        raise Diverged(_divergence_message(bad_in_a_row, state.step, last_ckpt, cfg))
-
-                # --- bookkeeping ---
-                step = state.step
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    record = {"step": step, **window.record(lr=state.optimizer.param_groups[0]["lr"],
-                                                            skipped_steps=state.skipped,
-                                                            time=time.perf_counter() - run_start)}
-                    if metrics is not None:
-                        metrics.write(record)
-                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['img_per_s']:.0f}")
-                out_of_time = bool(cfg.time_limit) and time.perf_counter() - command_start > cfg.time_limit * 60
-                stopping = procs.any(stop.signum is not None or out_of_time)
-                if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                    last_grid = grid(step) or last_grid
-                if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-                    last_ckpt = checkpoint(step) or last_ckpt
-                if stopping:
-                    break
-        bar.close()
-        if stop.signum is not None:
-            raise Interrupted(stop.signum, last_ckpt)
-        if out_of_time:
-            say(f"time limit of {cfg.time_limit:g} min reached at step {state.step}")
-        last_grid = grid(state.step) or last_grid
-        seconds = time.perf_counter() - run_start
-        result = TrainResult(
-            run_dir=out_dir, step=state.step, checkpoint=last_ckpt, sample_grid=last_grid, seconds=seconds,
-            images_per_second=(state.step - start_step) * cfg.batch_size / max(seconds, 1e-9), last_loss=last_loss,
-            skipped_steps=state.skipped,
-            ranks_max_param_diff=_ranks_max_param_diff(state.model, procs) if cfg.check_sync else None,
-        )
-        if procs.is_main:
-            summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
-            checkpoints.save_json(out_dir / "summary.json", summary)
-        return result
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
+    state.model.train()
+    hooks = Hooks(step, lambda step: save_checkpoint(state, step, out_dir, config, procs), grid, finish,
+                  log_extra=lambda: {"lr": state.optimizer.param_groups[0]["lr"]})
+    return train_loop(state, batches, hooks, cfg, out_dir, procs=procs, metrics=metrics, command_start=command_start,
+                      progress=progress, desc="train", say=say)
 
 
-def _nothing_to_do(out_dir: Path, found: tuple[Path, checkpoints.TrainingCheckpoint], config: RunConfig,
-                   say: Callable[[str], None]) -> TrainResult:
-    path, ckpt = found
-    step = ckpt.meta["step"]
-    say(f"nothing to do: {out_dir} is at step {step} and train.steps is {config.train.steps}; "
-        f"pass --train.steps N with N > {step} to train longer")
-    return TrainResult(run_dir=out_dir, step=step, checkpoint=path, sample_grid=None, seconds=0.0,
-                       images_per_second=0.0, last_loss=None, skipped_steps=ckpt.meta.get("skipped_steps", 0),
-                       nothing_to_do=True)
+def _compiled_and_distributed(model: nn.Module, compile: bool, procs: Processes, device: torch.device) -> nn.Module:
+    """The module the training step calls: ``model``, compiled if asked, wrapped in DDP on several processes."""
+    if compile:
+        model = torch.compile(model)
+    if procs.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
 
 
 def _resolve_bf16(config: RunConfig, device: torch.device) -> RunConfig:
@@ -523,14 +333,6 @@ def _training_data(config: RunConfig, data: ImageData | None, autoencoder: Autoe
     if autoencoder is not None:
         return LatentData(data, autoencoder, config.data.flip, progress=progress), config
     return data, config
-
-
-def _divergence_message(bad: int, step: int, checkpoint: Path | None, cfg: Any) -> str:
-    causes = f"a learning rate too high (train.lr={cfg.lr})"
-    if cfg.bf16:
-        causes += ", or a bfloat16 overflow (try --train.bf16 false)"
-    return (f"{bad} steps in a row had a non-finite loss or gradient (step {step}); the last good state is saved "
-            f"in {checkpoint}. Likely causes: {causes}")
 
 
 @torch.no_grad()

@@ -4,8 +4,9 @@ The objective is :class:`ddpm.autoencoder_losses.AutoencoderLoss`: the L1 distan
 pixels, a KL weight of 1e-6, and optionally LPIPS and a hinge PatchGAN with Esser et al.'s adaptive
 weight from ``loss.disc_start`` on. Adam with the LDM code's betas (0.5, 0.9) trains the
 autoencoder, a second Adam the discriminator. :func:`train_autoencoder` reads as
-:func:`ddpm.train.train` does (setup, then one visible loop) and shares its run directory,
-metrics log, exact resume and signal handling (:mod:`ddpm.runs`); it runs in one process.
+:func:`ddpm.train.train` does (setup, then the loop) and runs in the same loop,
+:func:`ddpm.runs.train_loop`, with its run directory, metrics log, exact resume, signal handling
+and non-finite guard; it runs in one process.
 
 At the end the latent scale is measured (:func:`latent_scale`, the LDM code's ``scale_by_std``),
 stored as the model's ``scaling_factor``, and the model (EMA weights if any) is written in the
@@ -17,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,23 +25,35 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from ddpm import checkpoints
 from ddpm.autoencoder_losses import AutoencoderLoss, AutoencoderLossConfig
-from ddpm.config import DataConfig, SectionedConfig, check_positive
+from ddpm.config import DataConfig, SectionedConfig
 from ddpm.data import ImageData, load_images
-from ddpm.errors import UserError
+from ddpm.errors import UserError, check_positive
 from ddpm.generate import grid_image
 from ddpm.images import save_image, to_uint8
 from ddpm.latent import AUTOENCODER_DIR
 from ddpm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from ddpm.runs import Interrupted, MetricsLog, StopFlag, prepare_run_dir, resume_config, rng_state, set_rng_state
+from ddpm.runs import (
+    Hooks,
+    MetricsLog,
+    Processes,
+    RunSpec,
+    StepOutcome,
+    TrainResult,
+    clipped_grad_norm,
+    ema_decay,
+    nothing_to_do,
+    open_run,
+    record_config,
+    rng_state,
+    set_rng_state,
+    train_loop,
+    update_ema,
+)
 from ddpm.runtime import derive_seed, num_parameters, resolve_device
-from ddpm.train import MetricsWindow, StepOutcome, ema_decay, update_ema
-
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples", "summary.json", AUTOENCODER_DIR)
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class AutoencoderTrainConfig:
         adam_beta2: Adam's beta2 (LDM: 0.9).
         ema_decay: decay of an exponential moving average of the weights, which then makes the
             reconstruction grids and the saved model (0: none, as LDM).
+        grad_clip: clip the autoencoder's global gradient norm to this (0: no clipping, as LDM).
         seed: the seed of every random draw (data order, flips, posterior samples).
         log_every: write a metrics line every this many steps.
         sample_every: save a grid of reconstructions every this many steps (0: only at the end).
@@ -64,6 +77,7 @@ class AutoencoderTrainConfig:
         keep_last: how many checkpoints to keep.
         time_limit: stop (with a checkpoint) once this many minutes have passed since the command started
             (data loading included; 0: no limit).
+        max_bad_steps: stop after this many non-finite losses or gradients in a row.
         scale_images: training images whose latents give the scale factor 1 / std at the end.
         device: auto (CUDA if available), cpu, cuda, cuda:N or mps.
         threads: CPU threads for PyTorch (0: PyTorch's default).
@@ -75,6 +89,7 @@ class AutoencoderTrainConfig:
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
     ema_decay: float = 0.0
+    grad_clip: float = 0.0
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000
@@ -82,17 +97,20 @@ class AutoencoderTrainConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     time_limit: float = 0.0
+    max_bad_steps: int = 20
     scale_images: int = 4096
     device: str = "auto"
     threads: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "sample_count", "ckpt_every", "keep_last", "scale_images"):
+        for name in ("steps", "batch_size", "log_every", "sample_count", "ckpt_every", "keep_last", "max_bad_steps",
+                     "scale_images"):
             check_positive(f"train.{name}", getattr(self, name))
         for name in ("sample_every", "threads", "seed"):
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
-        if not self.lr > 0 or self.time_limit < 0:
-            raise UserError(f"train.lr must be > 0 and train.time_limit >= 0, got {self.lr}, {self.time_limit}")
+        if not self.lr > 0 or self.time_limit < 0 or self.grad_clip < 0:
+            raise UserError(f"train.lr must be > 0, train.time_limit and train.grad_clip >= 0, got {self.lr}, "
+                            f"{self.time_limit}, {self.grad_clip}")
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -116,17 +134,19 @@ class AutoencoderRunConfig(SectionedConfig):
             raise UserError("data.autoencoder is for 'ddpm train' (a latent U-Net), not for training an autoencoder")
 
 
-#: Fields that may change when a run is resumed; any other difference is an incompatible config.
-RESUMABLE_FIELDS = {
-    "data.source", "data.root", "train.steps", "train.time_limit", "train.log_every", "train.sample_every",
-    "train.sample_count", "train.ckpt_every", "train.keep_last", "train.scale_images", "train.device",
-    "train.threads",
-}
+#: The run directory's entries (``--overwrite`` deletes only these) and the fields a resume may change.
+SPEC = RunSpec(
+    run_files=("config.json", "metrics.jsonl", "checkpoints", "samples", "summary.json", AUTOENCODER_DIR),
+    resumable={
+        "data.source", "data.root", "train.steps", "train.time_limit", "train.log_every", "train.sample_every",
+        "train.sample_count", "train.ckpt_every", "train.keep_last", "train.scale_images", "train.device",
+        "train.threads", "train.max_bad_steps",
+    },
+)
 
-# Run presets: a model preset of ddpm.models.autoencoder.PRESETS plus section overrides. Measured
-# on one thread of the loaded 2-core machine (L1 + KL, no GAN, batch 32): mnist-f4 30 to 60 img/s,
-# reconstructions that read as the digits after 200 steps (lr 1e-3, 4 minutes); cifar10-f4 32
-# img/s, cifar10-f2 34 img/s.
+# Run presets: a model preset of ddpm.models.autoencoder.PRESETS plus section overrides. lr 1e-3
+# (ten times LDM's) because runs here are CPU minutes long; what the presets reach in a budget is
+# in bench/RESULTS.md (python -m bench.latent).
 PRESETS: dict[str, dict] = {
     "mnist-f4": {
         "model": "mnist-f4", "data": {"flip": False},  # a mirrored digit is not a digit
@@ -173,6 +193,7 @@ class AutoencoderState:
     disc_optimizer: torch.optim.Optimizer | None
     gen_noise: torch.Generator
     step: int = 0
+    skipped: int = 0
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
@@ -203,7 +224,7 @@ def build_state(config: AutoencoderRunConfig, device: torch.device) -> Autoencod
                             torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, 0, 2)))
 
 
-def save_checkpoint(state: AutoencoderState, out_dir: Path, config: AutoencoderRunConfig) -> Path:
+def save_checkpoint(state: AutoencoderState, step: int, out_dir: Path, config: AutoencoderRunConfig) -> Path:
     """Write ``checkpoints/step_<step>/``: weights, EMA, discriminator, both optimizers, random states."""
     tensors: dict[str, dict[str, Tensor]] = {"model": state.model.state_dict(),
                                              "rng": rng_state(state.generators)}
@@ -211,10 +232,10 @@ def save_checkpoint(state: AutoencoderState, out_dir: Path, config: AutoencoderR
         tensors["ema"] = state.ema.state_dict()
     if state.loss.discriminator is not None:
         tensors["disc"] = state.loss.discriminator.state_dict()
-    meta = {"step": state.step, "world_size": 1, "config": config.to_dict()}
+    meta = {"step": step, "skipped_steps": state.skipped, "world_size": 1, "config": config.to_dict()}
     for name, optimizer in state.optimizers().items():
         tensors[name], meta[name] = checkpoints.optimizer_state_to_flat(optimizer.state_dict())
-    return checkpoints.save_training_checkpoint(out_dir / "checkpoints", state.step, tensors, meta,
+    return checkpoints.save_training_checkpoint(out_dir / "checkpoints", step, tensors, meta,
                                                 keep_last=config.train.keep_last)
 
 
@@ -228,30 +249,45 @@ def restore(state: AutoencoderState, path: Path, ckpt: checkpoints.TrainingCheck
     for name, optimizer in state.optimizers().items():
         optimizer.load_state_dict(checkpoints.optimizer_state_from_flat(ckpt.group(name), ckpt.meta[name]))
     set_rng_state(ckpt.group("rng"), state.generators)
-    state.step = ckpt.meta["step"]
+    state.step, state.skipped = ckpt.meta["step"], ckpt.meta.get("skipped_steps", 0)
 
 
 # ---------------------------------------------------------------------------- one step, pictures, scale
 
 
 def train_step(state: AutoencoderState, x: Tensor, cfg: AutoencoderTrainConfig) -> StepOutcome:
-    """One update of the autoencoder on ``L_G``, then (once the GAN is on) of the discriminator on
-    ``L_D``, then the EMA; returns the logged terms and the autoencoder's gradient norm."""
+    """One update of the autoencoder on ``L_G`` and (once the GAN is on) of the discriminator on
+    ``L_D``, then the EMA; returns the logged terms and the autoencoder's gradient norm.
+
+    Both gradients are taken before either optimizer steps, so a step whose loss or gradient is
+    not finite, in either network, changes nothing (weights, Adam's moments, the EMA) and is
+    reported as not applied. The discriminator's loss sees the reconstruction detached, so the
+    order changes none of the updates.
+    """
     reconstruction, posterior = state.model(x, sample_posterior=True, generator=state.gen_noise)
     loss, terms = state.loss.generator_loss(x, reconstruction, posterior, state.step, state.model.last_layer)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = float(nn.utils.clip_grad_norm_(state.model.parameters(), math.inf))  # measured, not clipped
-    state.optimizer.step()
-    if state.disc_optimizer is not None and state.loss.gan_active(state.step):
+    grad_norm = clipped_grad_norm(state.model.parameters(), cfg.grad_clip)
+    disc = state.disc_optimizer if state.disc_optimizer is not None and state.loss.gan_active(state.step) else None
+    finite = math.isfinite(grad_norm)
+    if disc is not None:
         disc_loss, disc_terms = state.loss.discriminator_loss(x, reconstruction)
-        state.disc_optimizer.zero_grad(set_to_none=True)  # also the generator loss's gradients
+        disc.zero_grad(set_to_none=True)  # also the generator loss's gradients
         disc_loss.backward()
-        state.disc_optimizer.step()
+        finite = finite and math.isfinite(clipped_grad_norm(state.loss.discriminator.parameters(), 0.0))
         terms |= disc_terms
+    if not finite:
+        for optimizer in state.optimizers().values():
+            optimizer.zero_grad(set_to_none=True)
+        return StepOutcome({}, grad_norm, applied=False)
+    state.optimizer.step()
+    if disc is not None:
+        disc.step()
     if state.ema is not None:
         update_ema(state.ema, state.model, ema_decay(state.step, cfg.ema_decay, warmup=True))
-    return StepOutcome({key: value.item() for key, value in terms.items()}, grad_norm, applied=True)
+    means = {key: value.item() for key, value in terms.items()}
+    return StepOutcome(means, grad_norm, applied=True, loss=means.get("loss"))
 
 
 @torch.no_grad()
@@ -284,7 +320,7 @@ def finish(model: AutoencoderKL, data: ImageData, config: AutoencoderRunConfig, 
     return scale, out_dir / AUTOENCODER_DIR
 
 
-# ---------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------- the run
 
 
 def train_autoencoder(
@@ -296,32 +332,60 @@ def train_autoencoder(
     progress: bool = True,
     log: Callable[[str], None] = print,
     data: ImageData | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train an autoencoder on ``config.data.source`` and write the run to ``out_dir``: config.json,
-    metrics.jsonl, samples/step_N.png, checkpoints/step_N/ and, at the end, autoencoder/.
+    metrics.jsonl, samples/step_N.png, checkpoints/step_N/, summary.json and, at the end,
+    autoencoder/.
 
-    ``resume``, ``overwrite`` and ``explicit`` as :func:`ddpm.train.train` takes them. Returns the
-    summary (also written as summary.json): ``step``, ``steps_taken``, ``scaling_factor``,
-    ``autoencoder``, ``checkpoint``, ``samples``, ``seconds``, ``img_per_s``, ``nothing_to_do``.
+    ``resume``, ``overwrite`` and ``explicit`` as :func:`ddpm.train.train` takes them. The result's
+    ``extra`` (also in summary.json) holds ``scaling_factor`` and ``autoencoder``, the folder written.
     """
     # --- setup: run directory, configuration, data, state ---
     command_start = time.perf_counter()  # train.time_limit counts from here, data loading included
-    out_dir = Path(out_dir)
-    prepare_run_dir(out_dir, resume, overwrite, RUN_FILES)
-    found = None
-    if resume:
-        saved = AutoencoderRunConfig.from_dict(checkpoints.load_json(out_dir / "config.json"))
-        config = resume_config(saved, config, explicit or set(), RESUMABLE_FIELDS)
-        found = checkpoints.latest_training_checkpoint(out_dir / "checkpoints", warn=lambda m: log(f"warning: {m}"))
-        if found is not None and found[1].meta["step"] >= config.train.steps:
-            step = found[1].meta["step"]
-            log(f"nothing to do: {out_dir} is at step {step} and train.steps is {config.train.steps}; "
-                f"pass --train.steps N with N > {step} to train longer")
-            return {"step": step, "steps_taken": 0, "nothing_to_do": True}
+    out_dir, procs = Path(out_dir), Processes()
+    config, found = open_run(out_dir, config, SPEC, resume=resume, overwrite=overwrite, explicit=explicit,
+                             procs=procs, say=log)
+    if (done := nothing_to_do(out_dir, found, config.train.steps, log)) is not None:
+        return done
     cfg = config.train
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    data = _training_data(config, data, progress)
+    log(f"data: {data.describe()}")
+    state = build_state(config, device)
+    if found is not None:
+        restore(state, *found)
+        log(f"resumed from {found[0]} at step {state.step}")
+    record_config(out_dir, config, procs, log)
+    f = config.model.downsampling_factor
+    disc = "" if state.loss.discriminator is None else \
+        f", discriminator {num_parameters(state.loss.discriminator):,} from step {config.loss.disc_start}"
+    log(f"model: {num_parameters(state.model):,} parameters{disc}; device {device}, float32; "
+        f"latents {config.model.latent_channels}x{data.image_size // f}x{data.image_size // f}")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_until=state.step if resume else None)
+    batches = data.batches(cfg.batch_size, cfg.seed, flip=config.data.flip, start_step=state.step)
+
+    def grid(step: int) -> Path:
+        return reconstruction_grid(state.sampling_model, data, cfg.sample_count, device,
+                                   out_dir / "samples" / f"step_{step:08d}.png")
+
+    def finish_run() -> dict[str, Any]:
+        scale, final = finish(state.sampling_model, data, config, out_dir)
+        log(f"latent scale 1/std = {scale:.5g} over {min(len(data), cfg.scale_images):,} images: "
+            f"scaling_factor of {final}")
+        return {"scaling_factor": scale, "autoencoder": str(final)}
+
+    # --- the loop ---
+    state.model.train()
+    hooks = Hooks(lambda batch: train_step(state, batch[0].to(device), cfg),
+                  lambda step: save_checkpoint(state, step, out_dir, config), grid, finish_run, shown="rec")
+    return train_loop(state, batches, hooks, cfg, out_dir, procs=procs, metrics=metrics, command_start=command_start,
+                      progress=progress, desc="train-autoencoder", say=log)
+
+
+def _training_data(config: AutoencoderRunConfig, data: ImageData | None, progress: bool) -> ImageData:
+    """The training images, checked against the autoencoder's channels and downsampling factor."""
     if data is None:
         data = load_images(config.data.source, config.model.sample_size, config.model.in_channels,
                            split=config.data.split, root=config.data.root or None, limit=config.data.limit or None,
@@ -330,73 +394,4 @@ def train_autoencoder(
     if data.image_size % f or data.channels != config.model.in_channels:
         raise UserError(f"{config.data.source}: {data.image_size}x{data.image_size}x{data.channels} images do not "
                         f"fit the autoencoder (model.in_channels {config.model.in_channels}, sides divisible by {f})")
-    log(f"data: {data.describe()}")
-    state = build_state(config, device)
-    if found is not None:
-        restore(state, *found)
-        log(f"resumed from {found[0]} at step {state.step}")
-    start_step = state.step
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints.save_json(out_dir / "config.json", config.to_dict())
-    log(f"config:\n{config.to_json()}")
-    disc = "" if state.loss.discriminator is None else \
-        f", discriminator {num_parameters(state.loss.discriminator):,} from step {config.loss.disc_start}"
-    log(f"model: {num_parameters(state.model):,} parameters{disc}; device {device}, float32; "
-        f"latents {config.model.latent_channels}x{data.image_size // f}x{data.image_size // f}")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_until=start_step if resume else None)
-    batches = data.batches(cfg.batch_size, cfg.seed, flip=config.data.flip, start_step=start_step)
-
-    def grid(step: int) -> Path:
-        return reconstruction_grid(state.sampling_model, data, cfg.sample_count, device,
-                                   out_dir / "samples" / f"step_{step:08d}.png")
-
-    # --- the loop ---
-    last_ckpt, last_grid, out_of_time = None, None, False
-    window = MetricsWindow()
-    run_start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train-autoencoder", unit="step", dynamic_ncols=True,
-               disable=not progress, file=sys.stderr)
-    stop = StopFlag()
-    try:
-        with stop:
-            state.model.train()
-            while state.step < cfg.steps:
-                x, _ = next(batches)
-                outcome = train_step(state, x.to(device), cfg)
-                state.step += 1
-                window.add(outcome, cfg.batch_size)
-                bar.update(1)
-
-                # --- bookkeeping ---
-                step = state.step
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    record = {"step": step, **window.record(time=time.perf_counter() - run_start)}
-                    metrics.write(record)
-                    bar.set_postfix(rec=f"{record['rec']:.1f}", img_s=f"{record['img_per_s']:.0f}")
-                out_of_time = bool(cfg.time_limit) and time.perf_counter() - command_start > cfg.time_limit * 60
-                stopping = stop.signum is not None or out_of_time
-                if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                    last_grid = grid(step)
-                if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-                    last_ckpt = save_checkpoint(state, out_dir, config)
-                if stopping:
-                    break
-        bar.close()
-        if stop.signum is not None:
-            raise Interrupted(stop.signum, last_ckpt)
-        if out_of_time:
-            log(f"time limit of {cfg.time_limit:g} min reached at step {state.step}")
-        last_grid = grid(state.step)
-        seconds = time.perf_counter() - run_start
-        scale, final = finish(state.sampling_model, data, config, out_dir)
-        log(f"latent scale 1/std = {scale:.5g} over {min(len(data), cfg.scale_images):,} images: "
-            f"scaling_factor of {final}")
-        summary = {"step": state.step, "steps_taken": state.step - start_step, "scaling_factor": scale,
-                   "autoencoder": str(final), "checkpoint": str(last_ckpt), "samples": str(last_grid),
-                   "seconds": seconds, "img_per_s": (state.step - start_step) * cfg.batch_size / max(seconds, 1e-9),
-                   "nothing_to_do": False}
-        checkpoints.save_json(out_dir / "summary.json", summary)
-        return summary
-    finally:
-        bar.close()
-        metrics.close()
+    return data

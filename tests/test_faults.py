@@ -25,13 +25,17 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm.autoencoder_losses import AutoencoderLoss
 from ddpm.checkpoints import latest_training_checkpoint, list_training_checkpoints, load_training_checkpoint
 from ddpm.cli import main
 from ddpm.config import get_config
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.models import UNet, get_preset
-from ddpm.train import Diverged, train
+from ddpm.runs import Diverged
+from ddpm.train import train
+from ddpm.train_autoencoder import get_config as autoencoder_config
+from ddpm.train_autoencoder import train_autoencoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.kill_loop import _env, _train_command, _wait_for_steps, kill_loop  # noqa: E402
@@ -179,6 +183,31 @@ def test_bad_input_costs_one_line_and_writes_nothing(command, message, files, tm
     assert sorted(p.name for p in files["run"].rglob("*")) == run_files  # the existing run untouched
 
 
+# Under /proc no directory can be made (ENOENT even for root): an --out that cannot be created.
+UNWRITABLE = "/proc/ddpm-cannot-create/out"
+WRITERS = [
+    "train --preset tiny --data {good} --train.steps 2 --train.sample_every 0",
+    "train-autoencoder --preset tiny --data {good} --train.steps 2 --train.sample_every 0",
+    "sample {run} --steps 2 --num-images 2",
+    "eval {run} --data {good} --split train --limit 2",
+    "viz forward --data {good}",
+    "viz schedules",
+    "viz reverse {run} --steps 2 --num-images 2",
+    "export {run}",
+    "demo --steps 2 --sample-steps 2",
+]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc for a directory that cannot be made")
+@pytest.mark.parametrize("command", WRITERS, ids=[c.split(" {")[0].split(" --")[0] for c in WRITERS])
+def test_an_out_that_cannot_be_created_costs_one_line(command, files, capsys):
+    fields = {k: str(v) for k, v in files.items()}
+    argv = [*command.format(**fields).split(), "--out", UNWRITABLE, "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ddpm: error: cannot create {UNWRITABLE}"), err
+
+
 def test_debug_shows_the_traceback(files, tmp_path):
     with pytest.raises(UserError):
         main(["train", "--preset", "tiny", "--data", str(files["root"] / "nowhere"), "--out", str(tmp_path / "o"),
@@ -290,6 +319,50 @@ def test_consecutive_nans_stop_the_run_with_the_last_good_state(files, tmp_path,
     assert ("--train.bf16 false" in str(info.value)) == (bf16 == "true")
     path, ckpt = latest_training_checkpoint(run / "checkpoints")
     assert ckpt.meta["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt.group("model").values())
+
+
+def _poison_discriminator(monkeypatch, bad_steps: set[int]) -> None:
+    """Make the autoencoder's discriminator loss NaN at the given (1-based) GAN steps."""
+    original = AutoencoderLoss.discriminator_loss
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss, terms = original(self, *args, **kwargs)
+        return (loss * float("nan") if calls["n"] in bad_steps else loss), terms
+
+    monkeypatch.setattr(AutoencoderLoss, "discriminator_loss", poisoned)
+
+
+def _gan_autoencoder(files, **overrides: str):
+    """The tiny autoencoder with its PatchGAN on from the first step."""
+    return autoencoder_config("tiny", {"data.source": str(files["good"]), "loss.disc_weight": "0.5",
+                                       "loss.disc_start": "0", "loss.disc_layers": "1", "loss.disc_channels": "8",
+                                       "train.sample_every": "0", "train.ckpt_every": "100", **overrides})
+
+
+def _finite(ckpt) -> bool:
+    return all(torch.isfinite(v).all() for group in ("model", "disc") for v in ckpt.group(group).values())
+
+
+def test_a_nan_in_the_autoencoders_gan_phase_is_skipped_not_saved(files, tmp_path, monkeypatch):
+    _poison_discriminator(monkeypatch, {2, 5})
+    run = tmp_path / "run"
+    result = train_autoencoder(_gan_autoencoder(files, **{"train.steps": "8"}), run, **QUIET)
+    assert result.step == 8 and result.skipped_steps == 2
+    assert json.loads((run / "summary.json").read_text())["skipped_steps"] == 2
+    assert _finite(latest_training_checkpoint(run / "checkpoints")[1])
+
+
+def test_consecutive_nans_stop_the_autoencoder_with_the_last_good_state(files, tmp_path, monkeypatch):
+    _poison_discriminator(monkeypatch, set(range(4, 100)))
+    run = tmp_path / "run"
+    with pytest.raises(Diverged, match="learning rate") as info:
+        train_autoencoder(_gan_autoencoder(files, **{"train.steps": "50", "train.max_bad_steps": "3"}), run, **QUIET)
+    assert "step_00000003" in str(info.value)
+    path, ckpt = latest_training_checkpoint(run / "checkpoints")
+    assert ckpt.meta["step"] == 3 and _finite(ckpt)
+    assert not (run / "autoencoder").exists()
 
 
 # ---------------------------------------------------------------------------- untrusted files

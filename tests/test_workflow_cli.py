@@ -133,6 +133,19 @@ def test_resume_from_the_command_line(run, npz, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_preset_given_with_resume_is_named_as_ignored(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    capsys.readouterr()
+    assert main(["train", "--out", str(copy), "--resume", "--preset", "mnist", "--train.steps", "5", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ddpm: note: --preset mnist is ignored with --resume: the run's saved configuration wins "
+                   "(change a resumable field with --section.field)"]
+    assert json.loads((copy / "config.json").read_text())["model"]["ch"] == 32  # tiny's, not mnist's 16
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--preset", "tiny", "--data", "/no/such/place", "--out", "{tmp}/r"], "no such file or folder"),
     (["train", "--preset", "tiny", "--data", "{npz}", "--out", "{tmp}/r", "--train.lr", "-1"], "train.lr"),

@@ -119,7 +119,7 @@ def test_a_resumed_autoencoder_run_repeats_the_uninterrupted_one(tmp_path, npz):
         assert (whole / "autoencoder" / name).read_bytes() == (parts / "autoencoder" / name).read_bytes()
     # Resuming a finished run does nothing and touches nothing.
     before = (parts / "metrics.jsonl").read_bytes()
-    assert train_autoencoder(config, parts, resume=True, **QUIET)["nothing_to_do"]
+    assert train_autoencoder(config, parts, resume=True, **QUIET).nothing_to_do
     assert (parts / "metrics.jsonl").read_bytes() == before
 
 
@@ -143,7 +143,7 @@ def test_a_signal_stops_the_autoencoder_run_with_a_checkpoint(tmp_path, npz, mon
 
 
 def test_a_term_some_steps_lack_is_averaged_over_the_steps_that_have_it():
-    from ddpm.train import MetricsWindow, StepOutcome
+    from ddpm.runs import MetricsWindow, StepOutcome
 
     window = MetricsWindow()
     window.add(StepOutcome({"rec": 4.0}, 1.0, applied=True), 8)

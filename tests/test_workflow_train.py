@@ -17,7 +17,8 @@ from conftest import write_bars_npz
 from ddpm.checkpoints import latest_training_checkpoint, list_training_checkpoints
 from ddpm.config import get_config
 from ddpm.errors import UserError
-from ddpm.train import ema_decay, learning_rate, train
+from ddpm.runs import ema_decay
+from ddpm.train import learning_rate, train
 
 QUIET = {"progress": False, "log": lambda message: None}
 
