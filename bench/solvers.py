@@ -104,9 +104,9 @@ def points(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 
 def plot(results: dict, floor: float, path: Path) -> Path:
-    from ddpm.viz import _finish, _new_figure
+    from ddpm.viz import new_figure, save_figure
 
-    fig = _new_figure(figsize=(6.4, 4.2))
+    fig = new_figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     by_method: dict[str, list[tuple[int, float]]] = {}
     for r in results.values():
@@ -124,7 +124,7 @@ def plot(results: dict, floor: float, path: Path) -> Path:
     ax.set_ylabel("FD to the test set (classifier features)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def comparison_grid(args: argparse.Namespace, loaded: object, diffusion: object) -> Path:

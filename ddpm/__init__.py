@@ -2,7 +2,9 @@
 
 The math lives in :mod:`ddpm.schedules` (β_t), :mod:`ddpm.diffusion` (the process),
 :mod:`ddpm.losses` (KL, decoder, L_simple / L_vlb / L_hybrid, bits/dim) and :mod:`ddpm.samplers`
-(DDPM, DDIM). Timesteps are 0-based everywhere: index i is the paper's t = i + 1.
+(DDPM's Algorithm 2, DDIM, DPM-Solver++ 2M / 3M / 2M SDE, UniPC, Heun, an adaptive solver; the
+default is :data:`ddpm.samplers.DEFAULT_SAMPLER`). Timesteps are 0-based everywhere: index i is
+the paper's t = i + 1.
 """
 
 from ddpm.diffusion import GaussianDiffusion

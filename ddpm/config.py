@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ddpm.diffusion import MEAN_TYPES, VAR_TYPES, GaussianDiffusion
-from ddpm.errors import UserError
+from ddpm.errors import UserError, check_choice, check_positive
 from ddpm.losses import LOSS_TYPES
 from ddpm.models.presets import get_preset
 from ddpm.models.unet import UNetConfig
-from ddpm.samplers import SAMPLERS
+from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, SAMPLERS
 from ddpm.schedules import SCHEDULES, get_betas
 from ddpm.timestep_sampling import TIMESTEP_SAMPLERS
 
@@ -44,9 +44,9 @@ class DiffusionConfig:
     var_type: str = "fixed_small"
 
     def __post_init__(self) -> None:
-        _check_choice("diffusion.schedule", self.schedule, SCHEDULES)
-        _check_choice("diffusion.mean_type", self.mean_type, MEAN_TYPES)
-        _check_choice("diffusion.var_type", self.var_type, VAR_TYPES)
+        check_choice("diffusion.schedule", self.schedule, SCHEDULES)
+        check_choice("diffusion.mean_type", self.mean_type, MEAN_TYPES)
+        check_choice("diffusion.var_type", self.var_type, VAR_TYPES)
         check_positive("diffusion.timesteps", self.timesteps)
 
     def build(self) -> GaussianDiffusion:
@@ -76,7 +76,7 @@ class DataConfig:
     autoencoder: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice("data.split", self.split, ("train", "test"))
+        check_choice("data.split", self.split, ("train", "test"))
         check_positive("data.limit", self.limit, allow_zero=True)
 
 
@@ -103,7 +103,8 @@ class TrainConfig:
         log_every: write a metrics line every this many steps.
         sample_every: save a grid of EMA samples every this many steps (0: only at the end).
         sample_count: images in that grid.
-        sample_sampler: the sampler for those grids (a name from ddpm.samplers.SAMPLERS).
+        sample_sampler: the sampler for those grids (a name from ddpm.samplers.SAMPLERS; by default the one
+            'ddpm sample' uses).
         sample_steps: network evaluations per image of those grids.
         ckpt_every: save a checkpoint every this many steps (and always at the end).
         keep_last: how many checkpoints to keep.
@@ -138,8 +139,8 @@ class TrainConfig:
     log_every: int = 100
     sample_every: int = 10_000
     sample_count: int = 64
-    sample_sampler: str = "ddim"
-    sample_steps: int = 100
+    sample_sampler: str = DEFAULT_SAMPLER
+    sample_steps: int = DEFAULT_NFE
     ckpt_every: int = 10_000
     keep_last: int = 3
     time_limit: float = 0.0
@@ -166,9 +167,9 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2", "ema_decay", "label_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
-        _check_choice("train.loss_type", self.loss_type, LOSS_TYPES)
-        _check_choice("train.timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
-        _check_choice("train.sample_sampler", self.sample_sampler, tuple(SAMPLERS))
+        check_choice("train.loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("train.timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        check_choice("train.sample_sampler", self.sample_sampler, tuple(SAMPLERS))
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UserError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -272,32 +273,30 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
         "data": {"flip": False},  # a mirrored digit is not a digit
         # Tuned for CPU minutes (see the model preset): small batches, a high learning rate.
         "train": {"steps": 20_000, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999,
-                  "log_every": 50, "sample_every": 2000, "ckpt_every": 500, "sample_steps": 100},
+                  "log_every": 50, "sample_every": 2000, "ckpt_every": 500},
     },
     "digits": {
         "model": "digits",
         "data": {"source": "digits", "flip": False},
         "train": {"steps": 20_000, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999,
-                  "log_every": 50, "sample_every": 1000, "ckpt_every": 500, "sample_count": 100,
-                  "sample_steps": 100},
+                  "log_every": 50, "sample_every": 1000, "ckpt_every": 500, "sample_count": 100},
     },
     # Latent diffusion: the U-Net learns an autoencoder's scaled latents (--autoencoder PATH, a
     # 'ddpm train-autoencoder' run with the matching preset: mnist-f4, cifar10-f4), under LDM's
-    # scaled_linear schedule (less noise than DDPM's at every t). Measured on mnist-latent, two
-    # 6-minute runs side by side on one autoencoder, 1 thread each: FD of 500 samples
-    # (dpm++2m-sde, 20 NFE) 61.4 with scaled_linear at step 1,357 against 91.4 with linear at 1,436.
+    # scaled_linear schedule (less noise than DDPM's at every t), which beat the linear one on
+    # mnist-latent at equal steps (bench/RESULTS.md; docs/theory.md section 12).
     "mnist-latent": {
         "model": "mnist-latent",
         "diffusion": {"schedule": "scaled_linear"},
         "data": {"flip": False},
         "train": {"steps": 20_000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "ema_decay": 0.999,
-                  "log_every": 50, "sample_every": 2000, "ckpt_every": 500, "sample_steps": 100},
+                  "log_every": 50, "sample_every": 2000, "ckpt_every": 500},
     },
     "cifar10-latent": {
         "model": "cifar10-latent",
         "diffusion": {"schedule": "scaled_linear"},
         "train": {"steps": 50_000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 500, "ema_decay": 0.999,
-                  "log_every": 50, "sample_every": 5000, "ckpt_every": 1000, "sample_steps": 100},
+                  "log_every": 50, "sample_every": 5000, "ckpt_every": 1000},
     },
     "tiny": {
         "model": "tiny",
@@ -307,6 +306,9 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
                   "sample_every": 10, "sample_count": 4, "sample_steps": 5, "ckpt_every": 10, "keep_last": 2},
     },
 }
+# For tests: the tiny recipe on the tiny autoencoder's latents (train-autoencoder --preset tiny).
+RUN_PRESETS["tiny-latent"] = {**RUN_PRESETS["tiny"], "model": "tiny-latent",
+                              "diffusion": {"timesteps": 100, "schedule": "scaled_linear"}}
 
 
 def get_config(preset: str, overrides: dict[str, str] | None = None) -> RunConfig:
@@ -375,14 +377,3 @@ def parse_value(key: str, text: str, annotation: Any) -> Any:
     except ValueError:
         kind = getattr(annotation, "__name__", str(annotation))
         raise UserError(f"--{key}: cannot read {text!r} as {kind}") from None
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def check_positive(name: str, value: int, allow_zero: bool = False) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-        bound = ">= 0" if allow_zero else ">= 1"
-        raise UserError(f"{name} must be an integer {bound}, got {value!r}")

@@ -362,7 +362,7 @@ class GaussianDiffusion:
         self,
         model: Model,
         shape: Sequence[int],
-        sampler: str = "ddpm",
+        sampler: str = samplers.DEFAULT_SAMPLER,
         steps: int | None = None,
         eta: float = 0.0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -372,7 +372,8 @@ class GaussianDiffusion:
         **kwargs: Any,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Draw samples from p_θ; see :func:`ddpm.samplers.sample` for the options (``sampler``,
-        ``steps`` = NFE, ``spacing``, per-sample generators, ...)."""
+        by default :data:`ddpm.samplers.DEFAULT_SAMPLER`; ``steps`` = NFE; ``spacing``;
+        per-sample generators, ...)."""
         return samplers.sample(
             self, model, shape, sampler=sampler, steps=steps, eta=eta, spacing=spacing, generator=generator,
             progress=progress, return_trajectory=return_trajectory, **kwargs,

@@ -23,6 +23,7 @@ from ddpm import checkpoints
 from ddpm.data import load_images
 from ddpm.errors import UserError
 from ddpm.loading import LoadedModel
+from ddpm.viz import plot_bound_terms
 
 #: Why a latent model has no bits/dim (docs/theory.md, "Latent diffusion").
 LATENT_BPD = ("bits/dim of pixels is not defined for a latent model: its bound is on the latents, and the "
@@ -176,8 +177,6 @@ def write_bpd_report(report: dict[str, Any], out_dir: str | Path, plot: bool = T
     checkpoints.save_json(path, report)
     written.append(path)
     if plot:
-        from ddpm.viz import plot_bound_terms
-
         try:
             written.append(Path(plot_bound_terms(torch.tensor(report["terms"]), out_dir / "bound.png",
                                                  prior=report["prior_bpd"],

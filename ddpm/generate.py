@@ -26,16 +26,18 @@ from ddpm.images import auto_scale, make_grid, save_image, save_npz, save_pngs, 
 from ddpm.latent import decode_latents
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.runtime import autocast, derive_seed, resolve_bf16
-from ddpm.samplers import check_sampler_arguments
+from ddpm.samplers import DEFAULT_SAMPLER, check_sampler_arguments, default_steps
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to run the reverse process.
 
+    The defaults are :data:`ddpm.samplers.DEFAULT_SAMPLER` at its default NFE.
+
     Attributes:
         sampler: a name from :data:`ddpm.samplers.SAMPLERS`.
-        steps: network evaluations (``None``: the sampler's default, all T for ``ddpm``).
+        steps: network evaluations (``None``: :func:`ddpm.samplers.default_steps`, all T for ``ddpm``).
         eta: DDIM's η (0: deterministic).
         spacing: which timesteps the chain visits (``None``: the sampler's default,
             :data:`ddpm.samplers.DEFAULT_SPACING`).
@@ -43,7 +45,7 @@ class SamplerSettings:
         clip_denoised: clip x̂_0 to [-1, 1] (pixels; off for latents, which have no such range).
     """
 
-    sampler: str = "ddpm"
+    sampler: str = DEFAULT_SAMPLER
     steps: int | None = None
     eta: float = 0.0
     spacing: str | None = None
@@ -55,7 +57,8 @@ class SamplerSettings:
             return f"dpm-adaptive, rtol {self.rtol or DEFAULT_RTOL:g}"
         spacing = f", {self.spacing} spacing" if self.spacing else ""
         eta = f", eta {self.eta:g}" if self.eta else ""
-        return f"{self.sampler}, {self.steps or T} NFE{spacing}{eta}"
+        steps = default_steps(self.sampler, T) if self.steps is None else self.steps
+        return f"{self.sampler}, {steps} NFE{spacing}{eta}"
 
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`GaussianDiffusion.sample` these settings fill in."""
@@ -66,17 +69,8 @@ class SamplerSettings:
         return kwargs
 
 
-#: What ``ddpm sample`` draws with when not told: the solver and NFE that bench/solvers.py picked
-#: on MNIST (bench/RESULTS.md). ``--sampler ddpm`` is the paper's Algorithm 2 over all T steps.
-DEFAULT_SAMPLER = "dpm++2m-sde"
-DEFAULT_NFE = 20
 #: dpm-adaptive's tolerance when none is given.
 DEFAULT_RTOL = 0.05
-
-
-def default_steps(sampler: str) -> int | None:
-    """The NFE a sampler runs when not told: all T for ``ddpm``, its own for ``dpm-adaptive``, else DEFAULT_NFE."""
-    return None if sampler in ("ddpm", "dpm-adaptive") else DEFAULT_NFE
 
 
 @dataclass
@@ -153,7 +147,7 @@ def generate(
     A class-conditional model gets ``label`` for every image or the classes in turn; a
     ``guidance_scale`` w ≠ 1 applies classifier-free guidance. ``bf16`` is bfloat16 autocast
     (``None``: the device's measured default, :func:`ddpm.runtime.default_bf16`). ``settings``
-    defaults to DDPM over all T steps. ``trajectory_every`` > 0 also records the first batch's
+    defaults to :data:`ddpm.samplers.DEFAULT_SAMPLER`. ``trajectory_every`` > 0 also records the first batch's
     chain every that many steps.
     """
     settings = settings or SamplerSettings()

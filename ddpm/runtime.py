@@ -38,12 +38,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def default_bf16(device: torch.device) -> bool:
     """Whether bfloat16 autocast pays on ``device`` at equal quality, as measured (bench/RESULTS.md).
 
-    On CUDA it does. On our AVX-512 BF16 CPUs, with the PyTorch 2.13.0 CPU wheel, it does not:
-    that build reports ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` False, so bf16
-    convolutions fall back to ``aten::_slow_conv2d_forward``, and autocast made the `mnist`
-    training step 5x and its sampling forward 8.5x slower, `cifar10`'s 13x and 21x (medians of
-    paired rounds, ``python -m bench.cpu_bf16``, bench/RESULTS.md 2026-12-01), at equal sample
-    quality. So training and sampling default to float32 on the CPU (and on MPS, which never autocasts).
+    On CUDA it does. On the CPUs measured so far it did not: where oneDNN lacks bfloat16
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` False), bf16 convolutions fall back to
+    ``aten::_slow_conv2d_forward`` and autocast was several times slower at equal sample quality
+    (``python -m bench.cpu_bf16``, bench/RESULTS.md). So training and sampling default to float32 on
+    the CPU (and on MPS, which never autocasts).
     """
     return device.type == "cuda"
 

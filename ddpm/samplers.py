@@ -420,6 +420,22 @@ DEFAULT_SPACING: dict[str, str] = {
     "dpm-adaptive": "uniform",  # it keeps every timestep and picks its own steps among them
 }
 
+#: What every entry point samples with when not told (``ddpm sample``, the training previews,
+#: :meth:`GaussianDiffusion.sample`, :class:`ddpm.generate.SamplerSettings`): the solver and NFE
+#: that ``python -m bench.solvers`` picked on a trained MNIST model (bench/RESULTS.md).
+#: ``sampler="ddpm"`` is the paper's Algorithm 2 over all T steps.
+DEFAULT_SAMPLER = "dpm++2m-sde"
+DEFAULT_NFE = 20
+
+
+def default_steps(sampler: str, T: int) -> int | None:
+    """The NFE ``sampler`` spends when not told: all T for ``ddpm`` (Algorithm 2), none for
+    ``dpm-adaptive`` (it picks its own), :data:`DEFAULT_NFE` (at most T) for the others."""
+    if sampler == "ddpm":
+        return T
+    return None if sampler == "dpm-adaptive" else min(DEFAULT_NFE, T)
+
+
 #: Solvers whose only noise is x_T; ``eta`` means nothing to them.
 _ETA_SAMPLERS = ("ddpm", "ddim")
 
@@ -486,7 +502,7 @@ def sample(
     diffusion: GaussianDiffusion,
     model: Model,
     shape: Sequence[int],
-    sampler: str = "ddpm",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int | None = None,
     eta: float = 0.0,
     spacing: str | None = None,
@@ -507,16 +523,15 @@ def sample(
 
     Args:
         sampler: a name of :data:`SAMPLERS`: ``"ddpm"`` ([DDPM] Algorithm 2), ``"ddim"`` ([DDIM]
-            eq. 12), ``"dpm++2m"``, ``"dpm++3m"``, ``"dpm++2m-sde"`` ([DPM++]), ``"unipc"``
-            ([UniPC], order 3), ``"heun"`` ([EDM] Algorithm 1) or ``"dpm-adaptive"`` (its own
-            steps from ``rtol``, :class:`DPMAdaptive`).
-        steps: the number of network evaluations (NFE); ``None`` means T. Every solver but Heun
-            evaluates once per kept timestep; Heun keeps ⌊(steps+1)/2⌋ and spends 2K − 1.
+            eq. 12), ``"dpm++2m"``, ``"dpm++3m"``, ``"dpm++2m-sde"`` ([DPM++]; the default,
+            :data:`DEFAULT_SAMPLER`), ``"unipc"`` ([UniPC], order 3), ``"heun"`` ([EDM]
+            Algorithm 1) or ``"dpm-adaptive"`` (its own steps from ``rtol``, :class:`DPMAdaptive`).
+        steps: the number of network evaluations (NFE); ``None``: :func:`default_steps` (all T
+            for ``ddpm``, :data:`DEFAULT_NFE` for the others). Every solver but Heun evaluates
+            once per kept timestep; Heun keeps ⌊(steps+1)/2⌋ and spends 2K − 1.
         eta: DDIM's η in [0, 1] (0: deterministic; 1: DDPM's posterior variance); others take 0.
-        spacing: which timesteps to keep, a name of :data:`~ddpm.schedules.SPACINGS`; default
-            :data:`DEFAULT_SPACING` (DDPM: ``uniform``, IDDPM's respacing; DDIM: ``leading``, the
-            DDIM paper's {0, T/K, ...}, which does not start at T−1). ``timesteps`` gives the
-            kept steps explicitly instead.
+        spacing: which timesteps to keep, a name of :data:`~ddpm.schedules.SPACINGS` (default:
+            :data:`DEFAULT_SPACING`); ``timesteps`` gives the kept steps explicitly instead.
         generator: makes the draws (x_T and every z) reproducible; it must live on ``device``. A
             sequence of generators, one per sample, draws sample i's x_T and noise from generator i
             only, so that a seed per image gives the same image in any batch.
@@ -534,53 +549,62 @@ def sample(
 
     Returns x_0 [*shape] (and the trajectory if asked).
     """
-    T = diffusion.num_timesteps
-    check_sampler_arguments(T, sampler, steps, eta, spacing, rtol)
-    if timesteps is None:
-        timesteps = kept_timesteps(diffusion, sampler, steps, spacing)
-    kept = sorted(set(int(t) for t in timesteps))
-    d = diffusion if kept == list(range(T)) else diffusion.respace(kept)
-
-    if noise is not None:
-        x = noise.to(device=device or noise.device, dtype=dtype)
-    else:
-        x = randn(shape, generator, device, dtype)
-    batch = x.shape[0]
+    check_sampler_arguments(diffusion.num_timesteps, sampler, steps, eta, spacing, rtol)
+    d = _kept_chain(diffusion, sampler, steps, spacing, timesteps)
+    x = randn(shape, generator, device, dtype) if noise is None else noise.to(device or noise.device, dtype)
+    nfe = 0
 
     def draw() -> Tensor:
         return randn(x.shape, generator, x.device, x.dtype)
 
-    nfe = 0
-
     def denoise(x: Tensor, k: int) -> dict[str, Tensor]:
         nonlocal nfe
         nfe += 1
-        t = torch.full((batch,), k, device=x.device, dtype=torch.long)
-        return d.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        return d.p_mean_variance(model, x, _timestep(k, x), clip_denoised=clip_denoised, model_kwargs=model_kwargs)
 
     solver = SAMPLERS[sampler](d, eta) if rtol is None else SAMPLERS[sampler](d, eta, rtol=rtol)
-    record: dict[str, list[Tensor]] = {"timesteps": [], "x_t": [], "pred_x0": []}
+    record = _Trajectory(trajectory_every) if return_trajectory else None
     bar = tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress, leave=False)
     k, n = d.num_timesteps - 1, 0  # the loop visits kept steps k = K−1, ..., 0 (0-based)
     while k >= 0:
         p = denoise(x, k)
-        if return_trajectory and (n % trajectory_every == 0 or k == 0):
-            record["timesteps"].append(d.timestep_map[k : k + 1].clone())
-            record["x_t"].append(x.cpu())
-            record["pred_x0"].append(p["pred_x0"].cpu())
+        if record is not None:
+            record.add(n, k, d.timestep_map[k : k + 1], x, p["pred_x0"])
         x, n = solver.step(x, k, p, denoise, draw), n + 1
         bar.update(k - solver.next_step(k))
         k = solver.next_step(k)
     bar.close()
     if stats is not None:
         stats["nfe"] = nfe
-    if not return_trajectory:
-        return x
-    return x, {
-        "timesteps": torch.cat(record["timesteps"]),
-        "x_t": torch.stack(record["x_t"]),
-        "pred_x0": torch.stack(record["pred_x0"]),
-    }
+    return x if record is None else (x, record.result())
+
+
+def _kept_chain(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None,
+                timesteps: Sequence[int] | None) -> GaussianDiffusion:
+    """The process respaced to the timesteps the sampler visits (itself when it visits all T)."""
+    T = diffusion.num_timesteps
+    if timesteps is None:
+        timesteps = kept_timesteps(diffusion, sampler, default_steps(sampler, T) if steps is None else steps, spacing)
+    kept = sorted(set(int(t) for t in timesteps))
+    return diffusion if kept == list(range(T)) else diffusion.respace(kept)
+
+
+class _Trajectory:
+    """The chain every ``every`` steps, the last always included: the original timestep, x_t and
+    x̂_0 (on the CPU)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.parts: dict[str, list[Tensor]] = {"timesteps": [], "x_t": [], "pred_x0": []}
+
+    def add(self, n: int, k: int, timestep: Tensor, x_t: Tensor, pred_x0: Tensor) -> None:
+        if n % self.every == 0 or k == 0:
+            for key, value in (("timesteps", timestep.clone()), ("x_t", x_t.cpu()), ("pred_x0", pred_x0.cpu())):
+                self.parts[key].append(value)
+
+    def result(self) -> dict[str, Tensor]:
+        return {"timesteps": torch.cat(self.parts["timesteps"]), "x_t": torch.stack(self.parts["x_t"]),
+                "pred_x0": torch.stack(self.parts["pred_x0"])}
 
 
 def _timestep(k: int, x: Tensor) -> Tensor:

@@ -315,7 +315,7 @@ def plot_schedules(T: int = 1000, path: PathLike | None = None) -> Figure | Path
     the cosine one [IDDPM] eq. 17. Returns the figure, or writes it to ``path`` (format from the
     extension, e.g. ``.png``) and returns the path.
     """
-    fig = _new_figure(figsize=(13, 3.8))
+    fig = new_figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3)
     t = np.arange(1, T + 1)
     for name in SCHEDULES:
@@ -335,7 +335,7 @@ def plot_schedules(T: int = 1000, path: PathLike | None = None) -> Figure | Path
         ax.legend()
     axes[0].set_yscale("log")
     fig.suptitle(f"Noise schedules, T = {T}")
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bound_terms(
@@ -365,7 +365,7 @@ def plot_bound_terms(
     t = np.arange(1, len(terms) + 1)
     cumulative = terms.cumsum(0).numpy()
     total = cumulative[-1] + (prior or 0.0)
-    fig = _new_figure(figsize=(8, 4.5))
+    fig = new_figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
     # L_0 as a marker of its own: on the line it is one point at the axis's left edge.
     ax.plot(t[1:], terms[1:].numpy(), color="C0", label=r"KL terms $L_{t-1}$")
@@ -379,7 +379,7 @@ def plot_bound_terms(
     ax2.legend(handles=ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0], loc="center right")
     prior_text = f" with prior $L_T$ = {prior:.2g}" if prior is not None else ""
     ax.set_title(title or f"Variational bound: {total:.4f} bits/dim{prior_text}")
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss_curve(metrics_jsonl_path: PathLike, path: PathLike, smoothing: float = 0.9) -> Path:
@@ -396,7 +396,7 @@ def plot_loss_curve(metrics_jsonl_path: PathLike, path: PathLike, smoothing: flo
     for i, value in enumerate(losses):
         ema = smoothing * ema + (1 - smoothing) * value
         smoothed.append(ema / (1 - smoothing ** (i + 1)))
-    fig = _new_figure(figsize=(8, 4.5))
+    fig = new_figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
     ax.plot(steps, losses, color="C0", alpha=0.3, linewidth=0.8, label="loss")
     ax.plot(steps, smoothed, color="C0", label=f"EMA ({smoothing})")
@@ -405,7 +405,7 @@ def plot_loss_curve(metrics_jsonl_path: PathLike, path: PathLike, smoothing: flo
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def _read_loss_records(metrics: Path) -> tuple[list[float], list[float]]:
@@ -431,7 +431,7 @@ def _read_loss_records(metrics: Path) -> tuple[list[float], list[float]]:
     return steps, losses
 
 
-def _new_figure(**kwargs: Any) -> Figure:
+def new_figure(**kwargs: Any) -> Figure:
     """A matplotlib Figure on its own Agg canvas: no pyplot, no backend switch, nothing global."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -443,7 +443,7 @@ def _new_figure(**kwargs: Any) -> Figure:
     return fig
 
 
-def _finish(fig: Figure, path: PathLike | None, dpi: int = 120) -> Figure | Path:
+def save_figure(fig: Figure, path: PathLike | None, dpi: int = 120) -> Figure | Path:
     """The figure itself, or the path it was written to (atomically; format from the extension)."""
     if path is None:
         return fig

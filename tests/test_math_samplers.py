@@ -35,13 +35,14 @@ def test_ddim_with_eta_one_has_the_ddpm_posterior(betas):
 def test_ddpm_last_step_adds_no_noise():
     """[DDPM] Algorithm 2: z = 0 at t = 1, so x_0 is the mean at t = 1, which for ε is x̂_0."""
     d = GaussianDiffusion(linear_betas(1000))
-    x, traj = d.sample(wiggly_model, (4, 1, 4, 4), steps=10, generator=torch.Generator().manual_seed(0),
-                       return_trajectory=True)
+    x, traj = d.sample(wiggly_model, (4, 1, 4, 4), sampler="ddpm", steps=10,
+                       generator=torch.Generator().manual_seed(0), return_trajectory=True)
     assert torch.equal(x, traj["pred_x0"][-1])
     # Respaced DDPM keeps both ends, 0 and T − 1 (improved-diffusion's respacing).
     assert traj["timesteps"].tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     assert traj["x_t"].shape == (10, 4, 1, 4, 4)
-    _, every3 = d.sample(wiggly_model, (4, 1, 4, 4), steps=10, return_trajectory=True, trajectory_every=3)
+    _, every3 = d.sample(wiggly_model, (4, 1, 4, 4), sampler="ddpm", steps=10, return_trajectory=True,
+                         trajectory_every=3)
     assert every3["timesteps"].tolist() == [999, 666, 333, 0]
 
 
@@ -72,9 +73,11 @@ def test_respaced_sampling_calls_the_model_with_original_timesteps():
 
 def test_all_steps_equals_no_respacing():
     d = GaussianDiffusion(linear_betas(100), var_type="fixed_large")
-    a = d.sample(wiggly_model, (2, 1, 3, 3), steps=100, generator=torch.Generator().manual_seed(5))
-    b = d.sample(wiggly_model, (2, 1, 3, 3), steps=None, generator=torch.Generator().manual_seed(5))
-    c = d.sample(wiggly_model, (2, 1, 3, 3), timesteps=range(100), generator=torch.Generator().manual_seed(5))
+    def run(**kwargs):
+        return d.sample(wiggly_model, (2, 1, 3, 3), sampler="ddpm", generator=torch.Generator().manual_seed(5),
+                        **kwargs)
+
+    a, b, c = run(steps=100), run(steps=None), run(timesteps=range(100))
     assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
 
 

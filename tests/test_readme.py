@@ -1,7 +1,7 @@
 """Every command the README marks for testing runs as written, on tiny settings.
 
 A shell block preceded by ``<!-- test -->`` is run line by line in a scratch directory. Only the
-sizes change: ``--preset`` becomes ``tiny``, training stops after 2 steps, sampling takes 3 steps
+sizes change: ``--preset`` becomes ``tiny`` (``tiny-latent`` for a latent preset), training stops after 2 steps, sampling takes 3 steps
 and a few images, evaluation scores 2 images, the demo trains a few steps; the README's
 placeholder paths point at small data made here (a resumed run goes on to step 4). Set-up lines (``python3 -m venv``,
 ``pip install``, ``. .venv/bin/activate``) are skipped: the suite already runs in that environment.
@@ -47,11 +47,15 @@ def shrink(command: str) -> list[str]:
     skip = False
     replace = {"--preset": "tiny", "--steps": "3", "--train.steps": "4", "--num-images": "4", "--limit": "2",
                "--minutes": "0.05", "--nproc_per_node": "2", "--nproc-per-node": "2"}
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if skip:
             skip = False
             continue
         key = arg.split("=")[0]
+        if key == "--preset" and i + 1 < len(argv) and argv[i + 1].endswith("-latent"):
+            out += [arg, "tiny-latent"]
+            skip = True
+            continue
         if key in replace and "=" in arg:
             out.append(f"{key}={replace[key]}")
         elif key in replace:
@@ -94,7 +98,7 @@ def test_the_readme_has_tested_commands():
     cmds = commands()
     assert any(c.startswith("ddpm demo") for c in cmds)
     assert any(c.startswith("python -m pytest") for c in cmds)
-    for verb in ("train", "sample", "eval", "viz", "export"):
+    for verb in ("train", "train-autoencoder", "sample", "eval", "viz", "export"):
         assert any(c.startswith(f"ddpm {verb}") for c in cmds), verb
     assert any(c.startswith("torchrun") for c in cmds)
 

@@ -109,7 +109,7 @@ def test_forward_strip_timesteps_scale_with_T_and_are_checked():
 def trajectory():
     d = GaussianDiffusion(linear_betas(100))
     x, traj = d.sample(
-        lambda x, t: torch.tanh(x), (4, 1, 8, 8), generator=torch.Generator().manual_seed(0),
+        lambda x, t: torch.tanh(x), (4, 1, 8, 8), sampler="ddpm", generator=torch.Generator().manual_seed(0),
         return_trajectory=True, trajectory_every=10,
     )
     assert traj["timesteps"].tolist() == [99, 89, 79, 69, 59, 49, 39, 29, 19, 9, 0]

@@ -67,3 +67,27 @@ def test_every_field_is_documented(section):
     docs = field_docs(SECTIONS[section])
     missing = [f.name for f in dataclasses.fields(SECTIONS[section]) if not docs.get(f.name)]
     assert not missing
+
+
+def test_one_default_sampler_everywhere():
+    """The previews, SamplerSettings, GaussianDiffusion.sample and the command line all default to
+    ddpm.samplers.DEFAULT_SAMPLER at its default NFE."""
+    import inspect
+
+    from ddpm.cli import build_parser
+    from ddpm.config import TrainConfig
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.generate import SamplerSettings
+    from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, sample
+
+    defaults = {
+        "train previews": (TrainConfig().sample_sampler, TrainConfig().sample_steps),
+        "SamplerSettings": (SamplerSettings().sampler, DEFAULT_NFE),
+        "GaussianDiffusion.sample": (inspect.signature(GaussianDiffusion.sample).parameters["sampler"].default,
+                                     DEFAULT_NFE),
+        "samplers.sample": (inspect.signature(sample).parameters["sampler"].default, DEFAULT_NFE),
+        "ddpm sample": (build_parser().parse_args(["sample", "run", "--out", "o"]).sampler, DEFAULT_NFE),
+    }
+    assert set(defaults.values()) == {(DEFAULT_SAMPLER, DEFAULT_NFE)}, defaults
+    for name in ("mnist", "digits", "mnist-latent", "cifar10"):
+        assert get_config(name).train.sample_steps == DEFAULT_NFE, name
