@@ -1,8 +1,9 @@
 """Images for training and evaluation: folders, ``.npz`` files, torchvision names, sklearn digits.
 
 :func:`load_images` turns what a user passes as ``--data`` into an :class:`ImageData`: every
-image decoded once, resized and center-cropped to ``image_size``, and held in RAM as uint8
-``[N, C, H, W]``. Batches are scaled to ``[-1, 1]`` as ``x / 127.5 - 1`` only when drawn.
+image decoded once, resized and center-cropped to ``image_size`` (a side, or ``(height, width)``),
+and held in RAM as uint8 ``[N, C, H, W]``, with class labels and, for a folder with a
+``metadata.jsonl``, captions. Batches are scaled to ``[-1, 1]`` as ``x / 127.5 - 1`` only when drawn.
 
 What ``source`` may be, tried in this order:
 
@@ -20,8 +21,8 @@ Every image, whatever its source, goes through the same two steps (:func:`_prepa
    composited on white (a viewer's rendering; plain conversion would show whatever colour the
    transparent pixels happen to store); then PIL converts to ``'L'`` (ITU-R 601-2 luma) or
    ``'RGB'``. ``channels=None`` keeps the source's own count: 1 if every image is grey, else 3.
-2. Size. The shorter side is resized to ``image_size`` with PIL's bicubic filter (antialiased when
-   shrinking), then the centre ``image_size x image_size`` square is cropped. Arrays that already
+2. Size. The image is resized with PIL's bicubic filter (antialiased when shrinking) to the least
+   size that covers ``height x width``, then the centre ``height x width`` is cropped. Arrays that already
    have the right size and channels skip PIL entirely, so their pixels are kept bit for bit.
 
 Problems in the user's data raise :class:`~ddpm.errors.UserError`; things worth knowing that do not
@@ -32,13 +33,14 @@ stop the run (unreadable files skipped, small images upscaled) are issued once p
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +51,7 @@ from ddpm.errors import UserError
 
 __all__ = [
     "DATASET_NAMES",
+    "Batch",
     "DataWarning",
     "ImageData",
     "MAX_BYTES",
@@ -103,13 +106,24 @@ def default_root() -> Path:
     return Path(os.environ.get("DDPM_DATA_DIR") or "~/.cache/ddpm/datasets").expanduser()
 
 
+class Batch(NamedTuple):
+    """One training batch: images float32 ``[B, C, H, W]`` in [-1, 1] (or an autoencoder's scaled
+    latents), class labels int64 ``[B]`` (-1: none) and the images' indices int64 ``[B]`` into the
+    data set (which the captions of a captioned set are looked up by)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+
+
 @dataclass(repr=False)
 class ImageData:
     """Images held in RAM as uint8, with labels, and the batches a training loop draws from them.
 
-    ``images`` is a contiguous CPU uint8 tensor ``[N, C, S, S]``; ``labels`` int64 ``[N]``, -1 for
-    an unlabeled image; ``class_names[k]`` names label ``k`` (empty when there are no labels).
-    ``source`` says where the images came from, ``skipped`` how many files could not be read.
+    ``images`` is a contiguous CPU uint8 tensor ``[N, C, H, W]``; ``labels`` int64 ``[N]``, -1 for
+    an unlabeled image; ``class_names[k]`` names label ``k`` (empty when there are no labels);
+    ``captions`` one text per image, or None for a set without captions. ``source`` says where the
+    images came from, ``skipped`` how many files could not be read.
     """
 
     images: torch.Tensor
@@ -117,6 +131,7 @@ class ImageData:
     class_names: list[str] = field(default_factory=list)
     source: str = ""
     skipped: int = 0
+    captions: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -124,6 +139,8 @@ class ImageData:
                              f"{tuple(self.images.shape)}")
         if self.labels.shape != (len(self.images),):
             raise ValueError(f"labels must be [{len(self.images)}], got {tuple(self.labels.shape)}")
+        if self.captions is not None and len(self.captions) != len(self.images):
+            raise ValueError(f"{len(self.captions)} captions for {len(self.images)} images")
         self.labels = self.labels.to(torch.int64)
 
     def __len__(self) -> int:
@@ -142,16 +159,25 @@ class ImageData:
         return self.images.shape[1]
 
     @property
-    def image_size(self) -> int:
-        return self.images.shape[-1]
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the images."""
+        return self.images.shape[2], self.images.shape[3]
+
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        """The side of square images, else ``(height, width)`` (diffusers' ``sample_size``)."""
+        h, w = self.size
+        return h if h == w else (h, w)
 
     def describe(self) -> str:
         """One line for the console, e.g. ``folder /x: 1,234 images, 10 classes, 32x32x3 (3
         skipped)``."""
         k = self.num_classes
         classes = "unlabeled" if k == 0 else f"{k} class" + ("es" if k > 1 else "")
-        s = self.image_size
-        line = f"{self.source}: {len(self):,} images, {classes}, {s}x{s}x{self.channels}"
+        if self.captions is not None:
+            classes = "captioned" if k == 0 else f"{classes}, captioned"
+        h, w = self.size
+        line = f"{self.source}: {len(self):,} images, {classes}, {h}x{w}x{self.channels}"
         return line + (f" ({self.skipped:,} skipped)" if self.skipped else "")
 
     def to_float(self, idx: Any) -> torch.Tensor:
@@ -181,17 +207,16 @@ class ImageData:
         return len(self) // world_size // batch_size
 
     def batches(self, batch_size: int, seed: int, *, flip: bool = False, rank: int = 0,
-                world_size: int = 1, start_step: int = 0
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless batches ``(x, y)`` for steps ``start_step``, ``start_step + 1``, ...: float32
+                world_size: int = 1, start_step: int = 0) -> Iterator[Batch]:
+        """Endless :class:`Batch` es for steps ``start_step``, ``start_step + 1``, ...: float32
         ``[B, C, H, W]`` in [-1, 1] (mirrored left-right where the epoch's flip bit says so, if
-        ``flip``) and int64 ``[B]`` labels. Each epoch's shuffle is computed once."""
+        ``flip``), int64 ``[B]`` labels and the indices. Each epoch's shuffle is computed once."""
         for idx, flips in self.batch_indices(batch_size, seed, rank=rank, world_size=world_size,
                                              start_step=start_step):
             x = self.to_float(idx)
             if flip:
                 x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-            yield x, self.labels[idx]
+            yield Batch(x, self.labels[idx], idx)
 
     def batch_indices(self, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
                       start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -219,13 +244,14 @@ class ImageData:
         return order, flips
 
 
-def load_images(source: str | os.PathLike[str], image_size: int | None, channels: int | None = None,
-                split: str = "train", root: str | None = None, limit: int | None = None,
-                progress: bool = False) -> ImageData:
+def load_images(source: str | os.PathLike[str], image_size: int | tuple[int, int] | None,
+                channels: int | None = None, split: str = "train", root: str | None = None,
+                limit: int | None = None, progress: bool = False, caption_column: str = "text") -> ImageData:
     """Read ``source`` (a data set name, a folder of images or an ``.npz``) into an
-    :class:`ImageData` of ``image_size x image_size`` images with ``channels`` (1, 3, or None for
-    the source's own). ``image_size=None`` keeps the source's own size: the shorter side of its
-    (first) image.
+    :class:`ImageData` of ``image_size`` images (a side, or ``(height, width)``) with ``channels``
+    (1, 3, or None for the source's own). ``image_size=None`` keeps the source's own size: a square
+    of the shorter side of its (first) image. A folder with a ``metadata.jsonl`` brings captions
+    from its ``caption_column`` (see :func:`_read_metadata`).
 
     ``split`` is ``"train"`` or ``"test"``; ``root`` is where torchvision downloads go (see
     :func:`default_root`); ``limit`` keeps only the first ``limit`` images (for folders, in the
@@ -234,7 +260,8 @@ def load_images(source: str | os.PathLike[str], image_size: int | None, channels
     source = os.fspath(source)
     if not source:
         raise UserError("--data is empty; pass a folder of images, an .npz file or a data set name")
-    if image_size is not None and image_size < 1:
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if size is not None and (len(size) != 2 or min(size) < 1):
         raise UserError(f"--image-size must be at least 1, got {image_size}")
     if channels not in (None, 1, 3):
         raise UserError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}")
@@ -242,7 +269,7 @@ def load_images(source: str | os.PathLike[str], image_size: int | None, channels
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    fit = _Fit(image_size, channels, limit, progress)
+    fit = _Fit(None if size is None else (int(size[0]), int(size[1])), channels, limit, progress)
 
     name = _dataset_name(source)
     if name == "digits":
@@ -252,7 +279,7 @@ def load_images(source: str | os.PathLike[str], image_size: int | None, channels
                                  fit)
     path = Path(source).expanduser()
     if path.is_dir():
-        return _load_folder(path, split, fit)
+        return _load_folder(path, split, fit, caption_column)
     if path.is_file() and path.suffix.lower() == ".npz":
         return _load_npz(path, split, fit)
     accepted = (f"a folder of images, an .npz file with x_train/y_train, or one of "
@@ -276,21 +303,22 @@ def _dataset_name(source: str) -> str | None:
 class _Fit:
     """What every loader is asked for: the output size, channels, limit and progress bar."""
 
-    size: int | None  # None: the source's own, fixed by native() once an image is seen
+    size: tuple[int, int] | None  # (height, width); None: the source's own, fixed by native()
     channels: int | None
     limit: int | None
     progress: bool
 
     def native(self, width: int, height: int) -> _Fit:
-        """This fit, with the source's own size (the shorter side) if none was asked for."""
-        return self if self.size is not None else dataclasses.replace(self, size=min(width, height))
+        """This fit, with the source's own size (a square of the shorter side) if none was asked for."""
+        side = min(width, height)
+        return self if self.size is not None else dataclasses.replace(self, size=(side, side))
 
     def check_memory(self, n: int, channels: int, what: str) -> None:
         """Refuse a load whose pixels would take more than :data:`MAX_BYTES`."""
-        need = n * channels * self.size**2
+        need = n * channels * self.size[0] * self.size[1]
         if need > MAX_BYTES:
             raise UserError(
-                f"{what}: {n:,} images at {self.size}x{self.size}x{channels} need "
+                f"{what}: {n:,} images at {self.size[0]}x{self.size[1]}x{channels} need "
                 f"{need / 2**30:.1f} GiB of RAM (the most is {MAX_BYTES / 2**30:.1f} GiB); "
                 f"use a lower --image-size or a --limit"
             )
@@ -313,16 +341,17 @@ def _prepare(img: Image.Image, fit: _Fit) -> tuple[np.ndarray, bool]:
         img = img.convert(mode)
 
     w, h = img.size
-    scale = fit.size / min(w, h)
+    height, width = fit.size
+    scale = max(height / h, width / w)  # the least scale at which the image covers the crop
     # max() guards the rounding of the longer side against falling below the crop.
-    resized = (max(fit.size, round(w * scale)), max(fit.size, round(h * scale)))
+    resized = (max(width, round(w * scale)), max(height, round(h * scale)))
     if resized != img.size:
         img = img.resize(resized, Image.Resampling.BICUBIC)
-    if resized != (fit.size, fit.size):
-        left, top = (resized[0] - fit.size) // 2, (resized[1] - fit.size) // 2
-        img = img.crop((left, top, left + fit.size, top + fit.size))
+    if resized != (width, height):
+        left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+        img = img.crop((left, top, left + width, top + height))
     pixels = np.asarray(img, dtype=np.uint8)
-    return pixels.reshape(fit.size, fit.size, -1), scale > 1
+    return pixels.reshape(height, width, -1), scale > 1
 
 
 def _prepare_all(items: Sequence[Any], decode: Callable[[Any], Image.Image], fit: _Fit,
@@ -334,7 +363,7 @@ def _prepare_all(items: Sequence[Any], decode: Callable[[Any], Image.Image], fit
     that is all of them); upscaled images get one warning too.
     """
     # Room for 3 channels when the count is only known at the end; cut to 1 if all were grey.
-    out = np.empty((len(items), fit.channels or 3, fit.size, fit.size), np.uint8)
+    out = np.empty((len(items), fit.channels or 3, *fit.size), np.uint8)
 
     def work(start: int) -> list[Exception | tuple[bool, bool]]:
         """Items start.. of one chunk into ``out``: (is colour, was upscaled) or the error."""
@@ -375,7 +404,7 @@ def _prepare_all(items: Sequence[Any], decode: Callable[[Any], Image.Image], fit
     upscaled = sum(grew for _, grew in good)
     if upscaled:
         warnings.warn(f"{what}: upscaled {upscaled:,} image(s) smaller than "
-                      f"{fit.size}x{fit.size} (bicubic)", DataWarning, stacklevel=2)
+                      f"{fit.size[0]}x{fit.size[1]} (bicubic)", DataWarning, stacklevel=2)
     images = out[:, : fit.channels or (3 if any(colour for colour, _ in good) else 1)]
     return torch.from_numpy(np.ascontiguousarray(images)), ok
 
@@ -434,7 +463,7 @@ def _open_image(path: str) -> Image.Image:
     return img
 
 
-def _load_folder(folder: Path, split: str, fit: _Fit) -> ImageData:
+def _load_folder(folder: Path, split: str, fit: _Fit, caption_column: str = "text") -> ImageData:
     # A folder with train/ and test/ sub-folders (as in the CIFAR-10 tree) is split by them.
     if any((folder / s).is_dir() for s in SPLITS):
         if not (folder / split).is_dir():
@@ -445,14 +474,62 @@ def _load_folder(folder: Path, split: str, fit: _Fit) -> ImageData:
         raise UserError(f"--data {folder}: a plain folder has no {split} split; pass a folder "
                         f"with train/ and {split}/ sub-folders, or the {split} images' folder")
     what = f"folder {folder}"
-    files, labels, class_names = _scan_folder(folder)
+    captions = None
+    if (folder / METADATA).is_file():
+        files, captions = _read_metadata(folder, caption_column)
+        labels, class_names = [-1] * len(files), []
+    else:
+        files, labels, class_names = _scan_folder(folder)
     files, labels = files[: fit.limit], labels[: fit.limit]
     if fit.size is None and files:
         fit = fit.native(*_first_size(files))
     fit.check_memory(len(files), fit.channels or 3, what)
     images, ok = _prepare_all(files, _open_image, fit, what)
     kept = torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(ok)]
-    return ImageData(images, kept, class_names, what, skipped=int((~ok).sum()))
+    if captions is not None:
+        captions = [c for c, good in zip(captions, ok) if good]
+    return ImageData(images, kept, class_names, what, skipped=int((~ok).sum()), captions=captions)
+
+
+METADATA = "metadata.jsonl"
+"""The captions file of a folder, in the Hugging Face imagefolder layout that diffusers' text-to-image
+example reads: one JSON object a line with ``file_name`` (relative to the folder) and a caption."""
+
+
+def _read_metadata(folder: Path, column: str) -> tuple[list[str], list[str]]:
+    """The image files ``folder/metadata.jsonl`` lists, in its order, and their captions (the
+    ``column`` field; a missing or null one is the empty caption). :class:`UserError` naming the
+    line for a line that is not a JSON object with a ``file_name``, a file not in the folder, or a
+    caption column that is absent or empty on every line."""
+    path = folder / METADATA
+    root = folder.resolve()
+    files, captions, seen = [], [], set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{n}: not a JSON line ({error})") from error
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise UserError(f"{path}:{n}: expected a JSON object with a \"file_name\", got {line[:80]!r}")
+        file = (folder / row["file_name"]).resolve()
+        if not file.is_relative_to(root) or not file.is_file():
+            raise UserError(f"{path}:{n}: {row['file_name']!r} is not a file in {folder}")
+        text = row.get(column)
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"{path}:{n}: the caption {column!r} is {type(text).__name__}, not text")
+        seen.update(row)
+        files.append(str(file))
+        captions.append(text or "")
+    if not files:
+        raise UserError(f"{path}: lists no images")
+    if column not in seen:
+        raise UserError(f"{path}: no {column!r} caption column (its fields: {', '.join(sorted(seen))}); "
+                        f"pass --data.caption_column NAME")
+    if not any(captions):
+        raise UserError(f"{path}: the caption column {column!r} is empty on every line")
+    return files, captions
 
 
 def _first_size(files: Sequence[str]) -> tuple[int, int]:
@@ -551,7 +628,7 @@ def _from_arrays(x: np.ndarray, labels: np.ndarray | None, class_names: list[str
     fit = fit.native(w, h)
     channels = fit.channels or (1 if c == 1 else 3)
     fit.check_memory(n, channels, what)
-    if (h, w) == (fit.size, fit.size) and (c == channels or (c, channels) == (1, 3)):
+    if (h, w) == fit.size and (c == channels or (c, channels) == (1, 3)):
         # Nothing for PIL to do: keep the pixels exactly (L -> RGB is a copy either way).
         images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
         images = images.expand(-1, channels, -1, -1).contiguous()

@@ -221,29 +221,31 @@ class GaussianDiffusion:
     def model_output(self, model: Model, x_t: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """Call the model at the original timesteps of ``t``, with classifier-free guidance.
 
-        ``model_kwargs`` is passed to the model. If it holds ``guidance_scale`` w (and ``y``,
-        the class labels), the model is run on the batch twice over, once with ``y`` and once with
-        the null label −1 (other per-example tensors are repeated), and the mean prediction becomes
-        ``uncond + w · (cond − uncond)`` ([CFG] eq. 6 with w = 1 + their w); the learned-variance
-        channels, if any, come from the conditional half. Since ε, x_0 and v are affine in one
-        another at a fixed x_t, guiding any of them is the same guidance.
+        ``model_kwargs`` is passed to the model. If it holds ``guidance_scale`` w ≠ 1, the model is
+        run on the batch twice over, once with the condition and once without, and the mean
+        prediction becomes ``uncond + w · (cond − uncond)`` ([CFG] eq. 6 with w = 1 + their w);
+        the learned-variance channels, if any, come from the conditional half. The unconditional
+        half's keyword arguments are ``uncond`` (e.g. the empty or negative prompt's
+        ``encoder_hidden_states``), or for class labels ``y`` the null label −1; other per-example
+        tensors are repeated. Since ε, x_0 and v are affine in one another at a fixed x_t, guiding
+        any of them is the same guidance.
         """
         kwargs = dict(model_kwargs or {})
-        scale = kwargs.pop("guidance_scale", None)
+        scale, uncond = kwargs.pop("guidance_scale", None), kwargs.pop("uncond", None)
         t_model = self.original_timesteps(t)
         if scale is None or float(scale) == 1.0:
             return model(x_t, t_model, **kwargs)
-        y = kwargs.pop("y", None)
-        if y is None:
-            raise UserError("classifier-free guidance needs class labels: pass y with guidance_scale")
+        if uncond is None:
+            if kwargs.get("y") is None:
+                raise UserError("classifier-free guidance needs a condition: class labels y, or uncond")
+            uncond = {"y": torch.full_like(kwargs["y"], NULL_LABEL)}
         B = x_t.shape[0]
-        kwargs = {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.ndim and v.shape[0] == B else v
-                  for k, v in kwargs.items()}
-        y_both = torch.cat([y, torch.full_like(y, NULL_LABEL)])
-        out = model(torch.cat([x_t, x_t]), torch.cat([t_model, t_model]), y=y_both, **kwargs)
-        cond, uncond = out.chunk(2)
+        both = {k: torch.cat([v, uncond[k] if k in uncond else v])
+                if isinstance(v, Tensor) and v.ndim and v.shape[0] == B else v for k, v in kwargs.items()}
+        out = model(torch.cat([x_t, x_t]), torch.cat([t_model, t_model]), **both)
+        cond, unconditional = out.chunk(2)
         C = x_t.shape[1]
-        guided = uncond[:, :C] + float(scale) * (cond[:, :C] - uncond[:, :C])
+        guided = unconditional[:, :C] + float(scale) * (cond[:, :C] - unconditional[:, :C])
         return torch.cat([guided, cond[:, C:]], dim=1)
 
     def p_mean_variance(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm.data import ImageData
+from ddpm.data import Batch, ImageData
 from ddpm.errors import UserError
 from ddpm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ddpm.models.io import read_format
@@ -116,8 +116,8 @@ class LatentData:
         return f"{self.data.describe()}, encoded to {h}x{w}x{c} latents (x {self.scale:.4g})"
 
     def batches(self, batch_size: int, seed: int, *, flip: bool = False, rank: int = 0, world_size: int = 1,
-                start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Endless ``(z * scaling_factor, y)`` for steps ``start_step``, ``start_step + 1``, ..."""
+                start_step: int = 0) -> Iterator[Batch]:
+        """Endless :class:`~ddpm.data.Batch` es of ``z * scaling_factor`` for steps ``start_step``, ..."""
         if flip and self.mean.shape[1] == 1:
             raise ValueError("flip=True, but the mirror images were not encoded (LatentData(..., flip=False))")
         indices = self.data.batch_indices(batch_size, seed, rank=rank, world_size=world_size, start_step=start_step)
@@ -125,4 +125,4 @@ class LatentData:
             side = (flips & flip).long()
             mean, std = self.mean[idx, side], self.std[idx, side]
             g = torch.Generator().manual_seed(derive_seed(seed, rank, 3, step))
-            yield (mean + std * torch.randn(mean.shape, generator=g)) * self.scale, self.data.labels[idx]
+            yield Batch((mean + std * torch.randn(mean.shape, generator=g)) * self.scale, self.data.labels[idx], idx)

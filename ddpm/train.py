@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ddpm import checkpoints
 from ddpm.config import RunConfig
-from ddpm.data import ImageData, load_images
+from ddpm.data import Batch, ImageData, load_images
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, generate, grid_image
@@ -269,9 +269,8 @@ def train(
     batches = data.batches(local_batch, cfg.seed, flip=config.data.flip, rank=procs.rank,
                            world_size=procs.world_size, start_step=state.step)
 
-    def step(batch: tuple[Tensor, Tensor]) -> StepOutcome:
-        x, y = batch
-        x = x.to(device, non_blocking=True)
+    def step(batch: Batch) -> StepOutcome:
+        x, y = batch.x.to(device, non_blocking=True), batch.y
         if device.type == "cuda" and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return train_step(state, train_model, diffusion, x, y, config, device, procs, cfg.bf16)

@@ -378,7 +378,7 @@ def train_autoencoder(
 
     # --- the loop ---
     state.model.train()
-    hooks = Hooks(lambda batch: train_step(state, batch[0].to(device), cfg),
+    hooks = Hooks(lambda batch: train_step(state, batch.x.to(device), cfg),
                   lambda step: save_checkpoint(state, step, out_dir, config), grid, finish_run, shown="rec")
     return train_loop(state, batches, hooks, cfg, out_dir, procs=procs, metrics=metrics, command_start=command_start,
                       progress=progress, desc="train-autoencoder", say=log)

@@ -26,7 +26,8 @@ from ddpm.errors import UserError
 # A DataWarning nobody asked for fails the test; pytest.warns still catches the expected ones.
 pytestmark = pytest.mark.filterwarnings("error::ddpm.data.DataWarning")
 
-SHARED = Path("/work/shared/data")
+# The project's real data sets sit beside the clone, in ../shared/data (skipped when absent).
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def save(path: Path, pixels: np.ndarray, fmt: str | None = None) -> Path:
@@ -52,6 +53,74 @@ def luma(r: int, g: int, b: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Folders
+
+
+def write_captioned(folder: Path, rows: list[dict], pixels: np.ndarray) -> Path:
+    """Images ``pixels[i]`` as ``{i}.png`` and a metadata.jsonl of ``rows`` (JSON lines)."""
+    import json
+
+    for i, p in enumerate(pixels):
+        save(folder / f"{i}.png", p)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+def test_a_captioned_folder_keeps_the_metadata_order_and_captions(tmp_path):
+    pixels = random_uint8((3, 8, 8, 1))[..., 0]
+    rows = [{"file_name": "2.png", "text": "two"}, {"file_name": "0.png", "text": "zero", "left": 0},
+            {"file_name": "1.png"}]  # no caption: the empty (unconditional) one
+    data = load_images(write_captioned(tmp_path, rows, pixels), 8)
+    assert data.captions == ["two", "zero", ""] and data.num_classes == 0
+    assert torch.equal(data.images[:, 0], torch.from_numpy(pixels[[2, 0, 1]]))
+    assert "captioned" in data.describe()
+    other = load_images(write_captioned(tmp_path / "other", [{"file_name": "0.png", "alt": "x"}], pixels[:1]), 8,
+                        caption_column="alt")
+    assert other.captions == ["x"]
+
+
+def test_an_unreadable_image_takes_its_caption_with_it(tmp_path):
+    folder = write_captioned(tmp_path, [{"file_name": f"{i}.png", "text": f"c{i}"} for i in range(3)],
+                             random_uint8((3, 8, 8, 3)))
+    (folder / "1.png").write_bytes(b"not a png")
+    with pytest.warns(DataWarning, match="skipped 1 unreadable"):
+        data = load_images(folder, 8)
+    assert data.captions == ["c0", "c2"] and len(data) == 2
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"file_name": "9.png", "text": "a"}'], r"metadata.jsonl:1: '9.png' is not a file in"),
+    (['{"file_name": "../0.png", "text": "a"}'], r"metadata.jsonl:1: '../0.png' is not a file in"),
+    (['{"file_name": "0.png", "text": "a"}', "{oops"], r"metadata.jsonl:2: not a JSON line"),
+    (['["0.png"]'], r"metadata.jsonl:1: expected a JSON object with a \"file_name\""),
+    (['{"file_name": "0.png", "caption": "a"}'], r"no 'text' caption column \(its fields: caption, file_name\)"),
+    (['{"file_name": "0.png", "text": ""}'], r"the caption column 'text' is empty on every line"),
+    (['{"file_name": "0.png", "text": 7}'], r"metadata.jsonl:1: the caption 'text' is int, not text"),
+    ([""], r"metadata.jsonl: lists no images"),
+])
+def test_bad_caption_files_are_named(tmp_path, lines, message):
+    folder = tmp_path / "data"
+    save(folder / "0.png", random_uint8((8, 8)))
+    save(tmp_path / "0.png", random_uint8((8, 8)))  # outside the folder: never listed
+    (folder / "metadata.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        load_images(folder, 8)
+
+
+def test_rectangular_sizes_cover_then_crop_the_centre(tmp_path):
+    # 40x40 to 20 rows by 40 columns: the scale that covers is 1, so the centre rows 10..29 are kept.
+    pixels = random_uint8((1, 40, 40, 3))
+    save(tmp_path / "square" / "a.png", pixels[0])
+    data = load_images(tmp_path / "square", (20, 40))
+    assert data.size == (20, 40) and data.image_size == (20, 40)
+    assert torch.equal(data.images, nchw(pixels[:, 10:30]))
+    # Images of the asked size are kept bit for bit, from a folder and from an array.
+    wide = random_uint8((2, 28, 56, 1))
+    for i, p in enumerate(wide):
+        save(tmp_path / "wide" / f"{i}.png", p[..., 0])
+    assert torch.equal(load_images(tmp_path / "wide", (28, 56)).images, nchw(wide))
+    np.savez(tmp_path / "wide.npz", x_train=wide[..., 0])
+    assert torch.equal(load_images(tmp_path / "wide.npz", (28, 56)).images, nchw(wide))
+    assert "28x56x1" in load_images(tmp_path / "wide.npz", (28, 56)).describe()
 
 
 def test_flat_folder_keeps_pixels_in_path_order_unlabeled(tmp_path):
@@ -553,12 +622,12 @@ def test_batches_are_deterministic_epochs_that_permute_the_data():
     other = take(data.batches(5, seed=8), 8)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other))
-    epochs = [torch.cat([y for _, y in first[e * 4:(e + 1) * 4]]) for e in range(2)]
+    epochs = [torch.cat([y for _, y, _ in first[e * 4:(e + 1) * 4]]) for e in range(2)]
     assert all(sorted(e.tolist()) == list(range(20)) for e in epochs)
     assert not torch.equal(epochs[0], epochs[1])
-    x, y = first[0]
+    x, y, idx = first[0]
     assert x.dtype == torch.float32 and y.dtype == torch.int64
-    assert torch.equal(x, data.to_float(y))
+    assert torch.equal(x, data.to_float(y)) and torch.equal(idx, y)  # indexed(): label i is image i
 
 
 @pytest.mark.parametrize("start", [0, 3, 4, 9])
@@ -566,7 +635,7 @@ def test_resumed_batches_equal_the_tail_of_an_uninterrupted_run(start):
     data = indexed(22)  # 4 steps an epoch (2 images dropped), so resuming crosses epochs
     whole = take(data.batches(5, seed=3, flip=True), 13)
     resumed = take(data.batches(5, seed=3, flip=True, start_step=start), 13 - start)
-    for (x, y), (rx, ry) in zip(whole[start:], resumed):
+    for (x, y, _), (rx, ry, _) in zip(whole[start:], resumed):
         assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
@@ -574,22 +643,22 @@ def test_resumed_batches_equal_the_tail_of_an_uninterrupted_run(start):
 def test_ranks_get_disjoint_equal_shards_that_cover_the_epoch(n):
     data = indexed(n)
     world, batch = 3, 5  # 10 images a rank, 2 steps an epoch
-    shards = [torch.cat([y for _, y in take(data.batches(batch, seed=1, rank=r, world_size=world),
+    shards = [torch.cat([y for _, y, _ in take(data.batches(batch, seed=1, rank=r, world_size=world),
                                            2)]) for r in range(world)]
     seen = torch.cat(shards).tolist()
     assert [len(s) for s in shards] == [10, 10, 10]
     assert len(set(seen)) == 30  # disjoint, and all of the epoch when n = 30
     # The shards split the same epoch a single process would see.
-    single = torch.cat([y for _, y in take(data.batches(batch, seed=1), n // batch)])
+    single = torch.cat([y for _, y, _ in take(data.batches(batch, seed=1), n // batch)])
     assert set(seen) <= set(single.tolist())
     assert data.steps_per_epoch(batch, world) == 2
 
 
 def test_flips_are_deterministic_mirror_images_about_half_the_time():
     data = indexed(400, channels=3)
-    (plain, y), = take(data.batches(400, seed=5), 1)
-    (flipped, fy), = take(data.batches(400, seed=5, flip=True), 1)
-    (again, _), = take(data.batches(400, seed=5, flip=True), 1)
+    (plain, y, _), = take(data.batches(400, seed=5), 1)
+    (flipped, fy, _), = take(data.batches(400, seed=5, flip=True), 1)
+    (again, _, _), = take(data.batches(400, seed=5, flip=True), 1)
     assert torch.equal(y, fy) and torch.equal(flipped, again)
     is_flipped = (flipped == plain.flip(-1)).flatten(1).all(1)
     assert ((flipped == plain).flatten(1).all(1) | is_flipped).all()
@@ -606,6 +675,21 @@ def test_batches_larger_than_the_data_are_a_user_error():
 
 # ---------------------------------------------------------------------------------------------
 # Real data, where this machine has it
+
+
+@pytest.mark.skipif(not (SHARED / "mnist_pairs.tar.gz").exists() or shutil.which("tar") is None,
+                    reason="no shared captioned MNIST pairs (or no tar) here")
+def test_real_captioned_mnist_pairs(tmp_path):
+    import json
+
+    subprocess.run(["tar", "xzf", str(SHARED / "mnist_pairs.tar.gz"), "-C", str(tmp_path),
+                    "mnist_pairs/test/metadata.jsonl", *[f"mnist_pairs/test/{i:06d}.png" for i in range(50)]],
+                   check=True)
+    folder = tmp_path / "mnist_pairs" / "test"
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    (folder / "metadata.jsonl").write_text("\n".join(lines[:50]))
+    data = load_images(folder, (28, 56), channels=1)
+    assert len(data) == 50 and data.size == (28, 56) and data.captions == [json.loads(x)["text"] for x in lines[:50]]
 
 
 @pytest.mark.skipif(not (SHARED / "mnist.npz").exists(), reason="no shared MNIST here")

@@ -107,6 +107,30 @@ def test_classifier_free_guidance_combines_conditional_and_null_predictions():
     assert samples.shape == (3, 1, 2, 2)
 
 
+def test_guidance_with_an_unconditional_embedding_uses_it_for_the_second_half():
+    """Text guidance: the unconditional half sees ``uncond``'s embeddings (an empty or negative
+    prompt's), every other per-example argument repeated; the result is uncond + w (cond − uncond)."""
+    seen = []
+
+    def model(x, t, encoder_hidden_states, encoder_attention_mask, scale):
+        seen.append((encoder_hidden_states.clone(), encoder_attention_mask.clone(), scale.clone()))
+        return torch.ones_like(x) * (encoder_hidden_states.sum((1, 2)) * scale).reshape(-1, 1, 1, 1)
+
+    d = GaussianDiffusion(linear_betas(1000))
+    x, t = torch.zeros(2, 1, 2, 2), torch.tensor([3, 3])
+    cond, negative = torch.tensor([[[1.0], [2.0]], [[3.0], [4.0]]]), torch.full((2, 2, 1), 0.5)
+    mask, scale = torch.tensor([[True, True], [True, False]]), torch.tensor([1.0, 2.0])
+    out = d.model_output(model, x, t, {"encoder_hidden_states": cond, "encoder_attention_mask": mask, "scale": scale,
+                                       "guidance_scale": 4.0,
+                                       "uncond": {"encoder_hidden_states": negative,
+                                                  "encoder_attention_mask": torch.ones(2, 2, dtype=torch.bool)}})
+    states, masks, scales = seen[-1]
+    assert torch.equal(states, torch.cat([cond, negative])) and torch.equal(scales, torch.cat([scale, scale]))
+    assert masks.tolist() == [[True, True], [True, False], [True, True], [True, True]]
+    c, u = torch.tensor([3.0, 14.0]), torch.tensor([1.0, 2.0])  # sums times scale, by hand
+    assert torch.allclose(out[:, 0, 0, 0], u + 4.0 * (c - u))
+
+
 def test_guidance_repeats_other_per_example_arguments():
     seen = {}
 

@@ -241,7 +241,7 @@ def test_flips_happen_in_pixel_space_before_encoding(npz, ae_run):
         torch.testing.assert_close(latents.mean[:5, 1], autoencoder.encode(x.flip(-1)).mean)
     # A batch is the posterior sample of the image or its mirror, as the epoch's flip bits say, scaled.
     (idx, flips), = [next(data.batch_indices(8, seed=0))]
-    z, _ = next(latents.batches(8, seed=0, flip=True))
+    z, _, _ = next(latents.batches(8, seed=0, flip=True))
     mean = latents.mean[idx, flips.long()] * autoencoder.config.scaling_factor
     std = latents.std[idx, flips.long()] * autoencoder.config.scaling_factor
     assert ((z - mean).abs() <= 6 * std).all() and not torch.equal(z, mean)
