@@ -1,9 +1,10 @@
 """Every command the README marks for testing runs as written, on tiny settings.
 
 A shell block preceded by ``<!-- test -->`` is run line by line in a scratch directory. Only the
-sizes change: ``--preset`` becomes ``tiny`` (``tiny-latent`` for a latent preset), training stops after 2 steps, sampling takes 3 steps
-and a few images, evaluation scores 2 images, the demo trains a few steps; the README's
-placeholder paths point at small data made here (a resumed run goes on to step 4). Set-up lines (``python3 -m venv``,
+sizes change: ``--preset`` becomes ``tiny`` (``tiny-latent`` for a latent preset), training stops
+after 2 steps, sampling takes 3 steps and a few images, evaluation scores 2 images, the demo trains
+a few steps; the README's placeholder paths point at small data made here (a resumed run goes on
+to step 4). Set-up lines (``python3 -m venv``,
 ``pip install``, ``. .venv/bin/activate``) are skipped: the suite already runs in that environment.
 """
 
