@@ -206,6 +206,7 @@ def test_mixed_and_damaged_images_are_converted_or_skipped(tmp_path, capsys):
 # ---------------------------------------------------------------------------- signals and kill -9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_checkpoint_and_exits_cleanly(files, tmp_path, signum, code):
     run = tmp_path / "run"
@@ -226,6 +227,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_cleanly(files, tmp_path, signum, 
     assert latest_training_checkpoint(run / "checkpoints")[1].meta["step"] == ckpt.meta["step"] + 2
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_loses_nothing(files, tmp_path):
     steps = 60
     counts = kill_loop(files["good"], tmp_path / "killed", kills=8, steps=steps, seed=1)
