@@ -27,7 +27,8 @@ from bench import common
 from ddpm.checkpoints import latest_training_checkpoint, list_training_checkpoints
 
 
-def _train_command(data: Path, out: Path, steps: int, resume: bool, extra: tuple[str, ...] = ()) -> list[str]:
+def train_command(data: Path, out: Path, steps: int, resume: bool, extra: tuple[str, ...] = ()) -> list[str]:
+    """``ddpm train`` of the tiny preset on ``data`` into ``out``, a checkpoint every step (or ``--resume``)."""
     cmd = [sys.executable, "-m", "ddpm", "train", "--out", str(out), "--quiet"]
     if resume:
         return [*cmd, "--resume", "--train.steps", str(steps), *extra]
@@ -35,7 +36,8 @@ def _train_command(data: Path, out: Path, steps: int, resume: bool, extra: tuple
             "--train.sample_every", "0", "--train.keep_last", "2", "--train.log_every", "1", *extra]
 
 
-def _env() -> dict[str, str]:
+def train_env() -> dict[str, str]:
+    """The environment for :func:`train_command`: this one, with one thread and unbuffered output."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -51,7 +53,8 @@ def _wait_for_checkpoint(run: Path, after: int, proc: subprocess.Popen, timeout:
     raise AssertionError("no new checkpoint in time")
 
 
-def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``run``'s metrics log has ``n`` steps; fail if ``proc`` exits first or time runs out."""
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -74,7 +77,7 @@ def kill_loop(data: Path, run: Path, kills: int, steps: int, seed: int = 0) -> d
     last_step = 0
     resume = False
     for _ in range(kills):
-        proc = subprocess.Popen(_train_command(data, run, steps, resume), env=_env(), stderr=subprocess.PIPE,
+        proc = subprocess.Popen(train_command(data, run, steps, resume), env=train_env(), stderr=subprocess.PIPE,
                                 text=True)
         resume = True
         # Once a checkpoint newer than the last one appears the process is in its training loop;
@@ -94,7 +97,7 @@ def kill_loop(data: Path, run: Path, kills: int, steps: int, seed: int = 0) -> d
             last_step = found[1].meta["step"]
         if last_step >= steps:
             break
-    done = subprocess.run(_train_command(data, run, steps, True), env=_env(), capture_output=True, text=True,
+    done = subprocess.run(train_command(data, run, steps, True), env=train_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     return {"kills": survived + lost, "survived": survived, "lost": lost, "mid_write": mid_write}
@@ -114,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         np.savez(data, x_train=np.random.default_rng(0).integers(0, 256, (64, 8, 8), dtype=np.uint8))
         start = time.perf_counter()
         counts = kill_loop(data, work / "killed", args.kills, steps, args.seed)
-        subprocess.run(_train_command(data, work / "whole", steps, False), env=_env(), check=True,
+        subprocess.run(train_command(data, work / "whole", steps, False), env=train_env(), check=True,
                        capture_output=True, timeout=3600)
         losses = [[json.loads(line)["loss"] for line in (work / name / "metrics.jsonl").read_text().splitlines()]
                   for name in ("killed", "whole")]

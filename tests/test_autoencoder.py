@@ -135,6 +135,7 @@ def sd_pair(diffusers, jitter):
     return ours, theirs
 
 
+@pytest.mark.slow
 def test_stable_diffusion_config_has_diffusers_names_and_outputs(sd_pair):
     ours, theirs = sd_pair
     assert num_parameters(ours) == sum(p.numel() for p in theirs.parameters()) == 83_653_863

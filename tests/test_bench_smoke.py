@@ -19,6 +19,7 @@ def test_unet_speed_runs_on_the_tiny_preset(capsys):
     assert "702,499 parameters in both" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_throughput_runs_on_the_tiny_preset(capsys):
     os.environ["HF_HUB_OFFLINE"] = "1"
     pytest.importorskip("diffusers", reason="the benchmark compares against diffusers")
@@ -34,6 +35,7 @@ def test_train_throughput_runs_on_the_tiny_preset(capsys):
     assert "| ours | 702,499 |" in out and "throughput vs diffusers-example" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [[], ["--cuda-graph", "--channels-last"]])
 def test_sample_throughput_runs_and_ddim_agrees_with_diffusers(options):
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -51,6 +53,7 @@ def test_sample_throughput_runs_and_ddim_agrees_with_diffusers(options):
     assert agreement["unclipped"] < 5e-3
 
 
+@pytest.mark.slow
 def test_quality_runs_on_a_small_fake_mnist(tmp_path):
     os.environ["HF_HUB_OFFLINE"] = "1"
     pytest.importorskip("diffusers", reason="the benchmark compares against diffusers")
@@ -97,6 +100,7 @@ def mnist_run(tmp_path, fake_mnist):
     return run
 
 
+@pytest.mark.slow
 def test_solvers_sweep_runs_and_resumes(tmp_path, fake_mnist, mnist_run):
     pytest.importorskip("matplotlib", reason="the sweep draws a plot")
     pytest.importorskip("diffusers", reason="the sweep drives diffusers' schedulers")
@@ -113,6 +117,7 @@ def test_solvers_sweep_runs_and_resumes(tmp_path, fake_mnist, mnist_run):
     assert main(argv) == results  # a rerun finds every point done
 
 
+@pytest.mark.slow
 def test_cpu_bf16_and_preset_speed_run_on_tiny(fake_mnist, mnist_run, capsys):
     from bench.cpu_bf16 import main as bf16_main
     from bench.preset_speed import main as speed_main
@@ -135,6 +140,7 @@ def test_psnr_of_a_one_level_error_is_its_closed_form():
     assert psnr(x, x).item() == pytest.approx(100.0)  # the floor of the MSE, 1e-10
 
 
+@pytest.mark.slow
 def test_latent_bench_trains_both_sides_in_one_budget_and_measures_them(tmp_path, fake_mnist):
     import json
 

@@ -701,6 +701,7 @@ def test_real_mnist_npz():
 
 @pytest.mark.skipif(not (SHARED / "cifar10_jpeg.tar.gz").exists() or not shutil.which("tar"),
                     reason="no shared CIFAR-10 (or no tar) here")
+@pytest.mark.slow
 def test_real_cifar10_jpeg_tree(tmp_path):
     # GNU tar, because Python's tarfile takes seconds to walk the 60,000 members.
     subprocess.run(["tar", "xzf", str(SHARED / "cifar10_jpeg.tar.gz"), "-C", str(tmp_path),

@@ -207,6 +207,7 @@ def test_cifar10_parameter_count_equals_diffusers(diffusers):
     assert count == num_parameters(UNet(get_preset("cifar10"))) == 35_746_307
 
 
+@pytest.mark.slow
 def test_cifar10_layout_loads_with_equal_outputs_and_exports_back(diffusers, jitter, tmp_path):
     theirs = reference(diffusers, GOOGLE_CIFAR10, jitter)
     theirs.save_pretrained(tmp_path / "theirs")

@@ -1,24 +1,30 @@
-"""docs/theory.md stays true to the code: line links, figures and anchors.
+"""The pages stay true to the code: symbol links, figures and anchors.
 
-A link such as ``[`GaussianDiffusion.q_sample`](../ddpm/diffusion.py#L143)`` must land on the line that
-defines the name in its text: ``def q_sample``, ``class LossAwareSampler``, or an assignment
-``posterior_variance = ...`` (``self.`` and an annotation allowed). A dotted name ``Class.member``
-must also sit inside that class. When the code moves, the link fails here instead of silently
-pointing at the wrong line; ``python tools/relink_docs.py`` moves the links along.
+A link to the code names what it points at, not a line:
+``[`GaussianDiffusion.q_sample`](../ddpm/diffusion.py#GaussianDiffusion.q_sample)``. The fragment is
+a qualified name the linked file defines, read with :mod:`ast`: a module-level def, class or
+assignment; in a class, a method, a class-body assignment or a ``self.name = ...`` in a method (local
+variables do not count). The link's text is that name or its last part, maybe with ``()``. A renamed
+or removed name fails here with the link in the message; line links (``#L143``) are refused, since
+every edit above the line moves them.
 """
 
+import ast
+import functools
 import re
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-from relink_docs import LINE_LINK, defines, enclosing_class  # noqa: E402
 
 DOC = ROOT / "docs" / "theory.md"
+PAGES = ["docs/theory.md", "docs/gallery.md", "README.md", "bench/RESULTS.md"]
 
+# [`name`](../dir/file.py#Qualified.name): any link to a Python file that has a fragment.
+SYMBOL_LINK = re.compile(r"\[([^\]]+)\]\(([^)#\s]+\.py)#([^)\s]*)\)")
+LINE_LINK = re.compile(r"\]\(([^)\s]*#L\d+[^)\s]*)\)")
 FILE_LINK = re.compile(r"\]\(\.\./([^)#\s]+)(?:#[^)]*)?\)")
 IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 ANCHOR_LINK = re.compile(r"\]\(#([^)\s]+)\)")
@@ -26,32 +32,98 @@ COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 CODE_BLOCK = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
 
+def page_text(page: str) -> str:
+    """A page without HTML comments (figure placeholders) and fenced code blocks."""
+    return CODE_BLOCK.sub("", COMMENT.sub("", (ROOT / page).read_text(encoding="utf-8")))
+
+
 def doc_text() -> str:
-    """The guide without HTML comments (figure placeholders) and fenced code blocks."""
-    return CODE_BLOCK.sub("", COMMENT.sub("", DOC.read_text(encoding="utf-8")))
+    return page_text("docs/theory.md")
 
 
-def line_links() -> list[tuple[str, str, int]]:
-    return [(m.group(1), m.group(2), int(m.group(3))) for m in LINE_LINK.finditer(doc_text())]
+def assigned(target: ast.expr, owner: str) -> Iterator[str]:
+    """The names an assignment target binds: ``name`` (owner "") or ``self.name`` (owner "self")."""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        for element in target.elts:
+            yield from assigned(element, owner)
+    elif not owner and isinstance(target, ast.Name):
+        yield target.id
+    elif owner and isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
+        if target.value.id == owner:
+            yield target.attr
 
 
-def test_the_guide_has_line_links():
-    links = line_links()
+def targets(node: ast.AST) -> list[ast.expr]:
+    if isinstance(node, ast.Assign):
+        return node.targets
+    return [node.target] if isinstance(node, ast.AnnAssign) else []
+
+
+def defined_in(body: list[ast.stmt], prefix: str = "", in_class: bool = False) -> Iterator[str]:
+    """The qualified names a module's or a class's statements define, each prefixed by ``prefix``."""
+    for node in body:
+        if isinstance(node, ast.ClassDef):
+            yield prefix + node.name
+            yield from defined_in(node.body, f"{prefix}{node.name}.", in_class=True)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield prefix + node.name
+            if in_class:  # a method's self.name = ... is the class's
+                for sub in ast.walk(node):
+                    yield from (prefix + name for t in targets(sub) for name in assigned(t, "self"))
+        else:
+            yield from (prefix + name for t in targets(node) for name in assigned(t, ""))
+
+
+@functools.cache
+def symbols(path: Path) -> frozenset[str]:
+    """Every qualified name ``path`` defines: ``name``, ``Class.member``, ``Outer.Inner.member``."""
+    return frozenset(defined_in(ast.parse(path.read_text(encoding="utf-8")).body))
+
+
+def symbol_links() -> list[tuple[str, str, str, str]]:
+    """(page, text, file, fragment) of every distinct link to a Python file with a fragment."""
+    links = (((page, *m.groups()) for m in SYMBOL_LINK.finditer(page_text(page))) for page in PAGES)
+    return list(dict.fromkeys(link for page_links in links for link in page_links))
+
+
+def test_symbols_are_what_a_module_defines(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        "LIMIT: int = 3\n"
+        "a, b = 1, 2\n"
+        "def f(x):\n    y = x\n    return y\n"
+        "class C:\n"
+        "    size = 1\n"
+        "    def __init__(self):\n        self.w = 0\n        local = 1\n        other.z = local\n"
+        "    class Inner:\n        def g(self):\n            if True:\n                self.v: int = 2\n"
+    )
+    expected = {"LIMIT", "a", "b", "f", "C", "C.size", "C.__init__", "C.w", "C.Inner", "C.Inner.g", "C.Inner.v"}
+    assert symbols(source) == expected
+
+
+def test_the_guide_has_symbol_links():
+    links = [link for link in symbol_links() if link[0] == "docs/theory.md"]
     assert len(links) > 50
-    # Every "#L" link to the code or the tests has the form the checks below understand.
-    assert len(links) == len(re.findall(r"\]\(\.\./(?:ddpm|tests)/[^)]*#L", doc_text()))
+    # Every link to a Python file with a fragment has the form the checks below understand.
+    assert len(SYMBOL_LINK.findall(doc_text())) == len(re.findall(r"\]\([^)\s]*\.py#", doc_text()))
 
 
-@pytest.mark.parametrize("text,path,lineno", line_links(), ids=lambda v: str(v))
-def test_line_link_points_at_the_definition(text, path, lineno):
-    assert re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?", text), f"link text {text!r} is not a (Class.)name"
-    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
-    assert 1 <= lineno <= len(lines), f"{path} has {len(lines)} lines, link points at L{lineno}"
-    *owner, name = text.split(".")
-    line = lines[lineno - 1]
-    assert defines(line, name), f"{path}:{lineno} does not define {name!r}: {line.strip()!r}"
-    if owner:
-        assert enclosing_class(lines, lineno - 1) == owner[0], f"{path}:{lineno} is not inside class {owner[0]}"
+@pytest.mark.parametrize("page", PAGES)
+def test_no_line_links(page):
+    stale = LINE_LINK.findall((ROOT / page).read_text(encoding="utf-8"))
+    assert not stale, f"{page}: link by symbol (file.py#Class.name), not by line: {stale}"
+
+
+@pytest.mark.parametrize(
+    "page,text,target,fragment", [pytest.param(*link, id=f"{link[0]}:{link[3]}") for link in symbol_links()]
+)
+def test_symbol_link_names_a_definition(page, text, target, fragment):
+    link = f"{page}: [{text}]({target}#{fragment})"
+    path = (ROOT / page).parent / target
+    assert path.is_file(), f"{link}: no file {target}"
+    assert fragment in symbols(path), f"{link}: {target} defines no {fragment!r} (renamed or removed?)"
+    name = text.strip("`").removesuffix("()")
+    assert name in (fragment, fragment.rsplit(".", 1)[-1]), f"{link}: the text should name {fragment!r}"
 
 
 def test_linked_files_exist():
@@ -89,11 +161,8 @@ RELATIVE_LINK = re.compile(r"\]\((?!https?://|#|mailto:)([^)#\s]+)(?:#[^)]*)?\)"
 
 @pytest.mark.parametrize("page", ["README.md", "docs/gallery.md", "bench/RESULTS.md"])
 def test_relative_links_of_the_other_pages_exist(page):
-    path = ROOT / page
-    text = CODE_BLOCK.sub("", COMMENT.sub("", path.read_text(encoding="utf-8")))
-    targets = RELATIVE_LINK.findall(text)
-    for target in targets:
-        assert (path.parent / target).resolve().exists(), f"{page}: broken link {target}"
+    for target in RELATIVE_LINK.findall(page_text(page)):
+        assert ((ROOT / page).parent / target).resolve().exists(), f"{page}: broken link {target}"
 
 
 def test_the_gallery_stays_small():

@@ -38,7 +38,7 @@ from ddpm.train_autoencoder import get_config as autoencoder_config
 from ddpm.train_autoencoder import train_autoencoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.kill_loop import _env, _train_command, _wait_for_steps, kill_loop  # noqa: E402
+from bench.kill_loop import kill_loop, train_command, train_env, wait_for_steps  # noqa: E402
 
 QUIET = {"progress": False, "log": lambda message: None}
 
@@ -235,12 +235,13 @@ def test_mixed_and_damaged_images_are_converted_or_skipped(tmp_path, capsys):
 # ---------------------------------------------------------------------------- signals and kill -9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_checkpoint_and_exits_cleanly(files, tmp_path, signum, code):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_command(files["good"], run, 100_000, False, ("--train.ckpt_every", "100000")),
-                            env=_env(), stderr=subprocess.PIPE, text=True)
-    _wait_for_steps(run, 3, proc)
+    proc = subprocess.Popen(train_command(files["good"], run, 100_000, False, ("--train.ckpt_every", "100000")),
+                            env=train_env(), stderr=subprocess.PIPE, text=True)
+    wait_for_steps(run, 3, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
@@ -249,18 +250,19 @@ def test_a_signal_saves_a_checkpoint_and_exits_cleanly(files, tmp_path, signum, 
     path, ckpt = latest_training_checkpoint(run / "checkpoints")
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert ckpt.meta["step"] == steps[-1] >= 3  # the step it stopped at was saved
-    done = subprocess.run(_train_command(files["good"], run, ckpt.meta["step"] + 2, True), env=_env(),
+    done = subprocess.run(train_command(files["good"], run, ckpt.meta["step"] + 2, True), env=train_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert latest_training_checkpoint(run / "checkpoints")[1].meta["step"] == ckpt.meta["step"] + 2
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_loses_nothing(files, tmp_path):
     steps = 60
     counts = kill_loop(files["good"], tmp_path / "killed", kills=8, steps=steps, seed=1)
     assert counts["lost"] == 0 and counts["survived"] == counts["kills"] >= 3
     # The run resumed after every kill took exactly the steps of a run never killed.
-    subprocess.run(_train_command(files["good"], tmp_path / "whole", steps, False), env=_env(), check=True,
+    subprocess.run(train_command(files["good"], tmp_path / "whole", steps, False), env=train_env(), check=True,
                    timeout=300)
     losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
               for name in ("killed", "whole")]

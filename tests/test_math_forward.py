@@ -20,7 +20,9 @@ from ddpm.schedules import get_betas, scaled_linear_betas
 Z = 5.0
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "scaled_linear"])
+# Seconds each: the fast set walks the chain of one schedule, the full suite of all three.
+@pytest.mark.parametrize("schedule", ["linear", pytest.param("cosine", marks=pytest.mark.slow),
+                                      pytest.param("scaled_linear", marks=pytest.mark.slow)])
 def test_markov_chain_matches_closed_form_marginal(schedule):
     """Iterating q(x_t | x_{t-1}) = N(√(1-β_t) x_{t-1}, β_t) reproduces q(x_t | x_0) ([DDPM] eq. 2 → 4)."""
     T, N = 1000, 50_000

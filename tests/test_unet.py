@@ -30,6 +30,9 @@ PARAM_COUNTS = {
     "tiny": 702_499,
     "tiny-latent": 665_636,
 }
+# Building a 114M-parameter model takes seconds: those presets are left to the slow set.
+PRESET_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if PARAM_COUNTS.get(n, 0) > 100_000_000 else n
+                 for n in PRESETS]
 
 
 def count_ddpm_parameters(c: UNetConfig) -> int:
@@ -94,7 +97,7 @@ def preset_model(jitter):
     return build
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_preset_parameter_counts(name, preset_model):
     model = preset_model(name)
     assert num_parameters(model) == PARAM_COUNTS[name] == count_ddpm_parameters(model.config)
@@ -115,7 +118,7 @@ SIDES = {"cifar10": 32, "celebahq256": 32, "lsun256": 32, "mnist": 28, "digits":
          "cifar10-latent": 8, "tiny-latent": 4}
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_presets_shapes_and_determinism(name, preset_model):
     model = preset_model(name)
     config = model.config

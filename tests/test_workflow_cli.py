@@ -162,6 +162,7 @@ def test_user_mistakes_cost_one_line(argv, message, npz, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_the_installed_command_runs():
     done = subprocess.run([sys.executable, "-m", "ddpm", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "demo" in done.stdout

@@ -57,6 +57,7 @@ def test_training_writes_a_run(tmp_path, npz):
     assert summary["step"] == 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["simple", "hybrid-loss-aware"])
 def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, npz, variant):
     """A run stopped at step 12 and resumed has the same losses and weights as one never stopped.
