@@ -2,19 +2,20 @@
 
 ``ddpm sample``, ``ddpm eval --fid``, the training run's preview grids, ``ddpm viz reverse`` and
 the demo all call :func:`generate`. It makes the batches (labels for a class-conditional model,
-classifier-free guidance), runs any sampler of :data:`ddpm.samplers.SAMPLERS`, decodes a latent
-model's samples to pixels, counts the network evaluations it spent, and keeps the draws
-reproducible: image ``i`` of a call has its own random generator, seeded from ``(seed, i)``, from
-which its x_T and every noise draw of its chain come, so a seed gives the same images whatever
-the batch size.
+prompts for a text-conditional one, classifier-free guidance), runs any sampler of
+:data:`ddpm.samplers.SAMPLERS`, decodes a latent model's samples to pixels, counts the network
+evaluations it spent, and keeps the draws reproducible: image ``i`` of a call has its own random
+generator, seeded from ``(seed, i)``, from which its x_T and every noise draw of its chain come,
+so a seed gives the same images whatever the batch size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -86,12 +87,14 @@ class Samples:
             :func:`ddpm.samplers.sample`), else ``None``; for a latent model its ``x_t`` and
             ``pred_x0`` are decoded to pixels (what the decoder makes of the noisy latents, and of
             the predicted clean ones).
+        prompts: the prompt of each image, for a text-conditional model.
     """
 
     images: Tensor
     labels: Tensor
     nfe: float
     trajectory: dict[str, Tensor] | None = None
+    prompts: list[str] | None = None
 
     def uint8(self) -> Tensor:
         return to_uint8(self.images)
@@ -122,6 +125,56 @@ def class_labels(first: int, count: int, num_classes: int, label: int | None) ->
     return torch.arange(first, first + count) % num_classes
 
 
+class Conditioning(Protocol):
+    """What turns prompts into a text-conditional model's keyword arguments (token ids for a text
+    encoder trained with the model, a frozen encoder's embeddings otherwise)."""
+
+    def model_kwargs(self, prompts: Sequence[str], device: torch.device) -> dict[str, Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What the images are asked to show: a class ``label`` (or the classes in turn) or ``prompts``
+    (in turn; with ``negative_prompt`` as the unconditional half), and the guidance scale."""
+
+    label: int | None = None
+    prompts: Sequence[str] | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+
+    def check(self, num_classes: int, conditioning: Conditioning | None) -> None:
+        """One :class:`UserError` line for a condition the model cannot take."""
+        kind = "class-conditional" if num_classes else "text-conditional" if conditioning else "unconditional"
+        if self.label is not None and not num_classes:
+            raise UserError(f"--label needs a class-conditional model; this one is {kind}")
+        if self.label is not None and not 0 <= self.label < num_classes:
+            raise UserError(f"--label {self.label} is out of range: the model has classes 0..{num_classes - 1}")
+        if (self.prompts is not None or self.negative_prompt is not None) and conditioning is None:
+            raise UserError(f"--prompt needs a text-conditional model; this one is {kind}")
+        if self.prompts is not None and not self.prompts:
+            raise UserError("no prompts given (an empty --prompts-file?)")
+        if self.guidance_scale is not None and not (num_classes or conditioning):
+            raise UserError("--guidance-scale needs a class- or text-conditional model; this one is unconditional")
+
+    def batch(self, first: int, n: int, num_classes: int, conditioning: Conditioning | None,
+              device: torch.device) -> tuple[dict[str, Any], Tensor, list[str] | None]:
+        """The model's keyword arguments for images ``first .. first + n - 1``, their labels and prompts."""
+        kwargs: dict[str, Any] = {}
+        y, prompts = torch.full((n,), -1), None
+        if num_classes:
+            y = class_labels(first, n, num_classes, self.label)
+            kwargs["y"] = y.to(device)
+        elif conditioning is not None:
+            given = self.prompts or [""]
+            prompts = [given[i % len(given)] for i in range(first, first + n)]
+            kwargs.update(conditioning.model_kwargs(prompts, device))
+            if self.guidance_scale is not None:
+                kwargs["uncond"] = conditioning.model_kwargs([self.negative_prompt or ""] * n, device)
+        if self.guidance_scale is not None:
+            kwargs["guidance_scale"] = self.guidance_scale
+        return kwargs, y, prompts
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -132,6 +185,10 @@ def generate(
     seed: int = 0,
     label: int | None = None,
     guidance_scale: float | None = None,
+    prompts: Sequence[str] | None = None,
+    negative_prompt: str | None = None,
+    conditioning: Conditioning | None = None,
+    latents: Tensor | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     bf16: bool | None = None,
@@ -139,55 +196,46 @@ def generate(
     trajectory_every: int = 0,
     autoencoder: AutoencoderKL | None = None,
 ) -> Samples:
-    """Draw ``num_images`` images from ``model`` (a U-Net with a ``config``) under ``diffusion``.
+    """Draw ``num_images`` images from ``model`` (a network with ``sample_shape`` and ``num_classes``)
+    under ``diffusion``.
 
     With ``autoencoder`` the model is a latent one: the chain runs on latents without clipping x̂_0
     (latents have no [-1, 1] range) and its end is decoded (:func:`ddpm.latent.decode_latents`).
 
     A class-conditional model gets ``label`` for every image or the classes in turn; a
-    ``guidance_scale`` w ≠ 1 applies classifier-free guidance. ``bf16`` is bfloat16 autocast
-    (``None``: the device's measured default, :func:`ddpm.runtime.default_bf16`). ``settings``
-    defaults to :data:`ddpm.samplers.DEFAULT_SAMPLER`. ``trajectory_every`` > 0 also records the first batch's
-    chain every that many steps.
+    text-conditional one (``conditioning`` given) ``prompts`` in turn (the empty prompt if none),
+    with ``negative_prompt`` (default empty) as the unguided half. A ``guidance_scale`` w ≠ 1 applies
+    classifier-free guidance. ``latents`` ``[num_images, *sample_shape]`` is x_T to start from (to
+    reproduce an image). ``bf16`` is bfloat16 autocast (``None``: the device's measured default,
+    :func:`ddpm.runtime.default_bf16`). ``settings`` defaults to :data:`ddpm.samplers.DEFAULT_SAMPLER`.
+    ``trajectory_every`` > 0 also records the first batch's chain every that many steps.
     """
     settings = settings or SamplerSettings()
     if autoencoder is not None:
         settings = dataclasses.replace(settings, clip_denoised=False)
-    config = model.config
-    num_classes = config.num_classes
-    if num_images < 1 or batch_size < 1:
-        raise UserError("--num-images and --batch-size must be at least 1")
-    if label is not None and not num_classes:
-        raise UserError("--label needs a class-conditional model; this one is unconditional")
-    if label is not None and not 0 <= label < num_classes:
-        raise UserError(f"--label {label} is out of range: the model has classes 0..{num_classes - 1}")
-    if guidance_scale is not None and not num_classes:
-        raise UserError("--guidance-scale needs a class-conditional model; this one is unconditional")
+    condition = Condition(label, prompts, negative_prompt, guidance_scale)
+    shape = tuple(model.sample_shape)
+    _check_request(num_images, batch_size, latents, shape)
+    condition.check(model.num_classes, conditioning)
     check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta, settings.spacing,
                             settings.rtol)
     device = torch.device(device)
     use_bf16 = resolve_bf16(bf16, device)
-    counted = _CountingModel(model)
-    was_training = model.training
+    counted, was_training = _CountingModel(model), model.training
     model.eval()
-    images, labels, trajectory, batches = [], [], None, 0
-    shape = (config.in_channels, config.image_size, config.image_size)
+    images, labels, all_prompts, trajectory, batches = [], [], [], None, 0
     desc = f"sampling ({settings.describe(diffusion.num_timesteps)})"
     try:
         with tqdm(total=num_images, desc=desc, unit="img", disable=not progress) as bar:
             for first in range(0, num_images, batch_size):
                 n = min(batch_size, num_images - first)
-                kwargs: dict[str, Any] = {}
-                y = class_labels(first, n, num_classes, label) if num_classes else torch.full((n,), -1)
-                if num_classes:
-                    kwargs["y"] = y.to(device)
-                    if guidance_scale is not None:
-                        kwargs["guidance_scale"] = guidance_scale
+                kwargs, y, batch_prompts = condition.batch(first, n, model.num_classes, conditioning, device)
                 record = trajectory_every > 0 and first == 0
                 with autocast(device, use_bf16):
                     out = diffusion.sample(
                         counted, (n, *shape), generator=image_generators(seed, first, n, device), device=device,
                         model_kwargs=kwargs, progress=progress and num_images <= n, return_trajectory=record,
+                        noise=None if latents is None else latents[first:first + n].to(device),
                         **({"trajectory_every": trajectory_every} if record else {}), **settings.sample_kwargs())
                 if record:
                     out, trajectory = out
@@ -196,11 +244,21 @@ def generate(
                     trajectory = _decoded(autoencoder, trajectory) if record else trajectory
                 images.append(out.float().clamp(-1, 1).cpu())
                 labels.append(y)
+                all_prompts += batch_prompts or []
                 batches += 1
                 bar.update(n)
     finally:
         model.train(was_training)
-    return Samples(torch.cat(images), torch.cat(labels), counted.calls / batches, trajectory)
+    return Samples(torch.cat(images), torch.cat(labels), counted.calls / batches, trajectory,
+                   all_prompts if conditioning is not None else None)
+
+
+def _check_request(num_images: int, batch_size: int, latents: Tensor | None, shape: tuple[int, ...]) -> None:
+    if num_images < 1 or batch_size < 1:
+        raise UserError("--num-images and --batch-size must be at least 1")
+    if latents is not None and tuple(latents.shape) != (num_images, *shape):
+        raise UserError(f"latents must be [{num_images}, {', '.join(map(str, shape))}] (x_T of every image), "
+                        f"got {list(latents.shape)}")
 
 
 def _decoded(autoencoder: AutoencoderKL, trajectory: dict[str, Tensor]) -> dict[str, Tensor]:

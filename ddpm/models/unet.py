@@ -339,6 +339,17 @@ class UNet(SavedModel):
         self.conv_out = conv3x3(c_in, config.out_channels)
         self.reset_parameters()
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the network denoises at its training size."""
+        c = self.config
+        return c.in_channels, c.image_size, c.image_size
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels it takes (0: unconditional)."""
+        return self.config.num_classes
+
     def reset_parameters(self) -> None:
         """DDPM's initialisation (see the class docstring)."""
         for module in self.modules():
