@@ -14,12 +14,14 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ddpm.diffusion import MEAN_TYPES, VAR_TYPES, GaussianDiffusion
 from ddpm.errors import UserError, check_choice, check_positive
 from ddpm.losses import LOSS_TYPES
+from ddpm.models import network_config_type
 from ddpm.models.presets import get_preset
 from ddpm.models.unet import UNetConfig
 from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, SAMPLERS
@@ -185,15 +187,25 @@ SECTIONS: dict[str, type] = {
 class SectionedConfig:
     """A frozen dataclass whose fields are sections (dataclasses themselves), named in ``SECTIONS``:
     JSON in and out, and ``section.field=text`` overrides. :class:`RunConfig` is one, the
-    autoencoder's run configuration (:mod:`ddpm.train_autoencoder`) another."""
+    autoencoder's run configuration (:mod:`ddpm.train_autoencoder`) another.
+
+    A section named in ``POLYMORPHIC`` may be of several types: its JSON records the type's ``ARCH``
+    as ``"arch"`` (absent: the type in ``SECTIONS``), and the resolver turns that name into a type.
+    """
 
     SECTIONS: ClassVar[dict[str, type]] = {}
+    POLYMORPHIC: ClassVar[dict[str, Callable[[str], type]]] = {}
     #: The verb whose ``--help`` lists the options (for error messages).
     VERB: ClassVar[str] = "train"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary, one entry per section."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
+        out = {}
+        for name in self.SECTIONS:
+            section = getattr(self, name)
+            arch = {"arch": type(section).ARCH} if name in self.POLYMORPHIC else {}
+            out[name] = {**arch, **dataclasses.asdict(section)}
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -207,6 +219,8 @@ class SectionedConfig:
         sections = {}
         for name, section_type in cls.SECTIONS.items():
             given = dict(values.get(name, {}))
+            if name in cls.POLYMORPHIC:
+                section_type = cls.POLYMORPHIC[name](given.pop("arch", section_type.ARCH))
             known = {f.name for f in dataclasses.fields(section_type)}
             bad = sorted(set(given) - known)
             if bad:
@@ -219,7 +233,7 @@ class SectionedConfig:
         values = self.to_dict()
         for key, text in overrides.items():
             section, _, name = key.partition(".")
-            types_ = field_types(self.SECTIONS[section]) if section in self.SECTIONS else {}
+            types_ = field_types(type(getattr(self, section))) if section in self.SECTIONS else {}
             if name not in types_:
                 raise UserError(f"unknown option {key!r}; run 'ddpm {self.VERB} --help' for the list")
             values[section][name] = parse_value(key, text, types_[name])
@@ -234,8 +248,9 @@ class RunConfig(SectionedConfig):
     """Everything a run needs; saved as ``config.json`` in the run directory."""
 
     SECTIONS: ClassVar[dict[str, type]] = SECTIONS
+    POLYMORPHIC: ClassVar[dict[str, Callable[[str], type]]] = {"model": network_config_type}
 
-    model: UNetConfig = field(default_factory=UNetConfig)
+    model: Any = field(default_factory=UNetConfig)  # a config of ddpm.models.NETWORKS
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

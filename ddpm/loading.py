@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ddpm import checkpoints
 from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import UserError
 from ddpm.latent import load_autoencoder, pixel_size
-from ddpm.models import diffusers_io
+from ddpm.models import build_network, diffusers_io
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.diffusers_io import AUTOENCODER_KL, UNET2D
 from ddpm.models.unet import UNet
@@ -32,7 +33,7 @@ from ddpm.runtime import num_parameters
 class LoadedModel:
     """A network with the diffusion it was trained with, and the autoencoder of a latent model."""
 
-    model: UNet
+    model: nn.Module  # a network of ddpm.models.NETWORKS
     diffusion: DiffusionConfig
     description: str
     run_config: RunConfig | None = None
@@ -40,16 +41,16 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
-        return self.model.config.num_classes
+        return self.model.num_classes
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, ...]:
         """``(C, H, W)`` of the images the model draws (through the autoencoder for a latent model)."""
-        c = self.model.config
+        shape = tuple(self.model.sample_shape)
         if self.autoencoder is None:
-            return c.in_channels, c.image_size, c.image_size
-        side = c.image_size * self.autoencoder.config.downsampling_factor
-        return self.autoencoder.config.out_channels, side, side
+            return shape
+        f = self.autoencoder.config.downsampling_factor
+        return (self.autoencoder.config.out_channels, *(side * f for side in shape[1:]))
 
 
 def load_model(source: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedModel:
@@ -101,7 +102,7 @@ def _from_checkpoint(path: Path, ckpt: checkpoints.TrainingCheckpoint, weights: 
         raise UserError(f"{path} is an autoencoder's checkpoint ('ddpm train-autoencoder'), which draws no images; "
                         "train a U-Net on its latents with 'ddpm train --autoencoder RUN'")
     config = RunConfig.from_dict(ckpt.meta["config"])
-    model = UNet(config.model)
+    model = build_network(config.model)
     group = "ema" if weights == "ema" else "model"
     model.load_weights(ckpt.group(group), source=path / f"{group}.safetensors")
     description = f"{path} (step {ckpt.meta['step']}, {weights} weights)"

@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from ddpm import checkpoints
+from ddpm.conditioning import TrainingCondition, training_condition
 from ddpm.config import RunConfig
 from ddpm.data import Batch, ImageData, load_images
 from ddpm.diffusion import GaussianDiffusion
@@ -40,8 +41,8 @@ from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, generate, grid_image
 from ddpm.images import save_image
 from ddpm.latent import LatentData, load_autoencoder, pixel_size
+from ddpm.models import build_network
 from ddpm.models.autoencoder import AutoencoderKL
-from ddpm.models.unet import UNet
 from ddpm.runs import (
     Hooks,
     MetricsLog,
@@ -91,8 +92,8 @@ def learning_rate(step: int, lr: float, warmup_steps: int) -> float:
 class TrainState:
     """Everything a checkpoint holds: the network, its EMA, Adam, the t-sampler, the generators."""
 
-    model: UNet
-    ema: UNet
+    model: nn.Module  # a network of ddpm.models.NETWORKS
+    ema: nn.Module
     optimizer: torch.optim.Optimizer
     timestep_sampler: UniformSampler
     gen_t: torch.Generator  # t and label dropout (CPU)
@@ -109,7 +110,7 @@ def build_state(config: RunConfig, device: torch.device, procs: Processes) -> Tr
     """A fresh model (DDPM's initialisation, seeded per rank), its EMA, Adam and the generators."""
     cfg = config.train
     torch.manual_seed(derive_seed(cfg.seed, procs.rank, 0))
-    model = UNet(config.model).to(device)
+    model = build_network(config.model).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -160,20 +161,21 @@ def save_checkpoint(state: TrainState, step: int, out_dir: Path, config: RunConf
 # ---------------------------------------------------------------------------- one step and its log
 
 
-def train_step(state: TrainState, train_model: nn.Module, diffusion: GaussianDiffusion, x: Tensor, y: Tensor,
-               config: RunConfig, device: torch.device, procs: Processes, bf16: bool) -> StepOutcome:
-    """One step of Algorithm 1: t and ε drawn, the loss, its gradient clipped, Adam, the EMA.
+def train_step(state: TrainState, train_model: nn.Module, diffusion: GaussianDiffusion, batch: Batch,
+               condition: TrainingCondition, config: RunConfig, device: torch.device, procs: Processes,
+               bf16: bool) -> StepOutcome:
+    """One step of Algorithm 1: t and ε drawn, the condition (with its dropout), the loss, its
+    gradient clipped, Adam, the EMA.
 
     A step whose gradient is not finite changes nothing (the weights, Adam's moments, the EMA
     and the loss-aware sampler's history stay as they were) and is reported as not applied.
     """
     cfg = config.train
-    batch = x.shape[0]
-    t, weights = state.timestep_sampler.sample(batch, device, generator=state.gen_t)
-    model_kwargs = {}
-    if cfg.class_cond:
-        drop = torch.rand(batch, generator=state.gen_t) < cfg.label_dropout
-        model_kwargs["y"] = torch.where(drop, torch.full_like(y, -1), y).to(device)
+    x = batch.x.to(device, non_blocking=True)
+    if device.type == "cuda" and cfg.channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t, weights = state.timestep_sampler.sample(x.shape[0], device, generator=state.gen_t)
+    model_kwargs = condition(batch, state.gen_t, device)
     noise = torch.randn(x.shape, generator=state.gen_noise, device=device, dtype=x.dtype)
     with autocast(device, bf16):
         terms = diffusion.training_losses(train_model, x, t, cfg.loss_type, noise=noise, model_kwargs=model_kwargs)
@@ -205,7 +207,7 @@ def preview(ema: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, dev
     samples = generate(ema, diffusion, cfg.sample_count, SamplerSettings(cfg.sample_sampler, cfg.sample_steps),
                        seed=cfg.seed, batch_size=cfg.sample_count, device=device, bf16=bf16, progress=False,
                        autoencoder=autoencoder)
-    return save_image(grid_image(samples.uint8(), nrow=config.model.num_classes or None), path)
+    return save_image(grid_image(samples.uint8(), nrow=ema.num_classes or None), path)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -269,11 +271,10 @@ def train(
     batches = data.batches(local_batch, cfg.seed, flip=config.data.flip, rank=procs.rank,
                            world_size=procs.world_size, start_step=state.step)
 
+    condition = training_condition(config)
+
     def step(batch: Batch) -> StepOutcome:
-        x, y = batch.x.to(device, non_blocking=True), batch.y
-        if device.type == "cuda" and cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return train_step(state, train_model, diffusion, x, y, config, device, procs, cfg.bf16)
+        return train_step(state, train_model, diffusion, batch, condition, config, device, procs, cfg.bf16)
 
     def grid(step: int) -> Path | None:
         if not procs.is_main:

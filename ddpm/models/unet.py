@@ -68,6 +68,9 @@ class UNetConfig:
         norm_groups: GroupNorm groups (DDPM: 32). Fewer allow narrower CPU-sized models (ch=16).
     """
 
+    #: The run configuration's name for this kind of network (``model.arch`` in config.json).
+    ARCH: ClassVar[str] = "unet"
+
     image_size: int = 32
     in_channels: int = 3
     ch: int = 128
