@@ -38,6 +38,7 @@ from ddpm.models.layers import (
     Upsample,
     conv3x3,
     group_norm,
+    labels_with_null,
     norm_silu,
     per_sample,
     timestep_embedding,
@@ -387,7 +388,7 @@ class UNet(SavedModel):
         batch = self._check_input(x_t)
         temb = self.temb(per_sample(t, batch, x_t.device, "t"))
         if self.class_emb is not None:
-            temb = temb + self.class_emb(self._labels(y, batch, x_t.device))
+            temb = temb + self.class_emb(labels_with_null(y, batch, x_t.device, config.num_classes))
         elif y is not None:
             raise ValueError("y given to a U-Net without class conditioning (num_classes=0)")
         # Every residual block applies SiLU to the embedding first (DDPM's nonlinearity(temb)).
@@ -424,9 +425,3 @@ class UNet(SavedModel):
             )
         return x_t.shape[0]
 
-    def _labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        null = self.config.num_classes
-        if y is None:
-            return torch.full((batch,), null, dtype=torch.long, device=device)
-        y = per_sample(y, batch, device, "y").long()
-        return torch.where(y < 0, torch.full_like(y, null), y)
