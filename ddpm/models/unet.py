@@ -136,6 +136,11 @@ class UNetConfig:
                 raise UserError(f"num_heads {self.num_heads} does not divide {width} channels")
 
     @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the network denoises at its training size."""
+        return self.in_channels, self.image_size, self.image_size
+
+    @property
     def out_channels(self) -> int:
         """``in_channels``, doubled by ``learned_sigma``."""
         return self.in_channels * (2 if self.learned_sigma else 1)
@@ -346,8 +351,7 @@ class UNet(SavedModel):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of what the network denoises at its training size."""
-        c = self.config
-        return c.in_channels, c.image_size, c.image_size
+        return self.config.sample_shape
 
     @property
     def num_classes(self) -> int:

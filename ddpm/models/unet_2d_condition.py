@@ -229,6 +229,15 @@ class ConditionalUNetConfig:
         return len(self.block_out_channels)
 
     @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the network denoises at its training size (``sample_size``)."""
+        size = self.sample_size
+        if size is None:
+            raise UserError("this conditional U-Net's config has no sample_size; set --model.sample_size H,W")
+        h, w = (size, size) if isinstance(size, int) else size
+        return self.in_channels, h, w
+
+    @property
     def downsampling_factor(self) -> int:
         """``2**(levels - 1)``: what input sides must be divisible by."""
         return 2 ** (self.levels - 1)
@@ -586,11 +595,7 @@ class ConditionalUNet(SavedModel):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of what the network denoises at its training size (``sample_size``)."""
-        size = self.config.sample_size
-        if size is None:
-            raise UserError("this conditional U-Net's config has no sample_size; set it to the training size")
-        h, w = (size, size) if isinstance(size, int) else size
-        return self.config.in_channels, h, w
+        return self.config.sample_shape
 
     @property
     def num_classes(self) -> int:
