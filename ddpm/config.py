@@ -414,7 +414,10 @@ def get_config(preset: str, overrides: dict[str, str] | None = None) -> RunConfi
     values: dict[str, Any] = {"model": {"arch": model.ARCH, **dataclasses.asdict(model)}}
     for section in ("diffusion", "data", "train"):
         values[section] = dict(spec.get(section, {}))
-    if "text" in spec and not (overrides or {}).get("data.text_encoder"):
+    frozen = (overrides or {}).get("data.text_encoder")
+    if frozen:  # a frozen encoder replaces the preset's own text transformer
+        values["data"]["text_encoder"] = frozen
+    elif "text" in spec:
         values["text"] = dataclasses.asdict(spec["text"])
     return RunConfig.from_dict(values).replace(overrides or {})
 
