@@ -15,7 +15,7 @@ What ``source`` may be, tried in this order:
 * an ``.npz`` file with ``x_train`` (and optionally ``y_train``, ``x_test``, ``y_test``), like the
   one ``keras.datasets.mnist`` ships (see :func:`_images_nhwc` for the accepted arrays).
 
-Every image, whatever its source, goes through the same two steps (:func:`_prepare`):
+Every image, whatever its source, goes through the same two steps (:func:`prepare_image`):
 
 1. Channels. 16-bit grey is scaled to 8 bits (``v / 257``, rounded); anything with transparency is
    composited on white (a viewer's rendering; plain conversion would show whatever colour the
@@ -32,6 +32,7 @@ stop the run (unreadable files skipped, small images upscaled) are issued once p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -180,27 +181,13 @@ class ImageData:
         """Images ``idx`` (slice, index tensor or list; an int gives one) as float32
         ``[k, C, H, W]`` in [-1, 1]: ``x / 127.5 - 1``, so 0 -> -1 and 255 -> 1 exactly."""
         x = self.images[idx]
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        return x.to(torch.float32) / 127.5 - 1.0
+        return to_float(x.unsqueeze(0) if x.dim() == 3 else x)
 
-    # Batches for training. A batch is a pure function of (seed, step, rank, world_size): epoch
-    # e = step // steps_per_epoch shuffles all N images with a generator seeded from (seed, e),
-    # and draws one flip bit per image from the same generator. Rank r owns positions
-    # r, r + W, r + 2W, ... of that shuffle (the last N mod W dropped, so ranks hold equal,
-    # disjoint shards), and its step j reads its shard's j-th run of batch_size; a partial last
-    # batch is dropped so that every step has the same shape on every rank. Resuming at step s
-    # therefore needs nothing saved but s: `batches(..., start_step=s)`.
+    # Batches for training: see batch_order, which this and every streamed source share.
 
     def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
         """Full batches each rank draws per pass over the data (the remainder is dropped)."""
-        if batch_size < 1 or len(self) // world_size < batch_size:
-            raise UserError(
-                f"--batch-size {batch_size} x {world_size} process(es) does not fit the "
-                f"{len(self):,} images of {self.source}; use a --batch-size from 1 to "
-                f"{len(self) // world_size:,}"
-            )
-        return len(self) // world_size // batch_size
+        return steps_per_epoch(len(self), batch_size, world_size, self.source)
 
     def batches(self, batch_size: int, seed: int, *, flip: bool = False, rank: int = 0,
                 world_size: int = 1, start_step: int = 0) -> Iterator[Batch]:
@@ -209,35 +196,70 @@ class ImageData:
         ``flip``), int64 ``[B]`` labels and the indices. Each epoch's shuffle is computed once."""
         for idx, flips in self.batch_indices(batch_size, seed, rank=rank, world_size=world_size,
                                              start_step=start_step):
-            x = self.to_float(idx)
-            if flip:
-                x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-            yield Batch(x, self.labels[idx], idx)
+            yield Batch(flipped(self.to_float(idx), flips, flip), self.labels[idx], idx)
 
     def batch_indices(self, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
                       start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """What :meth:`batches` draws, as indices: endless ``(idx, flips)``, int64 ``[B]`` image
         indices and bool ``[B]`` flip bits (for data held in another form, e.g. encoded latents)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        steps = self.steps_per_epoch(batch_size, world_size)
-        epoch, first = divmod(start_step, steps)
-        while True:
-            order, flips = self._shuffle(seed, epoch)
-            for j in range(first, steps):
-                idx = order[rank + world_size * (j * batch_size + torch.arange(batch_size))]
-                yield idx, flips[idx]
-            epoch, first = epoch + 1, 0
+        return batch_order(len(self), batch_size, seed, rank=rank, world_size=world_size,
+                           start_step=start_step, source=self.source)
 
-    def _shuffle(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Epoch ``epoch``'s permutation of the images and a flip bit per image."""
-        # SeedSequence mixes (seed, epoch) into well-spread, collision-free seeds; seed + epoch
-        # would make run 1's epoch 0 equal run 0's epoch 1.
-        state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)[0]
-        g = torch.Generator().manual_seed(int(state))
-        order = torch.randperm(len(self), generator=g)
-        flips = torch.rand(len(self), generator=g) < 0.5
-        return order, flips
+
+# A batch is a pure function of (seed, step, rank, world_size): epoch e = step // steps_per_epoch
+# shuffles all N images with a generator seeded from (seed, e), and draws one flip bit per image
+# from the same generator. Rank r owns positions r, r + W, r + 2W, ... of that shuffle (the last
+# N mod W dropped, so ranks hold equal, disjoint shards), and its step j reads its shard's j-th run
+# of batch_size; a partial last batch is dropped so that every step has the same shape on every
+# rank. Resuming at step s therefore needs nothing saved but s. In-memory images, a streamed
+# folder and a latent cache all draw their batches so.
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1, source: str = "the data") -> int:
+    """Full batches each of ``world_size`` ranks draws per pass over ``n`` images."""
+    if batch_size < 1 or n // world_size < batch_size:
+        raise UserError(
+            f"--batch-size {batch_size} x {world_size} process(es) does not fit the "
+            f"{n:,} images of {source}; use a --batch-size from 1 to {n // world_size:,}"
+        )
+    return n // world_size // batch_size
+
+
+def batch_order(n: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                source: str = "the data") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(idx, flips)`` of rank ``rank``'s steps ``start_step``, ...: int64 ``[B]``
+    indices into ``n`` images and a bool ``[B]`` flip bit for each (see the comment above)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    steps = steps_per_epoch(n, batch_size, world_size, source)
+    epoch, first = divmod(start_step, steps)
+    while True:
+        order, flips = epoch_shuffle(n, seed, epoch)
+        for j in range(first, steps):
+            idx = order[rank + world_size * (j * batch_size + torch.arange(batch_size))]
+            yield idx, flips[idx]
+        epoch, first = epoch + 1, 0
+
+
+def epoch_shuffle(n: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Epoch ``epoch``'s permutation of ``n`` images and a flip bit per image."""
+    # SeedSequence mixes (seed, epoch) into well-spread, collision-free seeds; seed + epoch
+    # would make run 1's epoch 0 equal run 0's epoch 1.
+    state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)[0]
+    g = torch.Generator().manual_seed(int(state))
+    order = torch.randperm(n, generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    return order, flips
+
+
+def flipped(x: torch.Tensor, flips: torch.Tensor, flip: bool) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` mirrored left-right where ``flips`` says so (if ``flip``)."""
+    return torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x) if flip else x
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as float32 in [-1, 1]: ``x / 127.5 - 1``, so 0 -> -1 and 255 -> 1 exactly."""
+    return images.to(torch.float32) / 127.5 - 1.0
 
 
 def load_images(source: str | os.PathLike[str], image_size: int | tuple[int, int] | None,
@@ -254,19 +276,7 @@ def load_images(source: str | os.PathLike[str], image_size: int | tuple[int, int
     order of :func:`_scan_folder`); ``progress`` shows a progress bar while decoding.
     """
     source = os.fspath(source)
-    if not source:
-        raise UserError("--data is empty; pass a folder of images, an .npz file or a data set name")
-    size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if size is not None and (len(size) != 2 or min(size) < 1):
-        raise UserError(f"--image-size must be at least 1, got {image_size}")
-    if channels not in (None, 1, 3):
-        raise UserError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}")
-    if split not in SPLITS:
-        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
-    fit = _Fit(None if size is None else (int(size[0]), int(size[1])), channels, limit, progress)
-
+    fit = make_fit(source, image_size, channels, split, limit, progress)
     name = _dataset_name(source)
     if name == "digits":
         return _load_digits(split, fit)
@@ -287,6 +297,41 @@ def load_images(source: str | os.PathLike[str], image_size: int | tuple[int, int
                     f"pass {accepted}")
 
 
+def make_fit(source: str, image_size: int | tuple[int, int] | None, channels: int | None = None,
+             split: str = "train", limit: int | None = None, progress: bool = False) -> Fit:
+    """The checked :class:`Fit` of a load (see :func:`load_images` for the arguments)."""
+    if not source:
+        raise UserError("--data is empty; pass a folder of images, an .npz file or a data set name")
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise UserError(f"--image-size must be at least 1, got {image_size}")
+    if channels not in (None, 1, 3):
+        raise UserError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}")
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    return Fit(None if size is None else (int(size[0]), int(size[1])), channels, limit, progress)
+
+
+def is_dataset_name(source: str) -> bool:
+    """Whether ``source`` names a data set of :data:`DATASET_NAMES` (rather than a path)."""
+    return _dataset_name(source) is not None
+
+
+def memory_budget() -> int:
+    """The most pixel bytes an in-memory load should take here: :data:`MAX_BYTES`, or half the memory
+    the system reports available if that is less (``--data.stream auto`` streams beyond it)."""
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return MAX_BYTES if available is None else min(MAX_BYTES, available // 2)
+
+
 def _dataset_name(source: str) -> str | None:
     """The canonical data set name ``source`` spells, ignoring case, ``-`` and ``_``; else None."""
     def key(s: str) -> str:
@@ -296,7 +341,7 @@ def _dataset_name(source: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Fit:
+class Fit:
     """What every loader is asked for: the output size, channels, limit and progress bar."""
 
     size: tuple[int, int] | None  # (height, width); None: the source's own, fixed by native()
@@ -304,23 +349,28 @@ class _Fit:
     limit: int | None
     progress: bool
 
-    def native(self, width: int, height: int) -> _Fit:
+    def native(self, width: int, height: int) -> Fit:
         """This fit, with the source's own size (a square of the shorter side) if none was asked for."""
         side = min(width, height)
         return self if self.size is not None else dataclasses.replace(self, size=(side, side))
 
+    def pixel_bytes(self, n: int, channels: int) -> int:
+        """The uint8 memory of ``n`` images of this size with ``channels``."""
+        return n * channels * self.size[0] * self.size[1]
+
     def check_memory(self, n: int, channels: int, what: str) -> None:
         """Refuse a load whose pixels would take more than :data:`MAX_BYTES`."""
-        need = n * channels * self.size[0] * self.size[1]
+        need = self.pixel_bytes(n, channels)
         if need > MAX_BYTES:
             raise UserError(
                 f"{what}: {n:,} images at {self.size[0]}x{self.size[1]}x{channels} need "
                 f"{need / 2**30:.1f} GiB of RAM (the most is {MAX_BYTES / 2**30:.1f} GiB); "
-                f"use a lower --image-size or a --limit"
+                f"use a lower --image-size or a --limit, or stream the images from disk (--data.stream true: "
+                f"folders and WebDataset shards)"
             )
 
 
-def _prepare(img: Image.Image, fit: _Fit) -> tuple[np.ndarray, bool]:
+def prepare_image(img: Image.Image, fit: Fit) -> tuple[np.ndarray, bool]:
     """One decoded image as uint8 ``[S, S, C]`` (see the module docstring for the steps), and
     whether it had to be upscaled. With ``fit.channels`` None, C is 1 for grey modes, else 3."""
     grey = img.mode in _GREY_MODES
@@ -350,9 +400,9 @@ def _prepare(img: Image.Image, fit: _Fit) -> tuple[np.ndarray, bool]:
     return pixels.reshape(height, width, -1), scale > 1
 
 
-def _prepare_all(items: Sequence[Any], decode: Callable[[Any], Image.Image], fit: _Fit,
+def prepare_all(items: Sequence[Any], decode: Callable[[Any], Image.Image], fit: Fit,
                  what: str) -> tuple[torch.Tensor, np.ndarray]:
-    """Decode and :func:`_prepare` every item on a few threads.
+    """Decode and :func:`prepare_image` every item on a few threads.
 
     Returns the images as uint8 ``[M, C, S, S]``, in order, and a bool mask over ``items`` of the
     M that decoded. Items that ``decode`` raised on are skipped with one warning (a UserError if
@@ -372,7 +422,7 @@ def _prepare_all(items: Sequence[Any], decode: Callable[[Any], Image.Image], fit
             except Exception as error:
                 done.append(error)
                 continue
-            pixels, upscaled = _prepare(img, fit)
+            pixels, upscaled = prepare_image(img, fit)
             # A grey image into 3 channels: broadcasting copies L into R, G, B as PIL would.
             out[i] = pixels.transpose(2, 0, 1)
             done.append((pixels.shape[2] == 3, upscaled))
@@ -391,7 +441,7 @@ def _prepare_all(items: Sequence[Any], decode: Callable[[Any], Image.Image], fit
     good = [r for r in results if not isinstance(r, Exception)]
     if bad:
         item, error = bad[0]
-        example = f"e.g. {item}: {_one_line(error)}"
+        example = f"e.g. {item}: {one_line(error)}"
         if not good:
             raise UserError(f"{what}: none of its {len(items):,} images could be read ({example})")
         warnings.warn(f"{what}: skipped {len(bad):,} unreadable image(s) ({example})",
@@ -452,14 +502,34 @@ def _scan_folder(folder: Path) -> tuple[list[str], list[int], list[str]]:
     return [files[i] for i in order], [labels[i] for i in order], class_names
 
 
-def _open_image(path: str) -> Image.Image:
+def open_image(path: str) -> Image.Image:
     """Decode an image file fully (a lazy open would defer truncation errors to later)."""
     with Image.open(path) as img:
         img.load()
     return img
 
 
-def _load_folder(folder: Path, split: str, fit: _Fit, caption_column: str = "text") -> ImageData:
+@dataclass
+class FolderListing:
+    """What a folder of images holds before anything is decoded: its image files in training order,
+    their labels (-1: none), the class names and, with a ``metadata.jsonl``, the captions."""
+
+    folder: Path
+    files: list[str]
+    labels: list[int]
+    class_names: list[str]
+    captions: list[str] | None = None
+
+    @property
+    def what(self) -> str:
+        return f"folder {self.folder}"
+
+
+def list_folder(folder: Path, split: str = "train", caption_column: str = "text",
+                limit: int | None = None) -> FolderListing:
+    """The files of ``folder`` (its ``split`` sub-folder when it has train/ and test/), by
+    :func:`_read_metadata` when a ``metadata.jsonl`` lists them, else by :func:`_scan_folder`;
+    the first ``limit`` only when given."""
     # A folder with train/ and test/ sub-folders (as in the CIFAR-10 tree) is split by them.
     if any((folder / s).is_dir() for s in SPLITS):
         if not (folder / split).is_dir():
@@ -469,22 +539,29 @@ def _load_folder(folder: Path, split: str, fit: _Fit, caption_column: str = "tex
     elif split != "train":
         raise UserError(f"--data {folder}: a plain folder has no {split} split; pass a folder "
                         f"with train/ and {split}/ sub-folders, or the {split} images' folder")
-    what = f"folder {folder}"
     captions = None
     if (folder / METADATA).is_file():
         files, captions = _read_metadata(folder, caption_column)
         labels, class_names = [-1] * len(files), []
     else:
         files, labels, class_names = _scan_folder(folder)
-    files, labels = files[: fit.limit], labels[: fit.limit]
+    if captions is not None:
+        captions = captions[:limit]
+    return FolderListing(folder, files[:limit], labels[:limit], class_names, captions)
+
+
+def _load_folder(folder: Path, split: str, fit: Fit, caption_column: str = "text") -> ImageData:
+    listing = list_folder(folder, split, caption_column, fit.limit)
+    files, what = listing.files, listing.what
     if fit.size is None and files:
-        fit = fit.native(*_first_size(files))
+        fit = fit.native(*first_size(files))
     fit.check_memory(len(files), fit.channels or 3, what)
-    images, ok = _prepare_all(files, _open_image, fit, what)
-    kept = torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(ok)]
+    images, ok = prepare_all(files, open_image, fit, what)
+    kept = torch.tensor(listing.labels, dtype=torch.int64)[torch.from_numpy(ok)]
+    captions = listing.captions
     if captions is not None:
         captions = [c for c, good in zip(captions, ok) if good]
-    return ImageData(images, kept, class_names, what, skipped=int((~ok).sum()), captions=captions)
+    return ImageData(images, kept, listing.class_names, what, skipped=int((~ok).sum()), captions=captions)
 
 
 METADATA = "metadata.jsonl"
@@ -528,7 +605,7 @@ def _read_metadata(folder: Path, column: str) -> tuple[list[str], list[str]]:
     return files, captions
 
 
-def _first_size(files: Sequence[str]) -> tuple[int, int]:
+def first_size(files: Sequence[str]) -> tuple[int, int]:
     """(width, height) of the first file that opens as an image (the last one if none does)."""
     for path in files:
         try:
@@ -539,7 +616,7 @@ def _first_size(files: Sequence[str]) -> tuple[int, int]:
     return (1, 1)
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """An exception as a short single line for a message."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 160 else text[:157] + "..."
@@ -616,7 +693,7 @@ def _labels(y: Any, n: int | None, key: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _from_arrays(x: np.ndarray, labels: np.ndarray | None, class_names: list[str], fit: _Fit,
+def _from_arrays(x: np.ndarray, labels: np.ndarray | None, class_names: list[str], fit: Fit,
                  what: str) -> ImageData:
     """:class:`ImageData` from uint8 ``[N, H, W, C]`` images (C in 1, 3, 4) and labels or None."""
     x, labels = x[: fit.limit], None if labels is None else labels[: fit.limit]
@@ -632,7 +709,7 @@ def _from_arrays(x: np.ndarray, labels: np.ndarray | None, class_names: list[str
         def decode(i: int) -> Image.Image:
             return Image.fromarray(x[i, :, :, 0] if c == 1 else x[i])  # PIL wants [H, W] for L
 
-        images, _ = _prepare_all(range(n), decode, fit, what)
+        images, _ = prepare_all(range(n), decode, fit, what)
     y = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.from_numpy(labels)
     return ImageData(images, y, class_names, what)
 
@@ -643,11 +720,11 @@ def _class_names(*labels: np.ndarray | None) -> list[str]:
     return [str(i) for i in range(k)]
 
 
-def _load_npz(path: Path, split: str, fit: _Fit) -> ImageData:
+def _load_npz(path: Path, split: str, fit: Fit) -> ImageData:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as error:  # zipfile, numpy and OS errors all mean "not an .npz"
-        raise UserError(f"--data {path}: cannot read it as .npz ({_one_line(error)})") from error
+        raise UserError(f"--data {path}: cannot read it as .npz ({one_line(error)})") from error
     with archive:
         keys = set(archive.files)
         x_key, y_key = f"x_{split}", f"y_{split}"
@@ -662,12 +739,12 @@ def _load_npz(path: Path, split: str, fit: _Fit) -> ImageData:
                                  f"{path}: y_{s}")
                       for s in SPLITS if f"y_{s}" in keys}
         except ValueError as error:  # np.load refuses object arrays without allow_pickle
-            raise UserError(f"--data {path}: {_one_line(error)}") from error
+            raise UserError(f"--data {path}: {one_line(error)}") from error
     names = _class_names(*labels.values()) if split in labels else []
     return _from_arrays(x, labels.get(split), names, fit, f"npz {path}, {split} split")
 
 
-def _load_digits(split: str, fit: _Fit) -> ImageData:
+def _load_digits(split: str, fit: Fit) -> ImageData:
     """scikit-learn's 1,797 8x8 digits, grey levels 0..16 scaled to 0..255 as round(v * 255 / 16).
     The split is fixed: the first 1,500 images train, the last 297 test."""
     try:
@@ -684,7 +761,7 @@ def _load_digits(split: str, fit: _Fit) -> ImageData:
                         f"digits (scikit-learn), {split} split")
 
 
-def _load_torchvision(name: str, split: str, root: Path, fit: _Fit) -> ImageData:
+def _load_torchvision(name: str, split: str, root: Path, fit: Fit) -> ImageData:
     """A torchvision data set, downloaded into ``root / name`` unless it is there already."""
     try:
         import torchvision
@@ -708,7 +785,7 @@ def _load_torchvision(name: str, split: str, root: Path, fit: _Fit) -> ImageData
             raise UserError(
                 f"--data {name}: downloading it into {where} failed"
                 + (f" from {url}" if isinstance(url, str) else "")
-                + f" ({_one_line(error)}); check the network or pass a local folder of images "
+                + f" ({one_line(error)}); check the network or pass a local folder of images "
                 f"or an .npz as --data"
             ) from error
     what = f"{name} (torchvision), {split} split"
@@ -720,7 +797,7 @@ def _load_torchvision(name: str, split: str, root: Path, fit: _Fit) -> ImageData
         if fit.size is None and len(indices):
             fit = fit.native(*dataset[0][0].size)
         fit.check_memory(len(indices), fit.channels or 3, what)
-        images, ok = _prepare_all(indices, lambda i: dataset[i][0], fit, what)
+        images, ok = prepare_all(indices, lambda i: dataset[i][0], fit, what)
         unlabeled = torch.full((len(images),), -1, dtype=torch.int64)
         return ImageData(images, unlabeled, [], what, skipped=int((~ok).sum()))
     x = _images_nhwc(np.asarray(data), f"{what}: data")
