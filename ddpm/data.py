@@ -89,7 +89,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
-_GREY_MODES = frozenset({"1", "L", "LA", "La", "F"}) | _SIXTEEN_BIT_MODES
+GREY_MODES = frozenset({"1", "L", "LA", "La", "F"}) | _SIXTEEN_BIT_MODES
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _MODE_BY_CHANNELS = {1: "L", 3: "RGB"}
 
@@ -373,7 +373,7 @@ class Fit:
 def prepare_image(img: Image.Image, fit: Fit) -> tuple[np.ndarray, bool]:
     """One decoded image as uint8 ``[S, S, C]`` (see the module docstring for the steps), and
     whether it had to be upscaled. With ``fit.channels`` None, C is 1 for grey modes, else 3."""
-    grey = img.mode in _GREY_MODES
+    grey = img.mode in GREY_MODES
     if img.mode in _SIXTEEN_BIT_MODES:
         # PIL's own conversion clips to 255 instead of scaling; 'I' is how older Pillows (and
         # some TIFFs) hand over 16-bit data, so it is scaled too.
