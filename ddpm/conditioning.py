@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ddpm.cache import ArrayCache, CacheWriter, fingerprint, module_fingerprint
 from ddpm.data import Batch
 from ddpm.diffusion import NULL_LABEL
 from ddpm.errors import UserError
@@ -88,16 +90,36 @@ class Captions:
     """
 
     def __init__(self, captions: Sequence[str], encoder: TextEncoder, dropout: float, pooled: bool = False,
-                 batch_size: int = 256, progress: bool = False) -> None:
+                 batch_size: int = 256, progress: bool = False, cache: str | Path | None = None) -> None:
         distinct = sorted(set(captions) | {""})
         row = {caption: i for i, caption in enumerate(distinct)}
         self.rows = torch.tensor([row[c] for c in captions], dtype=torch.long)
         self.empty, self.dropout, self.pooled = row[""], dropout, pooled
         self.trainable, self.masks_padding = encoder.trainable, encoder.masks_padding
+        if cache is not None:  # a streamed set's: written once to disk, memory-mapped (ddpm.cache)
+            self._from_cache(ArrayCache(cache, "captions", fingerprint(distinct, _encoder_key(encoder))), distinct,
+                             encoder, batch_size, progress)
+            return
         tokens = encoder.tokenize(distinct)
         self.input_ids, self.attention_mask = tokens.input_ids, tokens.attention_mask
         if not self.trainable:
             self.embeddings = _embed_all(encoder, tokens.input_ids, tokens.attention_mask, batch_size, progress)
+
+    def _from_cache(self, store: ArrayCache, distinct: list[str], encoder: TextEncoder, batch_size: int,
+                    progress: bool) -> None:
+        """The tokens (and a frozen encoder's embeddings) of ``distinct`` from ``store``, made first if absent."""
+        if not store.exists:
+            tokens = encoder.tokenize(distinct)
+            with store.writing() as out:
+                for name in ("input_ids", "attention_mask"):
+                    value = getattr(tokens, name).numpy()
+                    out.array(name, value.shape, value.dtype)[:] = value
+                if not self.trainable:
+                    _embed_all(encoder, tokens.input_ids, tokens.attention_mask, batch_size, progress, out)
+        arrays, _ = store.load()
+        self.input_ids, self.attention_mask = arrays["input_ids"], arrays["attention_mask"]
+        if not self.trainable:
+            self.embeddings = (arrays["hidden_states"], arrays["embedding_mask"], arrays["pooled"])
 
     def __call__(self, batch: Batch, generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
         rows = self.rows[batch.idx]
@@ -110,19 +132,37 @@ class Captions:
         return unet_kwargs(embedding, self.pooled, self.masks_padding)
 
 
+def _encoder_key(encoder: TextEncoder) -> list[Any]:
+    """What a caption cache depends on: a trained-with-the-U-Net encoder's tokenizer (its weights change,
+    its tokens do not), a frozen encoder's weights."""
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if encoder.trainable and tokenizer is not None and hasattr(tokenizer, "tokens"):
+        return [type(encoder).__name__, "tokens", tokenizer.tokens, getattr(encoder, "context_length", None)]
+    return [type(encoder).__name__, "weights", module_fingerprint(encoder)]
+
+
 @torch.no_grad()
 def _embed_all(encoder: TextEncoder, input_ids: Tensor, attention_mask: Tensor, batch_size: int,
-               progress: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """A frozen encoder's hidden states, attention mask and pooled vector for every row, on the CPU."""
+               progress: bool, out: CacheWriter | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A frozen encoder's hidden states, attention mask and pooled vector for every row, on the CPU; with
+    ``out``, written into its arrays ``hidden_states``, ``embedding_mask`` and ``pooled`` instead."""
     hidden, masks, pooled = [], [], []
+    arrays = None
     for start in tqdm(range(0, len(input_ids), batch_size), desc="embedding the captions", unit="batch",
                       disable=not progress):
         ids, mask = (x[start:start + batch_size].to(encoder.device) for x in (input_ids, attention_mask))
         embedding = encoder(ids, mask)
-        hidden.append(embedding.hidden_states.float().cpu())
-        masks.append(embedding.attention_mask.cpu())
-        pooled.append(embedding.pooled.float().cpu())
-    return torch.cat(hidden), torch.cat(masks), torch.cat(pooled)
+        parts = [embedding.hidden_states.float().cpu(), embedding.attention_mask.cpu(), embedding.pooled.float().cpu()]
+        if out is None:
+            for kept, part in zip((hidden, masks, pooled), parts):
+                kept.append(part)
+            continue
+        if arrays is None:
+            arrays = [out.array(name, (len(input_ids), *part.shape[1:]), part.numpy().dtype)
+                      for name, part in zip(("hidden_states", "embedding_mask", "pooled"), parts)]
+        for array, part in zip(arrays, parts):
+            array[start:start + len(part)] = part.numpy()
+    return None if out is not None else (torch.cat(hidden), torch.cat(masks), torch.cat(pooled))
 
 
 def training_condition(config: Any, captions: Captions | None = None) -> TrainingCondition:

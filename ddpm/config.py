@@ -72,6 +72,13 @@ class DataConfig:
         caption_column: the field of a folder's metadata.jsonl that holds the captions.
         text_encoder: a frozen text encoder (a local CLIP or T5 directory, or a Stable Diffusion pipeline's)
             for a text-to-image run; empty: the run trains its own small one (the text section).
+        stream: read the images from disk as they are trained on (true), hold them in memory (false), or
+            stream a folder only when it would not fit in memory (auto); WebDataset shards always stream.
+        workers: DataLoader worker processes that decode streamed images (0: the training process itself);
+            a shard stream's order depends on it, a folder's does not.
+        shard_shuffle: a shard stream shuffles each run of this many consecutive samples of a shard (0: none).
+        cache: where the latents and caption embeddings of streamed data are written once (empty: the run
+            directory's cache/); keyed by the data and the model, so one folder can serve many runs.
     """
 
     source: str = ""
@@ -82,10 +89,15 @@ class DataConfig:
     autoencoder: str = ""
     caption_column: str = "text"
     text_encoder: str = ""
+    stream: bool | None = None
+    workers: int = 2
+    shard_shuffle: int = 1000
+    cache: str = ""
 
     def __post_init__(self) -> None:
         check_choice("data.split", self.split, ("train", "test"))
-        check_positive("data.limit", self.limit, allow_zero=True)
+        for name in ("limit", "workers", "shard_shuffle"):
+            check_positive(f"data.{name}", getattr(self, name), allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,19 @@ checking that the U-Net fits its latents (:func:`pixel_size`), the training set 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm.data import Batch, ImageData
-from ddpm.errors import UserError
+from ddpm.cache import ArrayCache, fingerprint, module_fingerprint
+from ddpm.data import Batch, ImageData, batch_order, to_float
+from ddpm.errors import DataWarning, UserError
 from ddpm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ddpm.models.io import read_format
 from ddpm.runtime import derive_seed
@@ -85,25 +89,35 @@ class LatentData:
     of :meth:`ImageData.batches` (same order and flips) in latent form, and ``eps`` comes from a
     generator seeded by ``(seed, rank, step)``, so a resumed run draws the same latents without
     saving anything.
+
+    In-memory images are encoded into RAM. A streamed set (:class:`~ddpm.streaming.FolderStream`,
+    :class:`~ddpm.shards.ShardStream`) is encoded once into ``cache`` (a folder; see :mod:`ddpm.cache`:
+    keyed by the data's and the autoencoder's fingerprints), memory-mapped from there, and reused by any
+    later run with the same data and autoencoder. Its batches follow :func:`ddpm.data.batch_order` over
+    the samples that could be read (``rows``), so a latent run on shards is as exactly resumable as one
+    on a folder.
     """
 
-    def __init__(self, data: ImageData, autoencoder: AutoencoderKL, flip: bool, batch_size: int = 256,
-                 progress: bool = False) -> None:
+    def __init__(self, data: Any, autoencoder: AutoencoderKL, flip: bool, batch_size: int = 256,
+                 progress: bool = False, cache: str | Path | None = None) -> None:
         self.data = data
         self.scale = autoencoder.config.scaling_factor
-        device = next(autoencoder.parameters()).device
-        means, stds = [], []
-        with torch.no_grad():
-            for start in tqdm(range(0, len(data), batch_size), desc="encoding the training set", unit="batch",
-                              disable=not progress):
-                x = data.to_float(slice(start, start + batch_size)).to(device)
-                posteriors = [autoencoder.encode(v) for v in ((x, x.flip(-1)) if flip else (x,))]
-                means.append(torch.stack([p.mean.float().cpu() for p in posteriors], 1))
-                stds.append(torch.stack([p.std.float().cpu() for p in posteriors], 1))
-        self.mean, self.std = torch.cat(means), torch.cat(stds)  # [N, 1 or 2, c, h, w]
+        if isinstance(data, ImageData):
+            self.mean, self.std = _encode_in_memory(data, autoencoder, flip, batch_size, progress)
+            self.labels, self.rows = data.labels, torch.arange(len(data))
+            return
+        if cache is None:
+            raise ValueError("a streamed data set's latents need a cache folder")
+        store = ArrayCache(cache, "latents", fingerprint(data.fingerprint(), module_fingerprint(autoencoder),
+                                                       autoencoder.config.to_dict(), flip))
+        if not store.exists:
+            _encode_to_disk(data, autoencoder, flip, batch_size, progress, store)
+        arrays, _ = store.load()
+        self.mean, self.std, self.labels = arrays["mean"], arrays["std"], arrays["labels"]
+        self.rows, self.cache = arrays["rows"], store.path
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.rows)
 
     @property
     def num_classes(self) -> int:
@@ -122,9 +136,64 @@ class LatentData:
         """Endless :class:`~ddpm.data.Batch` es of ``z * scaling_factor`` for steps ``start_step``, ..."""
         if flip and self.mean.shape[1] == 1:
             raise ValueError("flip=True, but the mirror images were not encoded (LatentData(..., flip=False))")
-        indices = self.data.batch_indices(batch_size, seed, rank=rank, world_size=world_size, start_step=start_step)
-        for step, (idx, flips) in enumerate(indices, start_step):
+        indices = batch_order(len(self.rows), batch_size, seed, rank=rank, world_size=world_size,
+                              start_step=start_step, source=self.data.source)
+        for step, (positions, flips) in enumerate(indices, start_step):
+            idx = self.rows[positions]
             side = (flips & flip).long()
             mean, std = self.mean[idx, side], self.std[idx, side]
             g = torch.Generator().manual_seed(derive_seed(seed, rank, 3, step))
-            yield Batch((mean + std * torch.randn(mean.shape, generator=g)) * self.scale, self.data.labels[idx], idx)
+            yield Batch((mean + std * torch.randn(mean.shape, generator=g)) * self.scale, self.labels[idx], idx)
+
+
+def _posteriors(autoencoder: AutoencoderKL, x: Tensor, flip: bool) -> tuple[Tensor, Tensor]:
+    """The posterior mean and std ``[B, 1 or 2, c, h, w]`` of images ``x`` (and of their mirror images)."""
+    posteriors = [autoencoder.encode(v) for v in ((x, x.flip(-1)) if flip else (x,))]
+    return (torch.stack([p.mean.float().cpu() for p in posteriors], 1),
+            torch.stack([p.std.float().cpu() for p in posteriors], 1))
+
+
+@torch.no_grad()
+def _encode_in_memory(data: ImageData, autoencoder: AutoencoderKL, flip: bool, batch_size: int,
+                      progress: bool) -> tuple[Tensor, Tensor]:
+    device = next(autoencoder.parameters()).device
+    means, stds = [], []
+    for start in tqdm(range(0, len(data), batch_size), desc="encoding the training set", unit="batch",
+                      disable=not progress):
+        mean, std = _posteriors(autoencoder, data.to_float(slice(start, start + batch_size)).to(device), flip)
+        means.append(mean)
+        stds.append(std)
+    return torch.cat(means), torch.cat(stds)  # [N, 1 or 2, c, h, w]
+
+
+@torch.no_grad()
+def _encode_to_disk(data: Any, autoencoder: AutoencoderKL, flip: bool, batch_size: int, progress: bool,
+                    store: ArrayCache) -> None:
+    """Encode every readable sample of a streamed set into ``store``: ``mean``, ``std`` at row ``idx``,
+    ``labels``, and ``rows``, the indices that could be read (the others are named in one warning)."""
+    device = next(autoencoder.parameters()).device
+    f = autoencoder.config.downsampling_factor
+    h, w = data.size
+    shape = (len(data), 2 if flip else 1, autoencoder.config.latent_channels, h // f, w // f)
+    bad: list[tuple[str, object, str]] = []
+    with store.writing() as out:
+        mean, std = out.array("mean", shape, np.float32), out.array("std", shape, np.float32)
+        labels, read = np.full(len(data), -1, np.int64), np.zeros(len(data), bool)
+        with tqdm(total=len(data), desc="encoding the training set", unit="img", disable=not progress) as bar:
+            for raw in data.in_order(batch_size):
+                bad += raw.bad
+                if len(raw.idx):
+                    m, s = _posteriors(autoencoder, to_float(raw.images).to(device), flip)
+                    mean[raw.idx.numpy()], std[raw.idx.numpy()] = m.numpy(), s.numpy()
+                    labels[raw.idx.numpy()], read[raw.idx.numpy()] = raw.labels.numpy(), True
+                bar.update(len(raw.idx) + sum(what == "image" for what, _, _ in raw.bad))
+        if not read.any():
+            raise UserError(f"{data.source}: none of its images could be read (e.g. {bad[0][1]}: {bad[0][2]})"
+                            if bad else f"{data.source}: no images")
+        out.array("labels", labels.shape, np.int64)[:] = labels
+        rows = np.flatnonzero(read)
+        out.array("rows", rows.shape, np.int64)[:] = rows
+        out.info = {"source": data.source, "skipped": len(bad)}
+    if bad:
+        warnings.warn(f"{data.source}: {len(bad):,} unreadable image(s) or shard(s) left out of the latent cache "
+                      f"(e.g. {bad[0][1]}: {bad[0][2]})", DataWarning, stacklevel=3)

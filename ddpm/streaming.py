@@ -99,7 +99,7 @@ def assemble(decoded: Sequence[tuple[np.ndarray, bool] | Exception], labels: Seq
                         f"read (e.g. {bad[0][1]}: {bad[0][2]})" if bad else "an empty batch")
     readable = set(good)
     take = [i if i in readable else next((g for g in good if g > i), good[0]) for i in range(len(decoded))]
-    images = np.stack([decoded[i][0] for i in take])
+    images = np.ascontiguousarray(np.stack([decoded[i][0] for i in take]))  # [B, C, H, W] in that order
     return RawBatch(torch.from_numpy(images), torch.tensor([labels[i] for i in take], dtype=torch.int64),
                     torch.tensor([idx[i] for i in take], dtype=torch.int64),
                     torch.tensor([bool(flips[i]) for i in take]), bad, sum(decoded[i][1] for i in good))

@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from ddpm.conditioning import (
     training_condition,
 )
 from ddpm.config import RunConfig
-from ddpm.data import Batch, ImageData, load_images
+from ddpm.data import Batch, ImageData
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, generate, grid_image
@@ -70,15 +70,18 @@ from ddpm.runs import (
     update_ema,
 )
 from ddpm.runtime import autocast, derive_seed, num_parameters, resolve_bf16
+from ddpm.shards import ShardStream
+from ddpm.sources import TrainingImages, open_training_images
+from ddpm.streaming import StreamedBatches
 from ddpm.timestep_sampling import UniformSampler, make_timestep_sampler
 from ddpm.tokenizer import WordTokenizer
 
 #: The run directory's entries (``--overwrite`` deletes only these) and the fields a resume may change
 #: (any other difference is an incompatible config).
 SPEC = RunSpec(
-    run_files=("config.json", "metrics.jsonl", "checkpoints", "samples", "tensorboard", "summary.json"),
+    run_files=("config.json", "metrics.jsonl", "checkpoints", "samples", "tensorboard", "summary.json", "cache"),
     resumable={
-        "data.source", "data.root",
+        "data.source", "data.root", "data.stream", "data.workers", "data.cache",
         "train.steps", "train.time_limit", "train.log_every", "train.sample_every", "train.sample_count",
         "train.sample_sampler", "train.sample_steps", "train.ckpt_every", "train.keep_last", "train.device",
         "train.threads", "train.tensorboard", "train.compile", "train.max_bad_steps", "train.check_sync",
@@ -153,9 +156,12 @@ def restore(state: TrainState, path: Path, ckpt: checkpoints.TrainingCheckpoint,
     say(f"resumed from {path} at step {state.step}")
 
 
-def save_checkpoint(state: TrainState, step: int, out_dir: Path, config: RunConfig, procs: Processes) -> Path | None:
-    """Write ``checkpoints/step_<step>/`` (rank 0; every rank's random state gathered into it)."""
+def save_checkpoint(state: TrainState, step: int, out_dir: Path, config: RunConfig, procs: Processes,
+                    data_state: Any = None) -> Path | None:
+    """Write ``checkpoints/step_<step>/`` (rank 0; every rank's random state gathered into it, and with a
+    shard stream every rank's ``data_state``, its place in the stream after ``step`` steps)."""
     rng = procs.gather_objects(rng_state(state.generators))
+    places = procs.gather_objects(data_state) if data_state is not None else None
     if not procs.is_main:
         return None
     tensors, optimizer_meta = checkpoints.optimizer_state_to_flat(state.optimizer.state_dict())
@@ -164,7 +170,8 @@ def save_checkpoint(state: TrainState, step: int, out_dir: Path, config: RunConf
         tensors={"model": state.model.state_dict(), "ema": state.ema.state_dict(), "optimizer": tensors,
                  "sampler": state.timestep_sampler.state_dict(), "rng": checkpoints.rng_states_to_flat(rng)},
         meta={"step": step, "skipped_steps": state.skipped, "world_size": procs.world_size,
-              "optimizer": optimizer_meta, "config": config.to_dict(), **network_meta(state.model)},
+              "optimizer": optimizer_meta, "config": config.to_dict(), **network_meta(state.model),
+              **({"data_state": places} if places is not None else {})},
         keep_last=config.train.keep_last,
     )
 
@@ -282,10 +289,11 @@ def train(
 
     # --- data, model, optimizer, diffusion ---
     autoencoder = load_autoencoder(config.data.autoencoder, device) if config.data.autoencoder else None
-    data, config = _training_data(config, data, autoencoder, progress and procs.is_main)
+    cache = Path(config.data.cache).expanduser() if config.data.cache else out_dir / "cache"
+    data, config = _training_data(config, data, autoencoder, progress and procs.is_main, cache)
     say(f"data: {data.describe()}")
     state = build_state(config, device, procs, run_tokenizer(config, data, found))
-    condition, prompts = _conditions(config, state, data, device, progress and procs.is_main)
+    condition, prompts = _conditions(config, state, data, device, progress and procs.is_main, cache)
     diffusion = config.diffusion.build()
     if found is not None:
         restore(state, *found, config, procs, say)
@@ -297,8 +305,8 @@ def train(
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None,
                          keep_until=state.step if resume else None) if procs.is_main else None
     # Latent runs: batches of scaled latents, flipped in pixel space before encoding.
-    batches = data.batches(local_batch, cfg.seed, flip=config.data.flip, rank=procs.rank,
-                           world_size=procs.world_size, start_step=state.step)
+    batches = _batches(data, config, local_batch, state.step, procs, found)
+    place, skipped = _stream_bookkeeping(data, batches)
 
     def step(batch: Batch) -> StepOutcome:
         return train_step(state, train_model, diffusion, batch, condition, config, device, procs, cfg.bf16)
@@ -310,12 +318,13 @@ def train(
                        autoencoder, prompts, _captions(data))
 
     def finish() -> dict[str, Any]:
-        return {"ranks_max_param_diff": _ranks_max_param_diff(state.model, procs)} if cfg.check_sync else {}
+        sync = {"ranks_max_param_diff": _ranks_max_param_diff(state.model, procs)} if cfg.check_sync else {}
+        return {**sync, **skipped()}
 
     # --- the loop ---
     state.model.train()
-    hooks = Hooks(step, lambda step: save_checkpoint(state, step, out_dir, config, procs), grid, finish,
-                  log_extra=lambda: {"lr": state.optimizer.param_groups[0]["lr"]})
+    hooks = Hooks(step, lambda step: save_checkpoint(state, step, out_dir, config, procs, place(step)), grid, finish,
+                  log_extra=lambda: {"lr": state.optimizer.param_groups[0]["lr"], **skipped()})
     return train_loop(state, batches, hooks, cfg, out_dir, procs=procs, metrics=metrics, command_start=command_start,
                       progress=progress, desc="train", say=say)
 
@@ -336,16 +345,18 @@ def _captions(data: ImageData | LatentData) -> list[str]:
     return images.captions or []
 
 
-def _conditions(config: RunConfig, state: TrainState, data: ImageData | LatentData, device: torch.device,
-                progress: bool) -> tuple[TrainingCondition, TextPrompts | None]:
+def _conditions(config: RunConfig, state: TrainState, data: TrainingImages | LatentData, device: torch.device,
+                progress: bool, cache: Path) -> tuple[TrainingCondition, TextPrompts | None]:
     """What the run trains on besides the images, and for a text-to-image run what its previews ask
-    for: the captions tokenized once (its own encoder) or embedded once (a frozen one)."""
+    for: the captions tokenized once (its own encoder) or embedded once (a frozen one); for streamed
+    data into ``cache``, memory-mapped."""
     if not config.text_conditional:
         return training_condition(config), None
     frozen = None if config.text is not None else frozen_text_encoder(config, state.model, device)
     prompts = prompts_of(state.ema, frozen)
+    images = data.data if isinstance(data, LatentData) else data
     captions = Captions(_captions(data), prompts.encoder, config.train.label_dropout, prompts.pooled,
-                        progress=progress)
+                        progress=progress, cache=None if isinstance(images, ImageData) else cache)
     return captions, prompts
 
 
@@ -364,10 +375,11 @@ def _resolve_bf16(config: RunConfig, device: torch.device) -> RunConfig:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, bf16=bf16))
 
 
-def _training_data(config: RunConfig, data: ImageData | None, autoencoder: AutoencoderKL | None,
-                   progress: bool) -> tuple[ImageData | LatentData, RunConfig]:
-    """The training images (or their latents, encoded once), and the configuration with the data's
-    class count for ``class_cond``."""
+def _training_data(config: RunConfig, data: TrainingImages | None, autoencoder: AutoencoderKL | None,
+                   progress: bool, cache: Path) -> tuple[TrainingImages | LatentData, RunConfig]:
+    """The training images (in memory, or streamed: :mod:`ddpm.sources` picks), or their latents encoded
+    once (streamed ones into ``cache``), and the configuration with the data's class count for
+    ``class_cond``."""
     cfg = config.train
     channels, *size = config.model.sample_shape
     if autoencoder is not None:
@@ -377,9 +389,8 @@ def _training_data(config: RunConfig, data: ImageData | None, autoencoder: Autoe
         raise UserError(f"model.in_channels {channels} is not an image's (1 or 3): a latent model needs "
                         "--autoencoder PATH")
     if data is None:
-        data = load_images(config.data.source, tuple(size), channels, split=config.data.split,
-                           root=config.data.root or None, limit=config.data.limit or None, progress=progress,
-                           caption_column=config.data.caption_column)
+        data = open_training_images(config.data, tuple(size), channels, need_captions=config.text_conditional,
+                                    progress=progress)
     if config.text_conditional and data.captions is None:
         raise UserError(f"--data {config.data.source} has no captions: a text-to-image run trains on a folder with a "
                         "metadata.jsonl (file_name and text on each line)")
@@ -392,8 +403,32 @@ def _training_data(config: RunConfig, data: ImageData | None, autoencoder: Autoe
     if len(data) < cfg.batch_size:
         raise UserError(f"{config.data.source} has {len(data)} images, fewer than train.batch_size {cfg.batch_size}")
     if autoencoder is not None:
-        return LatentData(data, autoencoder, config.data.flip, progress=progress), config
+        return LatentData(data, autoencoder, config.data.flip, progress=progress,
+                          cache=None if isinstance(data, ImageData) else cache), config
     return data, config
+
+
+def _stream_bookkeeping(data: Any, batches: Iterator[Batch]) -> tuple[Callable[[int], Any], Callable[[], dict]]:
+    """A shard stream's place after a step (which its checkpoint saves; None for other sources), and what
+    a stream could not read (``data_skipped``, in every metrics line and the summary; nothing for others)."""
+    def place(step: int) -> Any:
+        return batches.state_at(step) if isinstance(data, ShardStream) else None
+
+    def skipped() -> dict[str, int]:
+        return {"data_skipped": batches.skipped} if isinstance(batches, StreamedBatches) else {}
+
+    return place, skipped
+
+
+def _batches(data: TrainingImages | LatentData, config: RunConfig, local_batch: int, start_step: int,
+             procs: Processes, found: tuple[Path, checkpoints.TrainingCheckpoint] | None) -> Iterator[Batch]:
+    """This rank's batches from ``start_step`` on; a shard stream's from its place saved in the checkpoint."""
+    kwargs: dict[str, Any] = {"flip": config.data.flip, "rank": procs.rank, "world_size": procs.world_size,
+                              "start_step": start_step}
+    if isinstance(data, ShardStream):
+        places = found[1].meta.get("data_state") if found is not None else None
+        kwargs["state"] = places[procs.rank] if places and procs.rank < len(places) else None
+    return data.batches(local_batch, config.train.seed, **kwargs)
 
 
 @torch.no_grad()
