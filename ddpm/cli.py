@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_viz(sub, common)
     _add_export(sub, common)
     _add_demo(sub, common)
+    _add_data(sub, common)
     return parser
 
 
@@ -305,8 +306,10 @@ def _add_train_autoencoder(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="turn on the perceptual term with LPIPS-VGG16 weights from this local safetensors file "
                         "(the lpips package's state dict; nothing is downloaded, so without it there is no "
                         "perceptual term); its weight is --loss.perceptual_weight, 1 by default with --lpips")
+    # The autoencoder trainer holds its images in memory: the streaming options are train's.
     _add_config_options(p, AutoencoderRunConfig.SECTIONS, skip={"data.source", "data.autoencoder", "loss.lpips_path",
-                                                                "model.scaling_factor"})
+                                                                "model.scaling_factor", "data.stream", "data.workers",
+                                                                "data.shard_shuffle", "data.cache"})
     p.set_defaults(handler=cmd_train_autoencoder, command="train-autoencoder")
 
 
@@ -658,6 +661,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("the demo wrote:")
     for name, path in paths.items():
         print(f"  {name:<10} {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _add_data(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("data", parents=[common], help="prepare data sets (pack a folder as WebDataset shards, ...)",
+                       description="Prepare data sets for training; 'ddpm data VERB --help' explains each verb.")
+    verbs = p.add_subparsers(title="data verbs", metavar="VERB")
+    _add_data_pack(verbs, common)
+    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1], command="data")
+
+
+def _add_data_pack(verbs: Any, common: argparse.ArgumentParser) -> None:
+    p = verbs.add_parser(
+        "pack", parents=[common], help="write a folder of images (with labels or captions) as WebDataset shards",
+        description="Write a folder of images as WebDataset tar shards (KEY.png/.jpg, KEY.cls with the label of its "
+                    "sub-folder, KEY.txt with its metadata.jsonl caption) and their shardindex.json, so that the data "
+                    "set can move to where the GPUs are and stream from there (needs the webdataset package).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              ddpm data pack ./cifar10/train --out shards/cifar10              # 1000 images a shard
+              ddpm data pack ./captioned --out shards/pairs --max-count 5000 --max-size 512
+              ddpm train --preset cifar10 --data shards/cifar10 --out runs/c  # streams them
+              ddpm train --preset cifar10 --data 'http://host/cifar10/train-{000000..000049}.tar' --out runs/c
+            The images are written in a shuffled order (--seed), their bytes as they are."""))
+    p.add_argument("folder", help="a folder of images (sub-folders per class give labels; metadata.jsonl captions)")
+    p.add_argument("--out", required=True, help="the folder for the shards")
+    p.add_argument("--max-count", type=int, default=1000, help="images per shard at most (default 1000)")
+    p.add_argument("--max-size", type=float, default=1024, help="megabytes per shard, about (default 1024)")
+    p.add_argument("--name", default="train", help="the shards' name: NAME-000000.tar, ... (default train)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="for a folder with train/ and test/")
+    p.add_argument("--caption-column", default="text", help="the metadata.jsonl field with the captions")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the shuffled order")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the folder's order (labels round-robin)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.set_defaults(handler=cmd_data_pack, command="data")
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from ddpm.shards import pack_folder
+
+    if args.max_size <= 0:
+        raise UserError(f"--max-size must be positive, got {args.max_size}")
+    paths = pack_folder(args.folder, args.out, max_count=args.max_count, max_bytes=int(args.max_size * 2**20),
+                        shuffle=not args.no_shuffle, seed=args.seed, split=args.split,
+                        caption_column=args.caption_column, name=args.name, overwrite=args.overwrite,
+                        progress=not args.quiet)
+    _print_paths(paths)
+    shards = len(paths) - 1
+    print(f"{shards} shard(s): {Path(args.out) / f'{args.name}-{{000000..{shards - 1:06d}}}.tar'}; "
+          f"train on them with --data {args.out}")
     return 0
 
 

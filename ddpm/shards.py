@@ -130,7 +130,9 @@ def _explain(error: BaseException) -> str:
         return f"curl exit {code}: {_CURL_EXITS.get(code, 'see man curl')}"
     if isinstance(error, FileNotFoundError):
         return "no such file"
-    return f"{type(error).__name__}: {one_line(error)}".split(" @ ")[0]
+    # webdataset appends the stream and the URL to an exception's args: the first is the message.
+    first = error.args[0] if error.args and isinstance(error.args[0], str) else one_line(error)
+    return f"{type(error).__name__}: {one_line(RuntimeError(first))}".split(" @ ")[0]
 
 
 def shard_samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
@@ -156,9 +158,8 @@ def shard_samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
     finally:
         try:
             stream.close()
-        except Exception as error:  # curl's exit status comes with the close
-            if not errors:
-                errors.append(_explain(error))
+        except Exception as error:  # curl's exit status comes with the close, and explains the rest
+            errors.insert(0, _explain(error))
 
 
 def decode_sample(sample: dict[str, Any], fit: Fit, num_classes: int) -> tuple[np.ndarray, bool, int]:
@@ -550,6 +551,8 @@ def pack_folder(folder: str | Path, out: str | Path, *, max_count: int = 1000, m
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     if max_count < 1 or max_bytes < 1:
         raise UserError(f"--max-count and --max-size must be positive, got {max_count} and {max_bytes}")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder (pack takes a folder of images)")
     listing = list_folder(folder, split, caption_column)
     if out.exists() and (any(out.glob(f"{name}-*.tar")) or (out / INDEX).exists()) and not overwrite:
         raise UserError(f"--out {out} already holds shards; pass --overwrite to replace them")
