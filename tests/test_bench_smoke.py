@@ -200,3 +200,24 @@ def test_text2image_bench_trains_the_three_models_and_scores_them(tmp_path, fake
     assert report["models"]["classes"]["3"]["held_out_accuracy"] is None  # no way to ask for a held-out pair
     assert 0 <= report["models"]["pixel"]["3"]["seen_accuracy"] <= 1
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "plot.png").is_file()
+
+
+@pytest.mark.slow
+def test_data_stream_runs_on_tiny_data(tmp_path, capsys):
+    pytest.importorskip("webdataset", reason="the shard stream needs webdataset")
+    import numpy as np
+
+    from bench.data_stream import main
+
+    mnist = tmp_path / "mnist.npz"
+    rng = np.random.default_rng(0)
+    np.savez(mnist, x_train=rng.integers(0, 256, (80, 28, 28), dtype=np.uint8), y_train=np.arange(80) % 10)
+    results = main(["--sizes", "30", "--steps", "3", "--decode-batches", "2", "--decode-batch", "4",
+                    "--cifar-batch", "1", "--cifar-repeats", "1", "--data", str(mnist), "--mnist-count", "80",
+                    "--rounds", "1", "--workdir", str(tmp_path / "work")])
+    assert set(results["rss"]) == {f"30/{s}" for s in ("in memory", "streamed folder", "streamed shards")}
+    assert all(r["pss_mib"] > 0 and r["rss_mib"] > 0 for r in results["rss"].values())
+    assert all(results["decode"][f"{s}/{w}"] > 0 for s in ("folder", "shards") for w in (0, 1, 2))
+    assert results["decode"]["gpu_img_s"] > results["decode"]["cifar10_cpu_img_s"] > 0
+    assert results["mnist"]["ratio"] > 0
+    assert "| streamed shards |" in capsys.readouterr().out
