@@ -511,7 +511,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             samples = generate(loaded.model, loaded.diffusion.build(), args.num_samples,
                                _settings(args, loaded), seed=args.seed, batch_size=args.batch_size,
                                device=device, bf16=_bf16(args), progress=not args.quiet,
-                               autoencoder=loaded.autoencoder).uint8()
+                               autoencoder=loaded.autoencoder, conditioning=loaded.conditioning).uint8()
         metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)
         from ddpm.checkpoints import save_json
 
