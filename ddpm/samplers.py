@@ -571,9 +571,7 @@ def sample(
     d = _kept_chain(diffusion, sampler, steps, spacing, timesteps)
     x = randn(shape, generator, device, dtype) if noise is None else noise.to(device or noise.device, dtype)
     nfe = 0
-
-    def draw() -> Tensor:
-        return randn(x.shape, generator, x.device, x.dtype)
+    draw = partial(randn, x.shape, generator, x.device, x.dtype)  # fresh noise shaped like x, for a solver
 
     def denoise(x: Tensor, k: int) -> dict[str, Tensor]:
         nonlocal nfe
