@@ -277,6 +277,14 @@ def test_an_incomplete_pipeline_is_one_user_error(pipelines, tmp_path, removed, 
         load_model(directory)
 
 
+def test_a_half_precision_variant_alone_is_one_user_error(pipelines, tmp_path):
+    directory = without(pipelines("sd1"), tmp_path / "sd")
+    weights = directory / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(UserError, match="only the variant diffusion_pytorch_model.fp16.safetensors"):
+        load_model(directory)
+
+
 def test_a_prompt_for_an_unconditional_model_and_a_label_for_a_text_model_are_user_errors(pipelines, tmp_path, jitter):
     from ddpm.models import UNet, get_preset
 

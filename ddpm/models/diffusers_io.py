@@ -114,7 +114,11 @@ def read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
         return load_state_dict(path), path
     path = directory / PICKLE_NAME
     if not path.is_file():
-        raise UserError(f"{directory}: neither {SAFETENSORS_NAME} nor {PICKLE_NAME} found")
+        # A download of a variant only (diffusion_pytorch_model.fp16.safetensors), which diffusers
+        # loads with variant="fp16"; ddpm reads the full-precision file.
+        variants = sorted(p.name for p in directory.glob("diffusion_pytorch_model.*.safetensors"))
+        hint = f" (only the variant {variants[0]}: download {SAFETENSORS_NAME} too)" if variants else ""
+        raise UserError(f"{directory}: neither {SAFETENSORS_NAME} nor {PICKLE_NAME} found{hint}")
     try:
         # weights_only: the unpickler builds tensors and containers only and refuses any other
         # callable, so a malicious file cannot run code.
