@@ -43,6 +43,7 @@ SCHEDULERS = {
     "paper": {},
     "trailing": {"timestep_spacing": "trailing", "set_alpha_to_one": False},
 }
+SLOW = pytest.mark.slow
 SCALED_LINEAR = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
@@ -111,7 +112,8 @@ def diffusers_images(libraries, directory: Path, latents, guidance_scale: float,
 
 
 @pytest.mark.parametrize("guidance_scale,negative", [(1.0, None), (7.5, NEGATIVE)])
-@pytest.mark.parametrize("style,scheduler", [("sd1", "sd"), ("sd2", "sd"), ("sd1", "paper"), ("sd2", "trailing")])
+@pytest.mark.parametrize("style,scheduler", [("sd1", "sd"), ("sd2", "sd"), pytest.param("sd1", "paper", marks=SLOW),
+                                             pytest.param("sd2", "trailing", marks=SLOW)])
 def test_our_images_equal_stable_diffusion_pipelines(libraries, pipelines, style, scheduler, guidance_scale,
                                                      negative):
     directory = pipelines(style, scheduler)
