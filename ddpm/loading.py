@@ -25,7 +25,9 @@ from ddpm.latent import load_autoencoder, pixel_size
 from ddpm.models import build_network, diffusers_io
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.diffusers_io import AUTOENCODER_KL, UNET2D
+from ddpm.models.io import read_format
 from ddpm.models.unet import UNet
+from ddpm.models.video_unet import VideoUNet, VideoUNetConfig
 from ddpm.runtime import num_parameters
 
 
@@ -87,7 +89,8 @@ def load_model(source: str | Path, weights: str = "ema", device: str | torch.dev
             pixel_size(model.config, autoencoder.config, vae_dir)
         return LoadedModel(model.eval(), diffusion_from_diffusers(path), f"diffusers model {path}",
                            autoencoder=autoencoder)
-    model = UNet.from_pretrained(path, device=device)
+    network = VideoUNet if read_format(path) == VideoUNet.FORMAT else UNet
+    model = network.from_pretrained(path, device=device)
     return LoadedModel(model.eval(), DiffusionConfig(), f"model {path}")
 
 
@@ -136,5 +139,6 @@ def describe_run(loaded: LoadedModel) -> str:
         latent = (f" latents of a {num_parameters(loaded.autoencoder):,}-parameter autoencoder "
                   f"(f={ae.downsampling_factor}, scaling_factor {ae.scaling_factor:.4g}) for {side}x{side}x{channels} "
                   "images")
-    return (f"{loaded.description}: {n_params:,} parameters, {c.image_size}x{c.image_size}x{c.in_channels}"
+    frames = f"{c.frames} frames of " if isinstance(c, VideoUNetConfig) else ""
+    return (f"{loaded.description}: {n_params:,} parameters, {frames}{c.image_size}x{c.image_size}x{c.in_channels}"
             f"{latent}{classes}; diffusion {json.dumps(dataclasses.asdict(d))}")

@@ -44,6 +44,7 @@ from ddpm.images import save_gif, save_image, save_mp4, to_uint8, video_frame_gr
 from ddpm.runtime import autocast, resolve_bf16
 from ddpm.samplers import Generators, check_sampler_arguments, randn
 from ddpm.video_data import fit_frame, read_video, video_array
+from ddpm.viz import reverse_process_gif, reverse_process_grid
 
 CONDITIONING_METHODS = ("reconstruction", "replacement")
 #: VDM's reconstruction guidance weight w_r when none is given (they report w_r > 1 better than 1).
@@ -173,8 +174,8 @@ def generate_video(model: nn.Module, diffusion: GaussianDiffusion, num_videos: i
     """Draw ``num_videos`` clips of ``frames`` frames (default: the model's training length) from a video
     network (``sample_shape`` ``(C, T, H, W)``).
 
-    ``first_frames`` ``[N or 1, C, K, H, W]`` in [-1, 1] are given: every clip starts with them (clip i with
-    ``first_frames[i]``) and the rest is drawn conditioned on them by ``method`` (``"reconstruction"``
+    ``first_frames`` ``[M, C, K, H, W]`` in [-1, 1] are given (M = 1 for all, or at least ``num_videos``: clip i
+    starts with ``first_frames[i]``) and the rest is drawn conditioned on them by ``method`` (``"reconstruction"``
     guidance with weight ``guidance_weight``, or ``"replacement"``). More frames than the model was trained
     on are drawn by autoregressive extension (:class:`FramePlan`), each window conditioned on the last
     ``context`` frames (default half a window) by the same method. A class-conditional model gets
@@ -269,9 +270,9 @@ def _check_first_frames(frames: Tensor | None, n: int, shape: tuple[int, int, in
     if frames.ndim != 5 or frames.shape[1] != channels or frames.shape[3:] != (height, width):
         raise UserError(f"the first frames are {list(frames.shape)} ([N, C, K, H, W]); this model makes "
                         f"{channels}-channel frames of {height}x{width}")
-    if frames.shape[0] not in (1, n):
+    if 1 < frames.shape[0] < n:
         raise UserError(f"{frames.shape[0]} clips of first frames for {n} videos: give one, or one per video")
-    return frames.expand(n, -1, -1, -1, -1)
+    return frames[:n].expand(n, -1, -1, -1, -1)
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -348,3 +349,30 @@ def write_videos(samples: VideoSamples, out_dir: str | Path, gif: bool = True, m
             np.savez(f, **arrays)
         written.append(path)
     return written
+
+
+def video_reverse_pictures(model: nn.Module, diffusion: GaussianDiffusion, out_dir: str | Path,
+                           settings: SamplerSettings | None = None, num_videos: int = 2, seed: int = 0,
+                           device: str | torch.device = "cpu", bf16: bool | None = None,
+                           progress: bool = False) -> list[Path]:
+    """The reverse process of a video model: ``reverse.png`` (for the first clip, per frame a row of x_t and
+    a row of x̂_0 over the steps: :func:`ddpm.viz.reverse_process_grid` with the frames as its images) and
+    ``reverse.gif`` (the chain of ``num_videos`` clips, one clip a row, frame by frame across)."""
+    settings = settings or SamplerSettings()
+    total = settings.steps or diffusion.num_timesteps
+    samples = generate_video(model, diffusion, num_videos, settings, seed=seed, batch_size=num_videos, device=device,
+                             bf16=bf16, progress=progress, trajectory_every=max(1, total // 50))
+    trajectory = samples.trajectory
+    steps, clips, channels, frames, height, width = trajectory["x_t"].shape
+
+    def as_images(key: str, clip: slice) -> Tensor:
+        """[n, B, C, T, H, W] -> [n, B*T, C, H, W]: the frames of the clips as a batch of images."""
+        return trajectory[key][:, clip].transpose(2, 3).reshape(steps, -1, channels, height, width)
+
+    first = {"timesteps": trajectory["timesteps"], "x_t": as_images("x_t", slice(0, 1)),
+             "pred_x0": as_images("pred_x0", slice(0, 1))}
+    every = {**first, "x_t": as_images("x_t", slice(None)), "pred_x0": as_images("pred_x0", slice(None))}
+    out_dir = Path(out_dir)
+    grid = reverse_process_grid(first, num_images=frames)
+    return [save_image(grid, out_dir / "reverse.png"),
+            reverse_process_gif(every, out_dir / "reverse.gif", num_images=clips * frames, nrow=frames)]
