@@ -124,21 +124,22 @@ class VideoData:
         ``[B, C, T, H, W]`` in [-1, 1] (a clip's frames mirrored together where the epoch's flip bit says so,
         if ``flip``), their labels and indices.
 
-        ``image_frames`` = k > 0 replaces the last k frames of every clip by k independent frames, each
-        a random frame of a random clip, for VDM's joint training on videos and images (their temporal
-        attention masked: :class:`ddpm.video_training.ImageFrames` gives the model that mask). The draws
-        come from a generator seeded by (seed, step, rank, world_size), so they too resume exactly.
+        ``image_frames`` = k > 0 appends k independent frames to every clip (``[B, C, T + k, H, W]``), each a
+        random frame of a random clip: VDM's joint training on videos and images, "concatenating random
+        independent image frames to the end of each video", their temporal attention masked
+        (:class:`ddpm.video_training.ImageFrames` gives the model that mask). The draws come from a
+        generator seeded by (seed, step, rank, world_size), so they too resume exactly.
         """
-        if not 0 <= image_frames < self.frames:
-            raise UserError(f"image_frames {image_frames} must be in [0, {self.frames}): the clips have "
-                            f"{self.frames} frames and at least one must stay video")
+        if image_frames < 0:
+            raise UserError(f"image_frames must be >= 0, got {image_frames}")
         indices = self.order.batch_indices(batch_size, seed, rank=rank, world_size=world_size, start_step=start_step)
         for step, (idx, flips) in enumerate(indices, start_step):
             x = self.to_float(idx)
             if flip:
                 x = torch.where(flips.view(-1, 1, 1, 1, 1), x.flip(-1), x)
             if image_frames:
-                x[:, :, -image_frames:] = self.random_frames(len(idx), image_frames, seed, step, rank, world_size)
+                images = self.random_frames(len(idx), image_frames, seed, step, rank, world_size)
+                x = torch.cat([x, images], dim=2)
             yield Batch(x, self.labels[idx], idx)
 
     def random_frames(self, batch: int, count: int, seed: int, step: int, rank: int, world_size: int) -> torch.Tensor:

@@ -183,7 +183,7 @@ def generate_video(model: nn.Module, diffusion: GaussianDiffusion, num_videos: i
     """
     settings = settings or SamplerSettings()
     channels, window, height, width = model.sample_shape
-    plan = FramePlan(frames or window, window, window // 2 if context is None else context,
+    plan = FramePlan(window if frames is None else frames, window, window // 2 if context is None else context,
                      0 if first_frames is None else first_frames.shape[2])
     first_frames = _check_first_frames(first_frames, num_videos, (channels, height, width))
     if num_videos < 1 or batch_size < 1:
@@ -288,8 +288,13 @@ def read_first_frames(path: str | Path, count: int | None, channels: int, size: 
         raise UserError(f"--first-frames {path}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {"x": f} if isinstance(f, np.ndarray) else {k: f[k] for k in ("x_test", "x_train") if k in f}
+        try:
+            with np.load(path, allow_pickle=False) as f:  # an .npz: its clips
+                arrays = {k: f[k] for k in ("x_test", "x_train") if k in f}
+        except AttributeError:  # an .npy is a bare array, no context manager
+            arrays = {"x": np.load(path, allow_pickle=False)}
+        except (OSError, ValueError) as error:
+            raise UserError(f"--first-frames {path}: cannot read it ({error})") from error
         if not arrays:
             raise UserError(f"--first-frames {path}: no x_test or x_train array")
         clips = video_array(next(iter(arrays.values())), f"--first-frames {path}")

@@ -48,17 +48,17 @@ def test_batches_are_a_function_of_seed_step_and_rank(tmp_path):
         got = next(resumed)
         assert isinstance(got, Batch) and torch.equal(got.x, expected.x) and torch.equal(got.idx, expected.idx)
     b = first[0]
-    assert b.x.shape == (2, 1, 8, 8, 8) and b.x.min() >= -1 and b.x.max() <= 1
-    # The video frames are the clips'; the last two are frames of some clip of the set.
-    torch.testing.assert_close(b.x[:, :, :6], data.to_float(b.idx)[:, :, :6])
+    assert b.x.shape == (2, 1, 10, 8, 8) and b.x.min() >= -1 and b.x.max() <= 1
+    # The clips are whole; the two appended frames are frames of some clip of the set.
+    torch.testing.assert_close(b.x[:, :, :8], data.to_float(b.idx))
     pool = data.videos.transpose(1, 2).reshape(-1, 1, 8, 8).float() / 127.5 - 1
-    for frame in b.x[:, :, 6:].transpose(1, 2).reshape(-1, 1, 8, 8):
+    for frame in b.x[:, :, 8:].transpose(1, 2).reshape(-1, 1, 8, 8):
         assert (pool - frame).abs().flatten(1).max(1).values.min() == 0
     # Two ranks: disjoint shards of one shuffle.
     a, c = next(data.batches(2, 3, rank=0, world_size=2)), next(data.batches(2, 3, rank=1, world_size=2))
     assert not set(a.idx.tolist()) & set(c.idx.tolist())
     with pytest.raises(UserError, match="image_frames"):
-        next(data.batches(2, 3, image_frames=8))
+        next(data.batches(2, 3, image_frames=-1))
 
 
 def _gif(path, frames, size=(10, 12)):
