@@ -289,10 +289,12 @@ def read_first_frames(path: str | Path, count: int | None, channels: int, size: 
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
         try:
-            with np.load(path, allow_pickle=False) as f:  # an .npz: its clips
-                arrays = {k: f[k] for k in ("x_test", "x_train") if k in f}
-        except AttributeError:  # an .npy is a bare array, no context manager
-            arrays = {"x": np.load(path, allow_pickle=False)}
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):  # an .npy: the array itself
+                arrays = {"x": loaded}
+            else:
+                with loaded:
+                    arrays = {k: loaded[k] for k in ("x_test", "x_train") if k in loaded}
         except (OSError, ValueError) as error:
             raise UserError(f"--first-frames {path}: cannot read it ({error})") from error
         if not arrays:
