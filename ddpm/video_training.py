@@ -76,13 +76,14 @@ def video_preview(ema: nn.Module, diffusion: GaussianDiffusion, config: Any, dev
 
 
 def _recipe(model: str, image_frames: int, **train: Any) -> dict[str, Any]:
-    return {"model": {"arch": "video_unet", **VIDEO_PRESETS[model].to_dict()}, "diffusion": {}, "data": {"flip": False},
-            "train": train, "image_frames": image_frames}
+    return {"model": VIDEO_PRESETS[model], "diffusion": {}, "data": {"flip": False}, "train": train,
+            "image_frames": image_frames}
 
 
-#: Video run presets as data: ``model`` / ``diffusion`` / ``data`` / ``train`` are the sections of a
-#: :class:`ddpm.config.RunConfig` (``RunConfig.from_dict`` takes them as they are), ``image_frames`` the
-#: joint training's independent frames per clip (for ``VideoData.batches`` and :class:`ImageFrames`).
+#: Video run presets as data, in the form of :data:`ddpm.config.RUN_PRESETS`' entries (``model`` a network
+#: config, ``diffusion`` / ``data`` / ``train`` section overrides: ``RUN_PRESETS.update(VIDEO_RUN_PRESETS)``
+#: makes ``get_config`` resolve them), plus ``image_frames``, the joint training's independent frames per
+#: clip (for ``VideoData.batches`` and :class:`ImageFrames`; ``get_config`` ignores the key).
 #: ``moving-mnist``: one digit at 32x32, 8 frames (``ddpm data moving-mnist --size 32 --digits 1 --frames 8``),
 #: the ``mnist`` image recipe at 8 clips a step (64 frames, as mnist's 64 images), 2 image frames per clip
 #: (VDM's ablation favours joint training; 25% more frames a step). Untuned: the 30-minute measurement
@@ -97,5 +98,8 @@ VIDEO_RUN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def run_sections(preset: str) -> dict[str, Any]:
-    """The ``RunConfig`` sections of a video preset (without its ``image_frames``)."""
-    return {key: value for key, value in VIDEO_RUN_PRESETS[preset].items() if key != "image_frames"}
+    """A video preset as ``RunConfig.from_dict`` takes it: the model section with its ``arch``, the other
+    sections' overrides (without ``image_frames``)."""
+    spec = VIDEO_RUN_PRESETS[preset]
+    return {"model": {"arch": spec["model"].ARCH, **spec["model"].to_dict()},
+            **{key: dict(spec[key]) for key in ("diffusion", "data", "train")}}

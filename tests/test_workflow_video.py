@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ddpm.cli import main
-from ddpm.config import RunConfig
+from ddpm.config import RUN_PRESETS, RunConfig, get_config
 from ddpm.generate import SamplerSettings
 from ddpm.models import VideoUNet, get_video_preset
 from ddpm.runs import Processes
@@ -39,10 +39,14 @@ def video_model(tmp_path_factory, jitter):
 
 
 @pytest.mark.parametrize("preset", list(VIDEO_RUN_PRESETS))
-def test_presets_are_run_configs(preset):
+def test_presets_are_run_configs(preset, monkeypatch):
     config = RunConfig.from_dict(run_sections(preset))
     assert config.model.ARCH == "video_unet" and config.model == get_video_preset(preset)
     assert RunConfig.from_dict(config.to_dict()) == config  # the arch survives config.json
+    # Registered as they are, the run presets resolve with overrides like any other.
+    monkeypatch.setitem(RUN_PRESETS, preset, VIDEO_RUN_PRESETS[preset])
+    assert get_config(preset, {"train.lr": "0.003"}) == RunConfig.from_dict(run_sections(preset)).replace(
+        {"train.lr": "0.003"})
 
 
 def test_the_trainer_takes_a_joint_video_image_step(clips_npz, tmp_path):
