@@ -547,6 +547,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
+    if _is_video(loaded, args):
+        raise UserError(f"{args.model} is a video model and ddpm eval scores images; measure clips with "
+                        "python -m bench.video_mnist (Moving MNIST: per-frame FD, continuation MSE and SSIM)")
     out = Path(args.out)
     written: list[Path] = []
     if not args.no_bpd:

@@ -119,6 +119,13 @@ def test_sample_and_viz_on_a_video_model(video_model, tmp_path, capsys):
                  str(tmp_path / "first.png"), "--frames", "6", "--steps", "2", "--sampler", "ddim", "--quiet"]) == 0
     assert main(["viz", "reverse", str(video_model), "--out", str(tmp_path / "v"), "--steps", "3", "--quiet"]) == 0
     assert (tmp_path / "v" / "reverse.png").is_file() and (tmp_path / "v" / "reverse.gif").is_file()
+    capsys.readouterr()
+    # What has no video form refuses in one line: diffusers' layout, image metrics.
+    assert main(["export", str(video_model), "--out", str(tmp_path / "e")]) == 2
+    assert "no diffusers layout" in capsys.readouterr().err
+    assert main(["export", str(video_model), "--out", str(tmp_path / "e"), "--format", "ddpm"]) == 0
+    assert main(["eval", str(video_model), "--data", "x.npz", "--out", str(tmp_path / "ev"), "--quiet"]) == 2
+    assert "video model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -134,7 +141,7 @@ def test_bad_video_requests_get_one_line(video_model, tmp_path, capsys, argv, me
     np.save(tmp_path / "first.npy", clip[None])
     names = {"FIRST": tmp_path / "first.npy", "MISSING": tmp_path / "nope.gif", "STILL_GIF": tmp_path / "still.gif"}
     argv = [str(names.get(a, a)) for a in argv]
-    code = main(["sample", str(video_model), "--out", str(tmp_path / "o"), "--quiet", *argv])
+    code = main(["sample", str(video_model), "--out", str(tmp_path / "o"), "--quiet", "--steps", "2", *argv])
     err = capsys.readouterr().err
     if message == "still image":  # a one-frame GIF is a still image, so one given frame: no error
         assert code == 0
