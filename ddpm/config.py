@@ -403,6 +403,9 @@ for _name, _unet, _text, _diffusion in (("mnist-pairs", "mnist-pairs", "mnist-pa
 _model, _text_config = _glide("tiny", "tiny", in_channels=3, out_channels=3)
 RUN_PRESETS["tiny-text"] = {**RUN_PRESETS["tiny"], "model": _model, "text": _text_config,
                             "train": {**RUN_PRESETS["tiny"]["train"], "sample_guidance_scale": 2.0}}
+_model, _ = _glide("tiny", "tiny", sample_size=4)  # on the tiny autoencoder's 4x4x4 latents
+RUN_PRESETS["tiny-text-latent"] = {**RUN_PRESETS["tiny-text"], "model": _model,
+                                   "diffusion": RUN_PRESETS["tiny-latent"]["diffusion"]}
 
 
 def get_config(preset: str, overrides: dict[str, str] | None = None) -> RunConfig:
