@@ -14,7 +14,8 @@ from ddpm.data import Batch
 from ddpm.errors import UserError
 from ddpm.video_data import VideoData, bouncing_trajectories, load_videos, moving_mnist, read_video, write_moving_mnist
 
-MNIST = Path("/work/shared/data/mnist.npz")
+# The project's real data sets sit beside the clone, in ../shared/data (as tests/test_data.py finds them).
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 HAS_FFMPEG = importlib.util.find_spec("imageio") is not None and importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
