@@ -39,6 +39,7 @@ from ddpm.models.io import read_format
 from ddpm.models.text_to_image import TextToImage, check_fit
 from ddpm.models.text_transformer import TextTransformer
 from ddpm.models.unet import UNet
+from ddpm.models.video_unet import VideoUNet
 from ddpm.runtime import num_parameters
 from ddpm.samplers import default_steps
 from ddpm.text import PIPELINE_INDEX, TEXT_ENCODER_FOLDER, TOKENIZER_FOLDER, load_text_encoder
@@ -121,7 +122,8 @@ def load_model(source: str | Path, weights: str = "ema", device: str | torch.dev
         diffusion, ddim = scheduler_of(path)
         return LoadedModel(UNet.from_diffusers(path, device=device).eval(), diffusion, f"diffusers model {path}",
                            ddim=ddim)
-    model = UNet.from_pretrained(path, device=device)
+    network = VideoUNet if read_format(path) == VideoUNet.FORMAT else UNet
+    model = network.from_pretrained(path, device=device)
     return LoadedModel(model.eval(), DiffusionConfig(), f"model {path}")
 
 
@@ -233,7 +235,9 @@ def describe_run(loaded: LoadedModel) -> str:
     d = loaded.diffusion
     n_params = num_parameters(loaded.model)
     channels, *size = loaded.model.sample_shape
-    shape = "x".join(map(str, [*size, channels]))
+    shape = "x".join(map(str, [*size[-2:], channels]))
+    if isinstance(loaded.model, VideoUNet):
+        shape = f"{size[0]} frames of {shape}"
     classes = f", {loaded.num_classes} classes" if loaded.num_classes else ""
     latent = ""
     if loaded.autoencoder is not None:
