@@ -10,10 +10,9 @@ a video run differs in four pieces, all here:
    dropout, or none) plus, with joint training, :class:`ImageFrames`, the temporal attention mask of the
    ``image_frames`` independent frames that the batches append to every clip (VDM section 3);
 3. the preview: :func:`video_preview`, a frame grid (a row per clip) and a GIF of EMA samples;
-4. the presets: :data:`VIDEO_RUN_PRESETS`, ``RunConfig`` dictionaries (the model section with its
-   ``arch``) and each one's ``image_frames``.
+4. the presets: :data:`ddpm.config.VIDEO_RUN_PRESETS`, among the run presets, with ``data.image_frames``.
 
-Nothing here trains by itself; the loop's integration is left to :mod:`ddpm.train`.
+:mod:`ddpm.train` calls these when the run's network is a video U-Net.
 """
 
 from __future__ import annotations
@@ -26,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from ddpm.conditioning import TrainingCondition, training_condition, unconditional
+from ddpm.config import VIDEO_RUN_PRESETS
 from ddpm.data import Batch
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.generate import SamplerSettings
 from ddpm.images import save_gif, save_image, video_frame_grid, video_frames
-from ddpm.models.video_unet import VIDEO_PRESETS
 from ddpm.video_sampling import generate_video
 
 
@@ -75,31 +74,9 @@ def video_preview(ema: nn.Module, diffusion: GaussianDiffusion, config: Any, dev
     return save_image(video_frame_grid(samples.uint8()), path)
 
 
-def _recipe(model: str, image_frames: int, **train: Any) -> dict[str, Any]:
-    return {"model": VIDEO_PRESETS[model], "diffusion": {}, "data": {"flip": False}, "train": train,
-            "image_frames": image_frames}
-
-
-#: Video run presets as data, in the form of :data:`ddpm.config.RUN_PRESETS`' entries (``model`` a network
-#: config, ``diffusion`` / ``data`` / ``train`` section overrides: ``RUN_PRESETS.update(VIDEO_RUN_PRESETS)``
-#: makes ``get_config`` resolve them), plus ``image_frames``, the joint training's independent frames per
-#: clip (for ``VideoData.batches`` and :class:`ImageFrames`; ``get_config`` ignores the key).
-#: ``moving-mnist``: one digit at 32x32, 8 frames (``ddpm data moving-mnist --size 32 --digits 1 --frames 8``),
-#: the ``mnist`` image recipe at 8 clips a step (64 frames, as mnist's 64 images), 2 image frames per clip
-#: (VDM's ablation favours joint training; 25% more frames a step). Untuned: the 30-minute measurement
-#: (bench/video_mnist.py) is to pick the learning rate and image_frames.
-VIDEO_RUN_PRESETS: dict[str, dict[str, Any]] = {
-    "moving-mnist": _recipe("moving-mnist", 2, steps=20_000, batch_size=8, lr=1e-3, warmup_steps=100,
-                            ema_decay=0.999, log_every=50, sample_every=1000, ckpt_every=500, sample_count=8),
-    "tiny-video": {**_recipe("tiny-video", 1, steps=20, batch_size=4, lr=1e-3, warmup_steps=2, log_every=1,
-                             sample_every=10, sample_count=2, sample_steps=5, ckpt_every=10, keep_last=2),
-                   "diffusion": {"timesteps": 100}},
-}
-
-
 def run_sections(preset: str) -> dict[str, Any]:
     """A video preset as ``RunConfig.from_dict`` takes it: the model section with its ``arch``, the other
-    sections' overrides (without ``image_frames``)."""
+    sections' overrides."""
     spec = VIDEO_RUN_PRESETS[preset]
     return {"model": {"arch": spec["model"].ARCH, **spec["model"].to_dict()},
-            **{key: dict(spec[key]) for key in ("diffusion", "data", "train")}}
+            **{key: dict(spec.get(key, {})) for key in ("diffusion", "data", "train")}}

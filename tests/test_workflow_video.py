@@ -43,8 +43,8 @@ def test_presets_are_run_configs(preset, monkeypatch):
     config = RunConfig.from_dict(run_sections(preset))
     assert config.model.ARCH == "video_unet" and config.model == get_video_preset(preset)
     assert RunConfig.from_dict(config.to_dict()) == config  # the arch survives config.json
-    # Registered as they are, the run presets resolve with overrides like any other.
-    monkeypatch.setitem(RUN_PRESETS, preset, VIDEO_RUN_PRESETS[preset])
+    # Registered among the run presets, they resolve with overrides like any other.
+    assert RUN_PRESETS[preset] is VIDEO_RUN_PRESETS[preset]
     assert get_config(preset, {"train.lr": "0.003"}) == RunConfig.from_dict(run_sections(preset)).replace(
         {"train.lr": "0.003"})
 
@@ -54,7 +54,7 @@ def test_the_trainer_takes_a_joint_video_image_step(clips_npz, tmp_path):
     config = RunConfig.from_dict(run_sections("tiny-video"))
     data = load_videos(clips_npz, frames=config.model.frames, size=config.model.image_size,
                        channels=config.model.in_channels)
-    image_frames = VIDEO_RUN_PRESETS["tiny-video"]["image_frames"]
+    image_frames = config.data.image_frames
     batch = next(data.batches(config.train.batch_size, seed=0, image_frames=image_frames))
     assert batch.x.shape == (4, 1, 4 + image_frames, 8, 8)
     condition = video_training_condition(config, image_frames)
@@ -169,3 +169,21 @@ def test_data_moving_mnist_verb(tmp_path, capsys):
     assert load_videos(out).videos.shape == (6, 1, 8, 32, 32)
     assert main(["data", "moving-mnist", "--mnist", str(tmp_path / "nope.npz"), "--out", str(out)]) == 2
     assert "--mnist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddpm_train_on_videos_resumes_exactly_and_previews_clips(clips_npz, tmp_path, capsys):
+    import json
+
+    from ddpm.checkpoints import latest_training_checkpoint
+
+    common = ["--preset", "tiny-video", "--data", str(clips_npz), "--quiet", "--train.sample_every", "0"]
+    assert main(["train", *common, "--out", str(tmp_path / "whole"), "--train.steps", "4"]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "parts"), "--train.steps", "2"]) == 0
+    assert main(["train", "--out", str(tmp_path / "parts"), "--resume", "--train.steps", "4", "--quiet"]) == 0
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("whole", "parts")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]  # the same clips and image frames, step for step
+    a, b = (latest_training_checkpoint(tmp_path / name / "checkpoints")[1] for name in ("whole", "parts"))
+    assert all(torch.equal(a.group("ema")[k], b.group("ema")[k]) for k in a.group("ema"))
+    assert {p.suffix for p in (tmp_path / "whole" / "samples").iterdir()} == {".png", ".gif"}
