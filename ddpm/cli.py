@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub, common)
     _add_viz(sub, common)
     _add_export(sub, common)
-    _add_demo(sub, common)
     _add_data(sub, common)
+    _add_demo(sub, common)
     return parser
 
 
@@ -338,8 +338,9 @@ def _load_json(path: Path) -> Any:
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a run directory, a checkpoint directory, a saved model, or a diffusers-layout "
-                                 "directory (e.g. google/ddpm-cifar10-32 downloaded)")
+    p.add_argument("model", help="a run directory, a checkpoint directory, a saved model, a diffusers-layout "
+                                 "directory (e.g. google/ddpm-cifar10-32 downloaded) or a diffusers pipeline "
+                                 "directory (Stable Diffusion 1.x/2.x, or what ddpm export writes)")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw training weights")
 
 
@@ -392,6 +393,11 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
               ddpm sample runs/mnist --out out/paper --sampler ddpm              # Algorithm 2, 1000 steps
               ddpm sample ddpm-cifar10-32/ --out out/cifar --sampler ddim --steps 100
               ddpm sample runs/cond --out out/sevens --label 7 --guidance-scale 3
+              ddpm sample stable-diffusion-v1-5/ --out out/sd --prompt "a photo of a cat" \\
+                  --negative-prompt "blurry" --guidance-scale 7.5 --sampler ddim --steps 50 --num-images 4
+              ddpm sample runs/video --out out/video --num-images 16 --mp4        # a video model: GIF, MP4, grid
+              ddpm sample runs/video --out out/next --first-frames clip.gif --num-first-frames 2 --frames 8
+              ddpm sample runs/video --out out/long --frames 24 --context 4        # extended beyond 8 frames
             """))
     _model_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
@@ -401,6 +407,7 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     p.add_argument("--pngs", action="store_true", help="write every image as images/NNNNNN.png")
     p.add_argument("--npz", action="store_true", help="write samples.npz (uint8 NHWC arr_0, as FID tools take)")
+    _video_arguments(p)
     p.set_defaults(handler=cmd_sample, command="sample")
 
 
@@ -417,10 +424,64 @@ def _conditions(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
             "guidance_scale": args.guidance_scale, "conditioning": loaded.conditioning}
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _video_arguments(p: argparse.ArgumentParser) -> None:
+    from ddpm.video_sampling import CONDITIONING_METHODS, DEFAULT_GUIDANCE_WEIGHT
+
+    g = p.add_argument_group("video models (a model of ddpm.models.video_unet)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="frames per clip (default: the model's; more are drawn by autoregressive extension)")
+    g.add_argument("--first-frames", default=None, metavar="FILE",
+                   help="continue these frames: a GIF/MP4, an image, or an .npy/.npz of clips (N, T, H, W[, C])")
+    g.add_argument("--num-first-frames", type=int, default=None, metavar="K",
+                   help="how many frames of --first-frames to keep (default: all of them)")
+    g.add_argument("--conditioning", default="reconstruction", choices=list(CONDITIONING_METHODS),
+                   help="how given frames condition the rest: VDM's reconstruction guidance (default) or replacement")
+    g.add_argument("--guidance-weight", type=float, default=DEFAULT_GUIDANCE_WEIGHT, metavar="W",
+                   help=f"reconstruction guidance's weight w_r (default {DEFAULT_GUIDANCE_WEIGHT:g})")
+    g.add_argument("--context", type=int, default=None, metavar="K",
+                   help="frames each extension window is conditioned on (default: half the model's frames)")
+    g.add_argument("--fps", type=float, default=8, help="frames per second of the GIF and MP4 (default 8)")
+    g.add_argument("--mp4", action="store_true", help="also write samples.mp4 (needs pip install 'ddpm[video]')")
+    g.add_argument("--no-gif", action="store_true", help="do not write samples.gif")
+
+
+_VIDEO_OPTIONS = ("frames", "first_frames", "num_first_frames", "context")
+
+
+def _is_video(loaded: Any, args: argparse.Namespace) -> bool:
+    """Whether ``loaded`` is a video model; a video option given for an image model is one line."""
+    from ddpm.models.video_unet import VideoUNet
+
+    if isinstance(loaded.model, VideoUNet):
+        return True
+    given = [f"--{name.replace('_', '-')}" for name in _VIDEO_OPTIONS if getattr(args, name, None) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} need(s) a video model; {args.model} is an image model")
+    return False
+
+
+def _sample_video(args: argparse.Namespace, loaded: Any, device: Any) -> int:
+    from ddpm.video_sampling import generate_video, read_first_frames, write_videos
+
+    channels, _, height, width = loaded.model.sample_shape
+    first = None if args.first_frames is None else read_first_frames(args.first_frames, args.num_first_frames,
+                                                                      channels, (height, width))
+    samples = generate_video(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args, loaded),
+                             seed=args.seed, frames=args.frames, first_frames=first, method=args.conditioning,
+                             guidance_weight=args.guidance_weight, context=args.context, label=args.label,
+                             batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet)
+    print(f"{len(samples.videos)} clips of {samples.videos.shape[2]} frames with {args.sampler}: "
+          f"{samples.nfe:g} network evaluations each")
+    _print_paths(write_videos(samples, args.out, gif=not args.no_gif, mp4=args.mp4, grid=not args.no_grid,
+                              npz=args.npz, fps=args.fps))
+    return 0
+
+
+def _settings(args: argparse.Namespace, loaded: Any) -> Any:
+    """The sampler options, with the DDIM of the loaded model's diffusers scheduler config if it has one."""
     from ddpm.generate import SamplerSettings
 
-    return SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol)
+    return loaded.sampler_settings(SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -431,7 +492,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
-    samples = generate(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args), seed=args.seed,
+    if _is_video(loaded, args):
+        return _sample_video(args, loaded, device)
+    samples = generate(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args, loaded),
+                       seed=args.seed,
                        batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet,
                        autoencoder=loaded.autoencoder, **_conditions(args, loaded))
     print(f"{len(samples.images)} images with {args.sampler}: {samples.nfe:g} network evaluations each")
@@ -490,6 +554,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
+    if _is_video(loaded, args):
+        raise UserError(f"{args.model} is a video model and ddpm eval scores images; measure clips with "
+                        "python -m bench.video_mnist (Moving MNIST: per-frame FD, continuation MSE and SSIM)")
     out = Path(args.out)
     written: list[Path] = []
     if not args.no_bpd:
@@ -508,7 +575,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             samples = _load_samples_npz(Path(args.samples))
         else:
             samples = generate(loaded.model, loaded.diffusion.build(), args.num_samples,
-                               _settings(args), seed=args.seed, batch_size=args.batch_size,
+                               _settings(args, loaded), seed=args.seed, batch_size=args.batch_size,
                                device=device, bf16=_bf16(args), progress=not args.quiet,
                                autoencoder=loaded.autoencoder, conditioning=loaded.conditioning).uint8()
         metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)
@@ -608,7 +675,16 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
-    _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
+    if _is_video(loaded, args):
+        from ddpm.video_sampling import video_reverse_pictures
+
+        _print_paths(video_reverse_pictures(loaded.model, loaded.diffusion.build(), Path(args.out),
+                                            _settings(args, loaded),
+                                            num_videos=max(1, args.num_images // 4), seed=args.seed, device=device,
+                                            bf16=_bf16(args), progress=not args.quiet))
+        return 0
+    _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out),
+                                          _settings(args, loaded),
                                           num_images=args.num_images, seed=args.seed, device=device,
                                           bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
                                           **_conditions(args, loaded)))
@@ -621,7 +697,10 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
 def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[common], help="save a model's weights as a diffusers or ddpm directory",
                        description="Write a trained model (EMA weights by default) in the diffusers layout "
-                                   "(UNet2DModel: config.json + diffusion_pytorch_model.safetensors) or ours.")
+                                   "(UNet2DModel: config.json + diffusion_pytorch_model.safetensors) or ours. A "
+                                   "latent or text-to-image model becomes a pipeline's folders (unet/, vae/, "
+                                   "scheduler/, text_encoder/, tokenizer/); with a frozen CLIP and an autoencoder "
+                                   "also a model_index.json, which diffusers' StableDiffusionPipeline loads.")
     _model_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="diffusers", choices=["diffusers", "ddpm"])
@@ -636,43 +715,48 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- demo
-
-
-def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "demo", parents=[common], help="train on the built-in 8x8 digits for a few minutes, then picture it",
-        description="The whole workflow with no download: train the 'digits' preset on scikit-learn's 8x8 digits "
-                    "for a few CPU minutes, then write a grid of samples, the forward process, the schedules and "
-                    "the reverse process (PNG and GIF).")
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow)")
-    p.add_argument("--sample-steps", type=int, default=None, help="DDPM sampling steps (default: all 1000)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    p.set_defaults(handler=cmd_demo, command="demo")
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from ddpm.demo import run_demo
-
-    paths = run_demo(Path(args.out), minutes=args.minutes, steps=args.steps, overwrite=args.overwrite,
-                     device=args.device, progress=not args.quiet, sample_steps=args.sample_steps)
-    print("the demo wrote:")
-    for name, path in paths.items():
-        print(f"  {name:<10} {path}")
-    return 0
-
-
 # ---------------------------------------------------------------------------- data
 
 
 def _add_data(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("data", parents=[common], help="prepare data sets (pack a folder as WebDataset shards, ...)",
-                       description="Prepare data sets for training; 'ddpm data VERB --help' explains each verb.")
-    verbs = p.add_subparsers(title="data verbs", metavar="VERB")
-    _add_data_pack(verbs, common)
+    p = sub.add_parser(
+        "data", parents=[common], help="make or prepare data sets (Moving MNIST; a folder as WebDataset shards)",
+        description="Make training data without a download, or prepare it for streaming.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              ddpm data moving-mnist --mnist mnist.npz --out mm.npz      # the standard set: 64x64, 2 digits, 20 frames
+              ddpm data moving-mnist --mnist mnist.npz --out mm32.npz --size 32 --digits 1 --frames 8
+              ddpm data pack ./images --out shards/images                # WebDataset shards with an index"""))
+    what = p.add_subparsers(title="data verbs", metavar="WHAT")
+    _add_data_moving_mnist(what, common)
+    _add_data_pack(what, common)
     p.set_defaults(handler=lambda args: (p.print_help(), 2)[1], command="data")
+
+
+def _add_data_moving_mnist(what: Any, common: argparse.ArgumentParser) -> None:
+    m = what.add_parser("moving-mnist", parents=[common],
+                        help="Moving MNIST (Srivastava et al. 2015): digits bouncing in a frame, as an .npz of videos")
+    m.add_argument("--mnist", required=True, help="an MNIST .npz with x_train, y_train, x_test, y_test (keras')")
+    m.add_argument("--out", required=True, help="the .npz to write (x_train, y_train, x_test, y_test, ...)")
+    m.add_argument("--num-videos", type=int, default=10_000, help="training videos (default 10000)")
+    m.add_argument("--num-test", type=int, default=1_000, help="test videos, from MNIST's test digits (default 1000)")
+    m.add_argument("--frames", type=int, default=20, help="frames per video (default 20)")
+    m.add_argument("--size", type=int, default=64, help="frame side in pixels (default 64)")
+    m.add_argument("--digits", type=int, default=2, help="digits per video (default 2)")
+    m.add_argument("--digit-size", type=int, default=None, help="digit side (default 28 * size / 64)")
+    m.add_argument("--step-length", type=float, default=0.1, help="speed, in canvas widths per frame (default 0.1)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(handler=cmd_data_moving_mnist, command="data")
+
+
+def cmd_data_moving_mnist(args: argparse.Namespace) -> int:
+    from ddpm.video_data import write_moving_mnist
+
+    path = write_moving_mnist(args.mnist, args.out, args.num_videos, args.num_test, args.frames, args.size,
+                              args.digits, args.digit_size, args.step_length, args.seed)
+    _print_paths([path])
+    return 0
 
 
 def _add_data_pack(verbs: Any, common: argparse.ArgumentParser) -> None:
@@ -715,6 +799,34 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
     shards = len(paths) - 1
     print(f"{shards} shard(s): {Path(args.out) / f'{args.name}-{{000000..{shards - 1:06d}}}.tar'}; "
           f"train on them with --data {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "demo", parents=[common], help="train on the built-in 8x8 digits for a few minutes, then picture it",
+        description="The whole workflow with no download: train the 'digits' preset on scikit-learn's 8x8 digits "
+                    "for a few CPU minutes, then write a grid of samples, the forward process, the schedules and "
+                    "the reverse process (PNG and GIF).")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow)")
+    p.add_argument("--sample-steps", type=int, default=None, help="DDPM sampling steps (default: all 1000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    p.set_defaults(handler=cmd_demo, command="demo")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ddpm.demo import run_demo
+
+    paths = run_demo(Path(args.out), minutes=args.minutes, steps=args.steps, overwrite=args.overwrite,
+                     device=args.device, progress=not args.quiet, sample_steps=args.sample_steps)
+    print("the demo wrote:")
+    for name, path in paths.items():
+        print(f"  {name:<10} {path}")
     return 0
 
 

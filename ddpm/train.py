@@ -51,6 +51,7 @@ from ddpm.generate import SamplerSettings, generate, grid_image
 from ddpm.images import labelled_rows, save_image
 from ddpm.latent import LatentData, load_autoencoder, pixel_size
 from ddpm.models.autoencoder import AutoencoderKL
+from ddpm.models.video_unet import VideoUNetConfig
 from ddpm.runs import (
     Hooks,
     MetricsLog,
@@ -75,6 +76,8 @@ from ddpm.sources import TrainingImages, open_training_images
 from ddpm.streaming import StreamedBatches
 from ddpm.timestep_sampling import UniformSampler, make_timestep_sampler
 from ddpm.tokenizer import WordTokenizer
+from ddpm.video_data import VideoData, load_videos
+from ddpm.video_training import video_preview, video_training_condition
 
 #: The run directory's entries (``--overwrite`` deletes only these) and the fields a resume may change
 #: (any other difference is an incompatible config).
@@ -304,7 +307,6 @@ def train(
     train_model = _compiled_and_distributed(state.model, cfg.compile, procs, device)
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None,
                          keep_until=state.step if resume else None) if procs.is_main else None
-    # Latent runs: batches of scaled latents, flipped in pixel space before encoding.
     batches = _batches(data, config, local_batch, state.step, procs, found)
     place, skipped = _stream_bookkeeping(data, batches)
 
@@ -314,8 +316,10 @@ def train(
     def grid(step: int) -> Path | None:
         if not procs.is_main:
             return None
-        return preview(state.ema, diffusion, config, device, cfg.bf16, out_dir / "samples" / f"step_{step:08d}.png",
-                       autoencoder, prompts, _captions(data))
+        path = out_dir / "samples" / f"step_{step:08d}.png"
+        if isinstance(data, VideoData):
+            return video_preview(state.ema, diffusion, config, device, cfg.bf16, path)
+        return preview(state.ema, diffusion, config, device, cfg.bf16, path, autoencoder, prompts, _captions(data))
 
     def finish() -> dict[str, Any]:
         sync = {"ranks_max_param_diff": _ranks_max_param_diff(state.model, procs)} if cfg.check_sync else {}
@@ -340,9 +344,9 @@ def run_tokenizer(config: RunConfig, data: ImageData | LatentData,
     return WordTokenizer.from_captions(_captions(data))
 
 
-def _captions(data: ImageData | LatentData) -> list[str]:
+def _captions(data: ImageData | LatentData | VideoData) -> list[str]:
     images = data.data if isinstance(data, LatentData) else data
-    return images.captions or []
+    return getattr(images, "captions", None) or []
 
 
 def _conditions(config: RunConfig, state: TrainState, data: TrainingImages | LatentData, device: torch.device,
@@ -350,6 +354,8 @@ def _conditions(config: RunConfig, state: TrainState, data: TrainingImages | Lat
     """What the run trains on besides the images, and for a text-to-image run what its previews ask
     for: the captions tokenized once (its own encoder) or embedded once (a frozen one); for streamed
     data into ``cache``, memory-mapped."""
+    if isinstance(config.model, VideoUNetConfig):
+        return video_training_condition(config, config.data.image_frames), None
     if not config.text_conditional:
         return training_condition(config), None
     frozen = None if config.text is not None else frozen_text_encoder(config, state.model, device)
@@ -381,16 +387,8 @@ def _training_data(config: RunConfig, data: TrainingImages | None, autoencoder: 
     once (streamed ones into ``cache``), and the configuration with the data's class count for
     ``class_cond``."""
     cfg = config.train
-    channels, *size = config.model.sample_shape
-    if autoencoder is not None:
-        size = pixel_size(config.model.sample_shape, autoencoder.config, config.data.autoencoder)
-        channels = autoencoder.config.in_channels
-    elif channels not in (1, 3):
-        raise UserError(f"model.in_channels {channels} is not an image's (1 or 3): a latent model needs "
-                        "--autoencoder PATH")
     if data is None:
-        data = open_training_images(config.data, tuple(size), channels, need_captions=config.text_conditional,
-                                    progress=progress)
+        data = _load(config, autoencoder, progress)
     if config.text_conditional and data.captions is None:
         raise UserError(f"--data {config.data.source} has no captions: a text-to-image run trains on a folder with a "
                         "metadata.jsonl (file_name and text on each line)")
@@ -420,15 +418,39 @@ def _stream_bookkeeping(data: Any, batches: Iterator[Batch]) -> tuple[Callable[[
     return place, skipped
 
 
-def _batches(data: TrainingImages | LatentData, config: RunConfig, local_batch: int, start_step: int,
+def _batches(data: TrainingImages | LatentData | VideoData, config: RunConfig, local_batch: int, start_step: int,
              procs: Processes, found: tuple[Path, checkpoints.TrainingCheckpoint] | None) -> Iterator[Batch]:
-    """This rank's batches from ``start_step`` on; a shard stream's from its place saved in the checkpoint."""
+    """This rank's batches from ``start_step`` on. Latent runs: scaled latents, flipped in pixel space
+    before encoding; video runs: clips with their independent image frames appended; a shard stream: from
+    its place saved in the checkpoint."""
     kwargs: dict[str, Any] = {"flip": config.data.flip, "rank": procs.rank, "world_size": procs.world_size,
                               "start_step": start_step}
+    if isinstance(data, VideoData):
+        kwargs["image_frames"] = config.data.image_frames
     if isinstance(data, ShardStream):
         places = found[1].meta.get("data_state") if found is not None else None
         kwargs["state"] = places[procs.rank] if places and procs.rank < len(places) else None
     return data.batches(local_batch, config.train.seed, **kwargs)
+
+
+def _load(config: RunConfig, autoencoder: AutoencoderKL | None, progress: bool) -> TrainingImages | VideoData:
+    """The run's images at its network's size (through the autoencoder: the pixels its latents decode
+    to; in memory or streamed, as :mod:`ddpm.sources` picks), or its clips for a video network."""
+    d = config.data
+    if isinstance(config.model, VideoUNetConfig):  # (a video U-Net's config is also a U-Net's)
+        if autoencoder is not None:
+            raise UserError("a video model trains on pixels: drop --autoencoder")
+        m = config.model
+        return load_videos(d.source, frames=m.frames, size=m.image_size, channels=m.in_channels, split=d.split,
+                           limit=d.limit or None, progress=progress)
+    channels, *size = config.model.sample_shape
+    if autoencoder is not None:
+        size = pixel_size(config.model.sample_shape, autoencoder.config, d.autoencoder)
+        channels = autoencoder.config.in_channels
+    elif channels not in (1, 3):
+        raise UserError(f"model.in_channels {channels} is not an image's (1 or 3): a latent model needs "
+                        "--autoencoder PATH")
+    return open_training_images(d, tuple(size), channels, need_captions=config.text_conditional, progress=progress)
 
 
 @torch.no_grad()

@@ -27,7 +27,9 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- test -->\s*```(?:bash|sh|console)\n(.*?)```", re.DOTALL)
 
 # The README's placeholders and their stand-ins (created by the fixture).
-PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32", "mnist_pairs/train")
+PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32", "mnist_pairs/train", "stable-diffusion-v1-5")
+# The one that needs diffusers and transformers to be made (a tiny random Stable Diffusion pipeline).
+STABLE_DIFFUSION = "stable-diffusion-v1-5"
 
 
 def commands() -> list[str]:
@@ -47,7 +49,8 @@ def shrink(command: str) -> list[str]:
     argv = shlex.split(command)
     out: list[str] = []
     skip = False
-    replace = {"--preset": "tiny", "--steps": "3", "--train.steps": "4", "--num-images": "4", "--limit": "2",
+    replace = {"--preset": "tiny", "--steps": "3", "--size": "8", "--frames": "4", "--context": "2",
+               "--train.steps": "4", "--num-images": "4", "--limit": "2",
                "--minutes": "0.05", "--nproc_per_node": "2", "--nproc-per-node": "2"}
     for i, arg in enumerate(argv):
         if skip:
@@ -56,7 +59,8 @@ def shrink(command: str) -> list[str]:
         key = arg.split("=")[0]
         if key == "--preset" and i + 1 < len(argv):
             name = argv[i + 1]
-            small = "tiny-text" if "pairs" in name and "-f4" not in name else "tiny"
+            small = ("tiny-text" if "pairs" in name and "-f4" not in name else
+                     "tiny-video" if "moving" in name else "tiny")
             out += [arg, small + ("-latent" if name.endswith("-latent") else "")]
             skip = True
             continue
@@ -102,6 +106,15 @@ def workdir(tmp_path_factory) -> Path:
         Image.new("L", (16, 8), 20 * i).save(pairs / f"{i:06d}.png")
         rows.append({"file_name": f"{i:06d}.png", "text": ["a seven and a three", "a one and a two"][i % 2]})
     (pairs / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import diffusers
+        import transformers
+    except ImportError:
+        return work
+    from test_workflow_stable_diffusion import SCHEDULERS, save_pipeline
+
+    save_pipeline((transformers, diffusers), work / STABLE_DIFFUSION, "sd1", SCHEDULERS["sd"])
     return work
 
 
@@ -120,6 +133,8 @@ def test_readme_commands_run(workdir):
     for command in commands():
         if command.startswith("python -m pytest"):
             continue  # this is the suite that is running
+        if STABLE_DIFFUSION in command and not (workdir / STABLE_DIFFUSION).is_dir():
+            continue  # no diffusers or transformers to make its stand-in
         argv = shrink(command)
         done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{command}\n-> {' '.join(argv)}\n{done.stderr[-2000:]}"
