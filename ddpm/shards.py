@@ -91,9 +91,10 @@ def is_shard_source(source: str) -> bool:
         return False
     if (path / INDEX).is_file():
         return True
-    names = [n for n in os.listdir(path) if not n.startswith(".")]
-    return any(n.endswith(".tar") for n in names) and not any(
-        os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in names)
+    # A folder of shards holds .tar files and nothing that could be images: no image files, no sub-folders.
+    entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+    return any(e.name.endswith(".tar") for e in entries) and not any(
+        e.is_dir() or os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS for e in entries)
 
 
 # ---------------------------------------------------------------------------- reading one shard
@@ -398,12 +399,12 @@ class ShardStream:
     def _states(self, state: dict[str, Any] | None, start_step: int, world_size: int) -> list[list[int]]:
         """Each stream's ``[k, place]`` to start from (see :meth:`batches`)."""
         fresh = [[0, 0] for _ in range(self.streams)]
-        if state is not None and (state.get("streams"), state.get("world_size")) == (self.streams, world_size):
+        if state and (state.get("streams"), state.get("world_size")) == (self.streams, world_size):
             return [list(s) for s in state["states"]]
         if start_step == 0:
             return fresh
         per_rank = len(self.urls) // world_size
-        if state is None:
+        if not state:
             epoch, why = 0, "the checkpoint has no place in this shard stream"
         else:  # the epoch the slowest stream was in, in the new arrangement
             epoch = min((m + state["streams"] * k) // per_rank for m, (k, _) in enumerate(state["states"]))
@@ -431,8 +432,9 @@ def open_shards(source: str, fit: Fit, *, caption_column: str = "text", need_cap
     for no shards, a shard that is missing or cannot be opened, or captions that are not there."""
     require_webdataset()
     urls, index = _shard_urls(source)
-    if index is not None and [e["url"] for e in index["shardlist"]] == urls:
-        counts = [int(e["nsamples"]) for e in index["shardlist"]]
+    listed = {e["url"]: int(e["nsamples"]) for e in index["shardlist"]} if index is not None else {}
+    if listed and all(url in listed for url in urls):
+        counts = [listed[url] for url in urls]
         class_names = list(index.get("ddpm", {}).get("class_names", []))
         for url in urls:
             _probe(url)

@@ -114,7 +114,7 @@ class StreamedBatches:
     checkpoint saves."""
 
     def __init__(self, make: Callable[[], Iterable[RawBatch]], what: str, flip: bool, start_step: int,
-                 state: Any = None, update: Callable[[Any, Any], Any] | None = None, keep: int = 64) -> None:
+                 state: Any = None, update: Callable[[Any, Any], Any] | None = None, keep: int = 1024) -> None:
         self._make, self._it = make, None
         self.what, self.flip = what, flip
         self.step, self._update, self._keep = start_step, update, keep

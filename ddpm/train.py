@@ -409,8 +409,8 @@ def _training_data(config: RunConfig, data: TrainingImages | None, autoencoder: 
 def _stream_bookkeeping(data: Any, batches: Iterator[Batch]) -> tuple[Callable[[int], Any], Callable[[], dict]]:
     """A shard stream's place after a step (which its checkpoint saves; None for other sources), and what
     a stream could not read (``data_skipped``, in every metrics line and the summary; nothing for others)."""
-    def place(step: int) -> Any:
-        return batches.state_at(step) if isinstance(data, ShardStream) else None
+    def place(step: int) -> Any:  # never None for a shard stream: every rank must join the gathering
+        return (batches.state_at(step) or {}) if isinstance(data, ShardStream) else None
 
     def skipped() -> dict[str, int]:
         return {"data_skipped": batches.skipped} if isinstance(batches, StreamedBatches) else {}

@@ -36,7 +36,7 @@ from ddpm.sources import open_training_images
 from ddpm.streaming import FolderStream
 
 wds = pytest.importorskip("webdataset", reason="shards need the webdataset package (pip install 'ddpm[shards]')")
-from ddpm.shards import INDEX, ShardStream, open_shards, pack_folder, rank_shard  # noqa: E402
+from ddpm.shards import INDEX, ShardStream, is_shard_source, open_shards, pack_folder, rank_shard  # noqa: E402
 
 
 def write_folder(folder: Path, classes: str = "abc", per_class: int = 12, size: tuple[int, int] = (10, 12),
@@ -156,6 +156,21 @@ def test_pack_keeps_captions_and_refuses_to_overwrite(tmp_path):
     assert stream.captions == texts and stream.num_classes == 0
     with pytest.raises(UserError, match="already holds shards; pass --overwrite"):
         pack_folder(folder, tmp_path / "s")
+
+
+def test_shards_are_told_from_folders_of_images(folder, shards, tmp_path):
+    assert is_shard_source(str(shards)) and not is_shard_source(str(folder))
+    mixed = write_folder(tmp_path / "m", classes="ab", per_class=1)
+    (mixed / "backup.tar").write_bytes(b"")  # class folders beside a tar: still images
+    assert not is_shard_source(str(mixed))
+    for source in ("http://host/x-{0..1}.tar", "a.tar::b.tar", "file:///x/y.tar", "x-{000..009}.tar", "pipe:cat a.tar"):
+        assert is_shard_source(source)
+
+
+def test_a_pattern_takes_its_counts_from_the_index_beside_it(shards, monkeypatch):
+    monkeypatch.setattr("ddpm.shards._scan", lambda *args: pytest.fail("read the shards to count them"))
+    stream = open_shards(str(shards / "train-{000000..000003}.tar"), FIT)
+    assert stream.counts == [5] * 4 and stream.class_names == ["a", "b", "c"]
 
 
 # ---------------------------------------------------------------------------- the shard stream's promises
