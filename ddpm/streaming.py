@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -165,10 +166,18 @@ class StreamedBatches:
 
 def loader(dataset: Any, workers: int, **kwargs: Any) -> DataLoader:
     """A DataLoader over ``dataset`` that never touches the global random generator (its base seed comes
-    from a generator of its own), so that a run's dropout draws do not depend on its data source."""
-    extra = {"prefetch_factor": PREFETCH, "persistent_workers": False} if workers else {}
+    from a generator of its own), so that a run's dropout draws do not depend on its data source; its
+    workers ignore Ctrl-C, which the training process answers with a checkpoint (a worker that died of
+    it would fail the next batch first)."""
+    extra = {"prefetch_factor": PREFETCH, "persistent_workers": False, "worker_init_fn": ignore_interrupts} \
+        if workers else {}
     return DataLoader(dataset, num_workers=workers, generator=torch.Generator().manual_seed(0),
                       collate_fn=kwargs.pop("collate_fn", as_is), **extra, **kwargs)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """A DataLoader worker's start: SIGINT ignored (the terminal sends it to the whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def as_is(item: Any) -> Any:
