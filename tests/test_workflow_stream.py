@@ -187,3 +187,26 @@ def test_two_nodes_joined_by_the_c10d_rendezvous_train_in_step(shards, tmp_path)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     places = latest_training_checkpoint(run / "checkpoints")[1].meta["data_state"]
     assert [p["world_size"] for p in places] == [2, 2]  # both ranks' places saved
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_stops_a_streamed_run_with_a_checkpoint(bars, tmp_path):
+    """A terminal's Ctrl-C reaches the DataLoader workers too: they ignore it, the trainer saves and stops."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm", "train", "--preset", "tiny", "--data", str(bars), "--out",
+                             str(run), "--quiet", "--train.steps", "100000", "--train.sample_every", "0",
+                             "--train.ckpt_every", "100000", "--data.stream", "true", "--data.workers", "2"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted by SIGINT; checkpoint" in err
+    assert latest_training_checkpoint(run / "checkpoints") is not None
