@@ -7,10 +7,16 @@ from __future__ import annotations
 import ast
 import base64
 import dataclasses
+import http.client
 import io
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -491,3 +497,33 @@ def test_the_core_never_imports_the_server():
             found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("starlette", "uvicorn")
                       or n.startswith("ddpm.ui") and path.name != "cli.py"]
     assert not found, found
+
+
+@pytest.mark.slow
+def test_ddpm_ui_prints_its_address_and_ctrl_c_stops_it_cleanly_while_it_draws(tmp_path):
+    tiny_unet().save_pretrained(tmp_path / "tiny")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm", "ui", str(tmp_path / "tiny"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith("model 0: ") and lines[1].startswith("ddpm ui: http://127.0.0.1:")
+        address = lines[1].split()[2]
+        with urllib.request.urlopen(address + "api/state") as response:
+            assert json.load(response)["models"][0]["name"] == "tiny"
+        port = int(address.rstrip("/").rsplit(":", 1)[1])
+        drawing = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        drawing.request("POST", "/api/sample", json.dumps({"sampler": "ddpm", "num_images": 64, "batch_size": 64}),
+                        {"Content-Type": "application/json"})
+        stream = drawing.getresponse()
+        assert stream.status == 200 and stream.readline().startswith(b"event: started")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 0 and out.strip().endswith("ddpm ui: stopped"), (out, err)
+    assert "Traceback" not in err and time.monotonic() - started < 15

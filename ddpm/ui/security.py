@@ -15,8 +15,10 @@ is plain ASGI middleware, so it needs no web framework.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,6 +28,7 @@ HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options
            (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
            (b"cross-origin-resource-policy", b"same-origin")]
 SAFE_METHODS = ("GET", "HEAD")
+log = logging.getLogger("ddpm.ui")
 
 
 def host_name(host: str) -> str:
@@ -65,11 +68,12 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
 
 
 class LocalOnly:
-    """ASGI middleware: refuses with 403 and a one-line JSON error what :func:`refusal` refuses, and adds
-    the security headers to every answer."""
+    """ASGI middleware: refuses with 403 and a one-line JSON error what :func:`refusal` refuses (logged, and
+    the latest kept in ``refused`` as ``(method, path, reason)``), and adds the security headers to every answer."""
 
     def __init__(self, app: ASGIApp, names: Iterable[str] = ()) -> None:
         self.app, self.names = app, frozenset(n.lower() for n in names)
+        self.refused: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=100)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -77,6 +81,8 @@ class LocalOnly:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         reason = refusal(scope["method"], scope["path"], headers, self.names)
         if reason is not None:
+            self.refused.append((scope["method"], scope["path"], reason))
+            log.warning("ddpm ui: refused %s %s: %s", scope["method"], scope["path"], reason)
             body = json.dumps({"error": reason}).encode()
             await send({"type": "http.response.start", "status": 403,
                         "headers": [(b"content-type", b"application/json"),

@@ -64,6 +64,7 @@ class UI:
         self.processes = processes([(s.name, s.loaded.diffusion) for s in self.slots])
         self._diffusions: dict[int, Any] = {}
         self.edit = edit_info(edit_functions() if edit is None else edit)
+        self.workers: set[threading.Thread] = set()
 
     def slot(self, index: Any) -> ModelSlot:
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(self.slots):
@@ -84,9 +85,16 @@ class UI:
                 "default_sampler": DEFAULT_SAMPLER, "max_images": MAX_IMAGES, "max_upload_bytes": MAX_UPLOAD_BYTES,
                 "images": self.images.info(), "processes": [p.label for p in self.processes], "edit": self.edit}
 
-    def cancel_all(self) -> None:
+    def start(self, worker: threading.Thread) -> None:
+        self.workers = {w for w in self.workers if w.is_alive()} | {worker}
+        worker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every request and wait for the drawing threads (each stops at its next step)."""
         for slot in self.slots:
             slot.cancel()
+        for worker in list(self.workers):
+            worker.join(timeout)
 
 
 # ---------------------------------------------------------------------------- requests
@@ -155,8 +163,8 @@ async def sample(request: Request) -> Response:
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             cancel.set()
 
-    threading.Thread(target=work, args=(ui, slot, body, emit, cancel), daemon=True,
-                     name=f"ddpm-ui-sample-{slot.index}").start()
+    ui.start(threading.Thread(target=work, args=(ui, slot, body, emit, cancel), daemon=True,
+                              name=f"ddpm-ui-sample-{slot.index}"))
     return StreamingResponse(events(queue, cancel, slot), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
@@ -283,7 +291,7 @@ def create_app(ui: UI, names: Sequence[str] = ()) -> LocalOnly:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        ui.cancel_all()  # a stopping server stops the drawing too
+        ui.stop()  # a stopping server stops the drawing too
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={RequestError: refused, UserError: refused, HTTPException: http_error})
@@ -346,14 +354,28 @@ def serve(sources: Sequence[str], weights: str = "ema", device: str = "auto", da
     if listen is not None:
         print(f"ddpm: warning: listening on {host}: anyone who can reach port {port} of this machine can use the "
               "page (there is no password)", flush=True)
-    config = uvicorn.Config(create_app(ui, allowed_names(listen)), log_level="warning", timeout_graceful_shutdown=2,
+    config = uvicorn.Config(create_app(ui, allowed_names(listen)), log_level="warning", timeout_graceful_shutdown=5,
                             lifespan="on")
-    server = uvicorn.Server(config)
+    server = Server(config, ui)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn has shut down; it raises the captured Ctrl-C again on its way out
     finally:
-        ui.cancel_all()
+        ui.stop()
         sock.close()
     print("ddpm ui: stopped")
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which on Ctrl-C first cancels the drawing, so that the open event streams end
+    (with ``cancelled``) and the graceful shutdown has nothing left to wait for."""
+
+    def __init__(self, config: uvicorn.Config, ui: UI) -> None:
+        super().__init__(config)
+        self.ui = ui
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        for slot in self.ui.slots:
+            slot.cancel()
+        super().handle_exit(sig, frame)

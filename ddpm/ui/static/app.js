@@ -260,6 +260,7 @@ function showForward() {
 }
 
 function fmt(x) {
+  if (x === 0) return "0";
   return Math.abs(x) >= 0.01 && Math.abs(x) < 1000 ? x.toFixed(4) : x.toExponential(2);
 }
 
