@@ -139,8 +139,8 @@ def fetched(page, url: str) -> bytes:
 
 
 def screenshot(page, name: str) -> None:
-    """A full-page screenshot in 64 colours (a page has few): checked under 100 KB, saved with DDPM_UI_SCREENSHOTS."""
-    image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB").quantize(64)
+    """A full-page screenshot in 128 colours (a page has few): checked under 100 KB, saved with DDPM_UI_SCREENSHOTS."""
+    image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB").quantize(128)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     assert len(buffer.getvalue()) < MAX_SCREENSHOT, f"{name}: {len(buffer.getvalue())} bytes"
