@@ -13,7 +13,7 @@ untrained tiny one (the gallery's come from a class-conditional digits model, se
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import dataclasses
 import http.server
 import io
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -33,12 +32,16 @@ from PIL import Image
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
+from test_ui_server import DIFFUSION, Gate, LengthConditioning, PromptNet, decode, png_tensor  # noqa: E402
+
 from ddpm.cli import main  # noqa: E402
 from ddpm.generate import SamplerSettings, generate  # noqa: E402
 from ddpm.images import make_grid  # noqa: E402
+from ddpm.loading import LoadedModel  # noqa: E402
 from ddpm.models import UNet, get_preset  # noqa: E402
 from ddpm.ui.forward import noised  # noqa: E402
-from ddpm.ui.server import bind, create_app, load_ui  # noqa: E402
+from ddpm.ui.sampling import ModelSlot, png_bytes  # noqa: E402
+from ddpm.ui.server import UI, bind, create_app, load_ui  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -104,9 +107,9 @@ def data_source(tmp_path_factory) -> str:
     return "digits"
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, data_source):
-    ui = load_ui([model_dir], data=data_source, quiet=True)
+@contextlib.contextmanager
+def serving(ui: UI):
+    """The server on a free loopback port, in a thread of this process, for the tests' time."""
     sock = bind("127.0.0.1", 0)
     app = create_app(ui)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -117,19 +120,19 @@ def server(model_dir, data_source):
             break
         time.sleep(0.05)
     port = sock.getsockname()[1]
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", port=port, ui=ui, app=app)
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", port=port, ui=ui, app=app)
+    finally:
+        ui.stop()
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
-def decode(data_url: str) -> torch.Tensor:
-    return png_tensor(base64.b64decode(data_url.split(",", 1)[1]))
-
-
-def png_tensor(data: bytes) -> torch.Tensor:
-    array = np.array(Image.open(io.BytesIO(data)))
-    return torch.from_numpy(array if array.ndim == 3 else array[:, :, None]).permute(2, 0, 1)
+@pytest.fixture(scope="module")
+def server(model_dir, data_source):
+    with serving(load_ui([model_dir], data=data_source, quiet=True)) as running:
+        yield running
 
 
 def fetched(page, url: str) -> bytes:
@@ -161,6 +164,7 @@ def wait_for_image(page, selector: str, part: str) -> None:
 def test_the_page_draws_what_ddpm_sample_draws_and_scrubs_the_chain(page, server, tmp_path):
     page.goto(server.url)
     page.wait_for_selector("body[data-ready]")
+    assert page.is_hidden("#edit-tab") and page.is_hidden("#prompt")  # no editing yet; not a text model
     page.fill("#seed", "5")
     page.fill("#num-images", "4")
     page.fill("#batch-size", "4")
@@ -189,9 +193,7 @@ def test_the_page_draws_what_ddpm_sample_draws_and_scrubs_the_chain(page, server
     wait_for_image(page, "#frame-x0", "/7/pred_x0.png")
     assert page.text_content("#scrub-label") == f"frame 8 of 20: t = {int(chain['timesteps'][7]) + 1}"
     shown = png_tensor(fetched(page, page.get_attribute("#frame-xt", "src")))
-    expected = make_grid(chain["x_t"][7].clamp(-1, 1), nrow=2)
-    assert torch.equal(shown, torch.from_numpy(np.array(expected)).reshape(shown.shape[1], shown.shape[2], -1)
-                       .permute(2, 0, 1))
+    assert torch.equal(shown, png_tensor(png_bytes(make_grid(chain["x_t"][7].clamp(-1, 1), nrow=2))))
     assert fetched(page, page.get_attribute("#download-gif", "href"))[:6] == b"GIF89a"
     screenshot(page, "ui_sample.png")
 
@@ -208,7 +210,7 @@ def test_the_forward_view_noises_a_data_image_and_plots_the_schedule(page, serve
     diffusion = server.ui.diffusion(0)
     shown = png_tensor(fetched(page, page.get_attribute("#xt-image", "src")))
     expected = noised(diffusion, server.ui.images.get("d3"), 250, 0)
-    assert torch.equal(shown, png_tensor(_png(expected)))
+    assert torch.equal(shown, png_tensor(png_bytes(expected)))
     abar = float(diffusion.alphas_cumprod[249])
     assert f"ᾱ = {abar:.4f}" in page.text_content("#forward-values")
 
@@ -225,12 +227,6 @@ def test_the_forward_view_noises_a_data_image_and_plots_the_schedule(page, serve
     page.wait_for_function("() => document.getElementById('image-source').value.startsWith('u')")
     wait_for_image(page, "#x0-image", "image=u")
     assert png_tensor(fetched(page, page.get_attribute("#x0-image", "src")))[:, 0, 0].tolist() == [0, 128, 128]
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class ForeignSite(http.server.BaseHTTPRequestHandler):
@@ -281,3 +277,43 @@ def test_another_website_cannot_drive_it_nor_a_rebinding_name(page, server):
     # A foreign name that resolves to this machine (DNS rebinding) gets only a refusal.
     response = page.goto(f"http://rebind.test:{server.port}/")
     assert response.status == 403 and "is not this server's address" in page.text_content("body")
+
+
+def test_a_text_model_gets_prompt_fields_and_a_busy_model_says_so(browser):
+    """With a stand-in text model (a fake conditioning): the prompt reaches generate(), and while one page
+    draws, another is told the model is busy; Cancel stops the drawing."""
+    text = LoadedModel(PromptNet(), DIFFUSION, "a text model")
+    text.conditioning = LengthConditioning()
+    gate = Gate(text.model)
+    gate.open.set()
+    context = browser.new_context()
+    with serving(UI([ModelSlot(0, "runs/text", text)])) as running:
+        first, second = context.new_page(), context.new_page()
+        for page in (first, second):
+            page.goto(running.url)
+            page.wait_for_selector("body[data-ready]")
+        assert first.is_visible("#prompt") and first.is_visible("#negative-prompt") and first.is_hidden("#label")
+        first.fill("#prompt", "a red square")
+        first.fill("#steps", "4")
+        first.click("#sample-button")
+        first.wait_for_selector("body[data-sample=done]")
+        urls = first.eval_on_selector_all("#images img.sample", "images => images.map(image => image.src)")
+        expected = generate(PromptNet(), DIFFUSION.build(), 4, SamplerSettings(steps=4), prompts=["a red square"],
+                            conditioning=LengthConditioning(), batch_size=4, progress=False)
+        assert torch.equal(torch.stack([decode(url) for url in urls]), expected.uint8())
+        assert "--prompt 'a red square'" in first.text_content("#command")
+
+        gate.open.clear()  # the next request holds the model until the gate opens
+        first.click("#sample-button")
+        for _ in range(200):  # until the server holds the model for the first page
+            if running.ui.slots[0].info()["busy"]:
+                break
+            time.sleep(0.05)
+        second.click("#sample-button")
+        second.wait_for_selector("body[data-sample=busy]")
+        assert "busy with another request" in second.text_content("#sample-status")
+        first.click("#cancel-button")
+        gate.open.set()
+        first.wait_for_selector("body[data-sample=cancelled]")
+        assert first.text_content("#sample-status") == "cancelled"
+    context.close()

@@ -39,7 +39,7 @@ from ddpm.models import UNet, get_preset  # noqa: E402
 from ddpm.ui import forward as forward_view  # noqa: E402
 from ddpm.ui.edit import edit_functions  # noqa: E402
 from ddpm.ui.forward import MAX_UPLOAD_BYTES, ImageStore  # noqa: E402
-from ddpm.ui.sampling import ModelSlot, SampleRequest, command_line, trajectory_every  # noqa: E402
+from ddpm.ui.sampling import ModelSlot, SampleRequest, command_line, png_bytes, trajectory_every  # noqa: E402
 from ddpm.ui.security import host_name, refusal  # noqa: E402
 from ddpm.ui.server import UI, allowed_names, create_app  # noqa: E402
 
@@ -244,21 +244,16 @@ def test_the_downloads_and_the_scrubber_frames_are_the_chains(client):
     assert len(done["frames"]) == 25
     grid = client.get(done["grid"])
     assert grid.headers["content-type"] == "image/png"
-    assert torch.equal(png_tensor(grid.content), png_tensor(_png(grid_image(expected.uint8()))))
+    assert torch.equal(png_tensor(grid.content), png_tensor(png_bytes(grid_image(expected.uint8()))))
     for k in (0, 13, 24):
         for which in ("x_t", "pred_x0"):
             frame = png_tensor(client.get(f"{done['frames_url']}/{k}/{which}.png").content)
-            assert torch.equal(frame, png_tensor(_png(make_grid(expected.trajectory[which][k].clamp(-1, 1), nrow=2))))
+            grid = make_grid(expected.trajectory[which][k].clamp(-1, 1), nrow=2)
+            assert torch.equal(frame, png_tensor(png_bytes(grid)))
     gif = client.get(done["gif"])
     assert gif.content[:6] == b"GIF89a" and Image.open(io.BytesIO(gif.content)).n_frames > 10
     assert client.get(f"{done['frames_url']}/25/x_t.png").status_code == 404
     assert client.get("/api/results/nope/grid.png").status_code == 404
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_a_text_model_takes_the_prompts(client):
@@ -421,6 +416,9 @@ def test_the_theory_sections_are_served_from_the_docs(client):
         assert f"#{section['anchor']}" and len(section["text"]) > 500
     assert "q_sample" in client.get("/api/theory/forward").json()["text"]
     assert client.get("/api/theory/secrets").status_code == 404
+    whole = client.get("/docs/theory.md")
+    assert whole.headers["content-type"].startswith("text/plain")
+    assert whole.text == (ROOT / "docs" / "theory.md").read_text(encoding="utf-8")
 
 
 def test_the_theory_is_refused_in_one_line_when_the_docs_are_not_installed(tmp_path):

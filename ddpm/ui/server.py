@@ -24,7 +24,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -35,7 +35,16 @@ from ddpm.runtime import resolve_device
 from ddpm.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ddpm.ui import DEFAULT_PORT, NotFound, RequestError, TooLarge
 from ddpm.ui.edit import edit_functions, edit_info
-from ddpm.ui.forward import MAX_DATA_IMAGES, MAX_UPLOAD_BYTES, ImageStore, curves, noised, processes, theory_section
+from ddpm.ui.forward import (
+    MAX_DATA_IMAGES,
+    MAX_UPLOAD_BYTES,
+    THEORY,
+    ImageStore,
+    curves,
+    noised,
+    processes,
+    theory_section,
+)
 from ddpm.ui.sampling import (
     MAX_IMAGES,
     Cancelled,
@@ -258,6 +267,13 @@ async def theory(request: Request) -> Response:
     return JSONResponse(theory_section(request.path_params["key"]))
 
 
+async def theory_page(request: Request) -> Response:
+    """The whole of docs/theory.md as text (the one file of the source tree the page may show)."""
+    if not THEORY.is_file():
+        raise NotFound("docs/theory.md is not installed with the package: read it in the source repository")
+    return PlainTextResponse(THEORY.read_text(encoding="utf-8"))
+
+
 async def refused(request: Request, exc: Exception) -> Response:
     status = exc.status if isinstance(exc, RequestError) else 400
     return JSONResponse({"error": str(exc)}, status_code=status)
@@ -280,6 +296,7 @@ ROUTES = [
     Route("/api/forward.png", forward),
     Route("/api/process/{index:int}", process),
     Route("/api/theory/{key}", theory),
+    Route("/docs/theory.md", theory_page),
     Mount("/static", StaticFiles(directory=STATIC), name="static"),
 ]
 
