@@ -273,9 +273,14 @@ def test_a_text_model_takes_the_prompts(client):
 
 def test_the_trajectory_is_thinned_to_at_most_a_hundred_frames():
     slot = ModelSlot(0, "m", LoadedModel(tiny_unet(), DiffusionConfig(timesteps=1000), "m"))
-    assert trajectory_every(slot, SamplerSettings("ddpm")) == 10
-    assert trajectory_every(slot, SamplerSettings("ddim", 100)) == 1
-    assert trajectory_every(slot, SamplerSettings("ddim", 101)) == 2
+    assert trajectory_every(slot, SamplerSettings("ddpm"), 64) == 10
+    assert trajectory_every(slot, SamplerSettings("ddim", 100), 64) == 1
+    assert trajectory_every(slot, SamplerSettings("ddim", 101), 64) == 2
+    config = dataclasses.replace(get_preset("tiny"), image_size=256, attn_resolutions=())
+    big = ModelSlot(0, "m", LoadedModel(UNet(config), DiffusionConfig(timesteps=1000), "m"))
+    assert trajectory_every(big, SamplerSettings("ddpm"), 64) == 500  # 2 frames of 64 images, 2 x 50 MB each
+    assert trajectory_every(big, SamplerSettings("ddpm"), 16) == 100  # 10 frames of 16
+    assert trajectory_every(big, SamplerSettings("ddpm"), 1) == 10
 
 
 def test_the_command_line_quotes_what_it_must():

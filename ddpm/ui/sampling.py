@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ddpm.errors import UserError, is_int
+from ddpm.errors import is_int
 from ddpm.generate import Condition, SamplerSettings, Samples, generate, grid_image
 from ddpm.images import make_grid, to_uint8
 from ddpm.loading import LoadedModel, describe_run
@@ -37,11 +37,14 @@ from ddpm.viz import reverse_process_gif
 #: The most images one request may ask for (and the most in one batch).
 MAX_IMAGES = 64
 #: The most steps of the first batch's chain kept for the scrubber: every kept step up to this many,
-#: else every k-th (DDPM's 1000 steps give 100 frames).
+#: else every k-th (DDPM's 1000 steps give 100 frames), and fewer where x_t and x̂_0 of so many frames
+#: would pass :data:`MAX_TRAJECTORY_BYTES` (16 images of 256x256x3 keep 10).
 MAX_FRAMES = 100
+MAX_TRAJECTORY_BYTES = 256 * 2**20
 MAX_PROMPT = 1000
-#: Seconds between two progress events (each carries a preview of x̂_0).
+#: Seconds between two progress events, and the images of the batch whose x̂_0 they preview.
 PROGRESS_INTERVAL = 0.1
+PREVIEW_IMAGES = 16
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -194,8 +197,6 @@ class ModelSlot:
 
 def check_request(slot: ModelSlot, request: SampleRequest) -> None:
     """The :class:`UserError` that :func:`generate` would raise, before anything starts."""
-    if request.sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {request.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     check_sampler_arguments(slot.diffusion.num_timesteps, request.sampler, request.steps, 0.0)
     prompts = None if request.prompt is None else [request.prompt]
     Condition(request.label, prompts, request.negative_prompt, request.guidance_scale).check(
@@ -211,19 +212,24 @@ def run_sample(slot: ModelSlot, request: SampleRequest, emit: Emit, cancel: thre
                        label=request.label, guidance_scale=request.guidance_scale,
                        prompts=None if request.prompt is None else [request.prompt],
                        negative_prompt=request.negative_prompt, conditioning=slot.conditioning,
-                       batch_size=request.batch_size, device=device, progress=False,
-                       trajectory_every=trajectory_every(slot, settings), autoencoder=loaded.autoencoder,
+                       batch_size=request.batch_size, device=device, progress=False, autoencoder=loaded.autoencoder,
+                       trajectory_every=trajectory_every(slot, settings, min(request.batch_size, request.num_images)),
                        callback=Progress(request.num_images, emit, cancel, preview=loaded.autoencoder is None))
     slot.result = SampleResult(secrets.token_urlsafe(12), samples, command_line(slot, request))
     return slot.result
 
 
-def trajectory_every(slot: ModelSlot, settings: SamplerSettings) -> int:
-    """Every kept step up to :data:`MAX_FRAMES` of them, else evenly fewer."""
+def trajectory_every(slot: ModelSlot, settings: SamplerSettings, batch_size: int) -> int:
+    """Every kept step up to :data:`MAX_FRAMES` of them (fewer for big images), else evenly fewer."""
+    frame_bytes = 2 * 4 * batch_size * math.prod(slot.loaded.image_shape)  # x_t and x̂_0 in float32
+    frames = max(2, min(MAX_FRAMES, MAX_TRAJECTORY_BYTES // frame_bytes))
+    T = slot.diffusion.num_timesteps
     if settings.sampler == "dpm-adaptive":
-        return 1  # it picks its own (few) steps
-    steps = default_steps(settings.sampler, slot.diffusion.num_timesteps) if settings.steps is None else settings.steps
-    return max(1, math.ceil(len(kept_timesteps(slot.diffusion, settings.sampler, steps)) / MAX_FRAMES))
+        kept = T // 10  # it picks its own steps, far fewer than T: the estimate is generous
+    else:
+        steps = default_steps(settings.sampler, T) if settings.steps is None else settings.steps
+        kept = len(kept_timesteps(slot.diffusion, settings.sampler, steps))
+    return max(1, math.ceil(kept / frames))
 
 
 class Progress:
@@ -253,8 +259,8 @@ class Progress:
         data = {"fraction": (first + n * done / event["total"]) / self.num_images, "step": event["step"] + 1,
                 "t": event["timestep"] + 1, "first": first, "batch": n}
         if self.preview:
-            x0 = event["pred_x0"].float().clamp(-1, 1).cpu()
-            data["preview"] = data_url(make_grid(x0, nrow=math.ceil(math.sqrt(n)), padding=1))
+            x0 = event["pred_x0"][:PREVIEW_IMAGES].float().clamp(-1, 1).cpu()
+            data["preview"] = data_url(make_grid(x0, nrow=math.ceil(math.sqrt(len(x0))), padding=1))
         self.emit("progress", data)
 
 
