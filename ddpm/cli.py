@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import sys
 import textwrap
+import types
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub, common)
     _add_viz(sub, common)
     _add_export(sub, common)
+    _add_data(sub, common)
     _add_demo(sub, common)
     _add_ui(sub, common)
     return parser
@@ -98,12 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     from ddpm.config import RUN_PRESETS, SECTIONS
+    from ddpm.models import NETWORKS
 
-    p = sub.add_parser("train", parents=[common], help="train a model on images",
-                       description="Train a DDPM U-Net (Ho et al. 2020, Algorithm 1) with the paper's recipe.",
+    p = sub.add_parser("train", parents=[common], help="train a model on images (or captioned images)",
+                       description="Train a DDPM U-Net (Ho et al. 2020, Algorithm 1) with the paper's recipe, or a "
+                                   "text-to-image model on captioned images (a text-to-image preset).",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN)
     _add_run_arguments(p, RUN_PRESETS, "digits")
-    _add_config_options(p, SECTIONS, skip={"data.source"})
+    _prompt_arguments(p, "the training previews' prompts (text-to-image runs; default: the data's first captions)",
+                      negative=False)
+    _add_config_options(p, {**SECTIONS, "model": tuple(config for config, _ in NETWORKS.values())},
+                        skip={"data.source", "train.sample_prompts"})
     p.set_defaults(handler=cmd_train, command="train")
 
 
@@ -118,44 +126,100 @@ def _add_run_arguments(p: argparse.ArgumentParser, presets: dict[str, Any], defa
     mode.add_argument("--overwrite", action="store_true", help="start over in --out, deleting the old run's files")
 
 
-def _add_config_options(p: argparse.ArgumentParser, sections: dict[str, type], skip: set[str]) -> None:
+def _add_config_options(p: argparse.ArgumentParser, sections: dict[str, Any], skip: set[str]) -> None:
     """One ``--section.field`` option per configuration field (and ``--field`` where the name is
-    unique), with the field's documentation and default as help; ``skip`` names those set otherwise."""
+    unique), with the field's documentation and default as help; ``skip`` names those set otherwise.
+    A section may be a tuple of types (the networks a run's model can be): each field once, with
+    the network it belongs to named when not all have it."""
     from ddpm.config import field_docs, field_types
 
-    unique = _unique_field_names(sections)
-    for section, section_type in sections.items():
+    kinds = {name: t if isinstance(t, tuple) else (t,) for name, t in sections.items()}
+    unique = _unique_field_names(kinds)
+    for section, types_ in kinds.items():
         group = p.add_argument_group(f"{section} options")
-        docs = field_docs(section_type)
-        for field in dataclasses.fields(section_type):
-            key = f"{section}.{field.name}"
-            if key in skip:
-                continue
-            flags = [f"--{key}"]
-            if unique.get(field.name) == section and field.name not in ("steps", "device"):
-                flags.append(f"--{field.name.replace('_', '-')}")
-            default = field.default if field.default is not dataclasses.MISSING else None
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            if default is None and field_types(section_type)[field.name] == bool | None:
-                shown = "auto"
-            help_text = f"{docs.get(field.name, '')} (default {shown})".strip()
-            group.add_argument(*flags, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_metavar(field_types(
-                section_type)[field.name]), help=help_text.replace("%", "%%"))
+        seen: set[str] = set()
+        for section_type in types_:
+            docs = field_docs(section_type)
+            for field in dataclasses.fields(section_type):
+                key = f"{section}.{field.name}"
+                if key in skip or field.name in seen:
+                    continue
+                seen.add(field.name)
+                flags = [f"--{key}"]
+                if unique.get(field.name) == section and field.name not in ("steps", "device"):
+                    flags.append(f"--{field.name.replace('_', '-')}")
+                owners = [t for t in types_ if field.name in {f.name for f in dataclasses.fields(t)}]
+                whose = f" [{_network_name(owners[0])}]" if len(owners) < len(types_) else ""
+                hints = field_types(section_type)
+                group.add_argument(*flags, dest=f"cfg:{key}", default=argparse.SUPPRESS,
+                                   metavar=_metavar(hints[field.name]),
+                                   help=(_field_help(field, docs, hints) + whose).replace("%", "%%"))
 
 
-def _unique_field_names(sections: dict[str, type]) -> dict[str, str]:
-    seen: dict[str, list[str]] = {}
-    for section, section_type in sections.items():
-        for field in dataclasses.fields(section_type):
-            seen.setdefault(field.name, []).append(section)
-    return {name: sections[0] for name, sections in seen.items() if len(sections) == 1}
+def _field_help(field: Any, docs: dict[str, str], types_: dict[str, Any]) -> str:
+    default = field.default if field.default is not dataclasses.MISSING else None
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    if default is None and types_[field.name] == bool | None:
+        shown = "auto"
+    return f"{docs.get(field.name, '')} (default {shown})".strip()
+
+
+def _network_name(config_type: type) -> str:
+    return {"unet": "DDPM U-Net", "unet2d_condition": "conditional U-Net, text-to-image presets"}.get(
+        getattr(config_type, "ARCH", ""), config_type.__name__)
+
+
+def _unique_field_names(kinds: dict[str, tuple[type, ...]]) -> dict[str, str]:
+    seen: dict[str, set[str]] = {}
+    for section, types_ in kinds.items():
+        for section_type in types_:
+            for field in dataclasses.fields(section_type):
+                seen.setdefault(field.name, set()).add(section)
+    return {name: next(iter(found)) for name, found in seen.items() if len(found) == 1}
 
 
 def _metavar(annotation: Any) -> str:
     if annotation == bool | None:
         return "BOOL|auto"
-    name = getattr(annotation, "__name__", "")
-    return {"int": "N", "float": "X", "bool": "BOOL", "str": "TEXT"}.get(name, "N,N,...")
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    names = {"int": "N", "float": "X", "bool": "BOOL", "str": "TEXT"}
+    parts = []
+    for option in options if typing.get_origin(annotation) in (types.UnionType, typing.Union) else [annotation]:
+        if typing.get_origin(option) is tuple:
+            item = names.get(getattr(typing.get_args(option)[0], "__name__", ""), "N")
+            parts.append(f"{item},{item},...")
+        else:
+            parts.append(names.get(getattr(option, "__name__", ""), "TEXT"))
+    return "|".join(dict.fromkeys(parts)) + ("|none" if type(None) in typing.get_args(annotation) else "")
+
+
+def _prompt_arguments(p: argparse.ArgumentParser, what: str, negative: bool = True) -> None:
+    """--prompt (repeatable), --prompts-file and, for sampling, --negative-prompt."""
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help=f"{what}; give it several times for several prompts, taken in turn")
+    p.add_argument("--prompts-file", default=None, metavar="FILE", help="prompts, one per line (after any --prompt)")
+    if negative:
+        p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                       help="what guidance steers away from: the unconditional half of classifier-free guidance "
+                            "(default: the empty prompt)")
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of --prompt and --prompts-file, or None if neither was given."""
+    if args.prompt is None and args.prompts_file is None:
+        return None
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file {path}: no such file")
+        try:
+            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompts-file {path}: not UTF-8 text ({e.reason})") from None
+    if not prompts:
+        raise UserError(f"--prompts-file {args.prompts_file}: no prompts in it (one per line)")
+    return prompts
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -167,9 +231,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ddpm.train import train
 
     overrides = _overrides(args)
-    if overrides.get("data.autoencoder"):
-        # Recorded absolute, so that sampling from the run works from any directory.
-        overrides["data.autoencoder"] = str(Path(overrides["data.autoencoder"]).resolve())
+    prompts = _prompts(args)
+    if prompts is not None:
+        overrides["train.sample_prompts"] = "\n".join(prompts)
+    for key in ("data.autoencoder", "data.text_encoder"):
+        if overrides.get(key):
+            # Recorded absolute, so that sampling from the run works from any directory.
+            overrides[key] = str(Path(overrides[key]).resolve())
     config, explicit = _run_config(args, overrides, RunConfig, get_config, "digits")
     _report(train(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
                   progress=not args.quiet))
@@ -323,18 +391,86 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
               ddpm sample runs/mnist --out out/paper --sampler ddpm              # Algorithm 2, 1000 steps
               ddpm sample ddpm-cifar10-32/ --out out/cifar --sampler ddim --steps 100
               ddpm sample runs/cond --out out/sevens --label 7 --guidance-scale 3
+              ddpm sample runs/video --out out/video --num-images 16 --mp4        # a video model: GIF, MP4, grid
+              ddpm sample runs/video --out out/next --first-frames clip.gif --num-first-frames 2 --frames 8
+              ddpm sample runs/video --out out/long --frames 24 --context 4        # extended beyond 8 frames
             """))
     _model_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
     _sampler_arguments(p, seed_help="random seed: image i of a seed is the same whatever --batch-size")
     p.add_argument("--num-images", type=int, default=64, help="how many images")
-    p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale w (1: conditional model alone)")
+    _condition_arguments(p)
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     p.add_argument("--pngs", action="store_true", help="write every image as images/NNNNNN.png")
     p.add_argument("--npz", action="store_true", help="write samples.npz (uint8 NHWC arr_0, as FID tools take)")
+    _video_arguments(p)
     p.set_defaults(handler=cmd_sample, command="sample")
+
+
+def _condition_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
+    _prompt_arguments(p, "what to draw (text-to-image models; default: the empty, unconditional prompt)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale w (1: the conditional model alone; Stable Diffusion uses 7.5)")
+
+
+def _conditions(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """generate()'s condition arguments from the command line."""
+    return {"label": args.label, "prompts": _prompts(args), "negative_prompt": args.negative_prompt,
+            "guidance_scale": args.guidance_scale, "conditioning": loaded.conditioning}
+
+
+def _video_arguments(p: argparse.ArgumentParser) -> None:
+    from ddpm.video_sampling import CONDITIONING_METHODS, DEFAULT_GUIDANCE_WEIGHT
+
+    g = p.add_argument_group("video models (a model of ddpm.models.video_unet)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="frames per clip (default: the model's; more are drawn by autoregressive extension)")
+    g.add_argument("--first-frames", default=None, metavar="FILE",
+                   help="continue these frames: a GIF/MP4, an image, or an .npy/.npz of clips (N, T, H, W[, C])")
+    g.add_argument("--num-first-frames", type=int, default=None, metavar="K",
+                   help="how many frames of --first-frames to keep (default: all of them)")
+    g.add_argument("--conditioning", default="reconstruction", choices=list(CONDITIONING_METHODS),
+                   help="how given frames condition the rest: VDM's reconstruction guidance (default) or replacement")
+    g.add_argument("--guidance-weight", type=float, default=DEFAULT_GUIDANCE_WEIGHT, metavar="W",
+                   help=f"reconstruction guidance's weight w_r (default {DEFAULT_GUIDANCE_WEIGHT:g})")
+    g.add_argument("--context", type=int, default=None, metavar="K",
+                   help="frames each extension window is conditioned on (default: half the model's frames)")
+    g.add_argument("--fps", type=float, default=8, help="frames per second of the GIF and MP4 (default 8)")
+    g.add_argument("--mp4", action="store_true", help="also write samples.mp4 (needs pip install 'ddpm[video]')")
+    g.add_argument("--no-gif", action="store_true", help="do not write samples.gif")
+
+
+_VIDEO_OPTIONS = ("frames", "first_frames", "num_first_frames", "context")
+
+
+def _is_video(loaded: Any, args: argparse.Namespace) -> bool:
+    """Whether ``loaded`` is a video model; a video option given for an image model is one line."""
+    from ddpm.models.video_unet import VideoUNet
+
+    if isinstance(loaded.model, VideoUNet):
+        return True
+    given = [f"--{name.replace('_', '-')}" for name in _VIDEO_OPTIONS if getattr(args, name, None) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} need(s) a video model; {args.model} is an image model")
+    return False
+
+
+def _sample_video(args: argparse.Namespace, loaded: Any, device: Any) -> int:
+    from ddpm.video_sampling import generate_video, read_first_frames, write_videos
+
+    channels, _, height, width = loaded.model.sample_shape
+    first = None if args.first_frames is None else read_first_frames(args.first_frames, args.num_first_frames,
+                                                                      channels, (height, width))
+    samples = generate_video(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args), seed=args.seed,
+                             frames=args.frames, first_frames=first, method=args.conditioning,
+                             guidance_weight=args.guidance_weight, context=args.context, label=args.label,
+                             batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet)
+    print(f"{len(samples.videos)} clips of {samples.videos.shape[2]} frames with {args.sampler}: "
+          f"{samples.nfe:g} network evaluations each")
+    _print_paths(write_videos(samples, args.out, gif=not args.no_gif, mp4=args.mp4, grid=not args.no_grid,
+                              npz=args.npz, fps=args.fps))
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -351,9 +487,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
+    if _is_video(loaded, args):
+        return _sample_video(args, loaded, device)
     samples = generate(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args), seed=args.seed,
-                       label=args.label, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                       device=device, bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder)
+                       batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet,
+                       autoencoder=loaded.autoencoder, **_conditions(args, loaded))
     print(f"{len(samples.images)} images with {args.sampler}: {samples.nfe:g} network evaluations each")
     _print_paths(write_samples(samples, args.out, grid=not args.no_grid, pngs=args.pngs, npz=args.npz))
     return 0
@@ -410,6 +548,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
+    if _is_video(loaded, args):
+        raise UserError(f"{args.model} is a video model and ddpm eval scores images; measure clips with "
+                        "python -m bench.video_mnist (Moving MNIST: per-frame FD, continuation MSE and SSIM)")
     out = Path(args.out)
     written: list[Path] = []
     if not args.no_bpd:
@@ -430,7 +571,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             samples = generate(loaded.model, loaded.diffusion.build(), args.num_samples,
                                _settings(args), seed=args.seed, batch_size=args.batch_size,
                                device=device, bf16=_bf16(args), progress=not args.quiet,
-                               autoencoder=loaded.autoencoder).uint8()
+                               autoencoder=loaded.autoencoder, conditioning=loaded.conditioning).uint8()
         metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)
         from ddpm.checkpoints import save_json
 
@@ -493,6 +634,7 @@ def _add_viz(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--num-images", type=int, default=8, help="images in the grid (the GIF shows 16)")
     _sampler_arguments(r)
+    _condition_arguments(r)
     r.set_defaults(handler=cmd_viz_reverse, command="viz")
     p.set_defaults(handler=lambda args: (p.print_help(), 2)[1], command="viz")
 
@@ -527,9 +669,17 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
+    if _is_video(loaded, args):
+        from ddpm.video_sampling import video_reverse_pictures
+
+        _print_paths(video_reverse_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
+                                            num_videos=max(1, args.num_images // 4), seed=args.seed, device=device,
+                                            bf16=_bf16(args), progress=not args.quiet))
+        return 0
     _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
                                           num_images=args.num_images, seed=args.seed, device=device,
-                                          bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder))
+                                          bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
+                                          **_conditions(args, loaded)))
     return 0
 
 
@@ -551,6 +701,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ddpm.loading import load_model
 
     _print_paths(export_model(load_model(args.model, args.weights, "cpu"), Path(args.out), args.format))
+    return 0
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _add_data(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "data", parents=[common], help="make data sets (Moving MNIST from an MNIST .npz)",
+        description="Make training data without a download.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              ddpm data moving-mnist --mnist mnist.npz --out mm.npz      # the standard set: 64x64, 2 digits, 20 frames
+              ddpm data moving-mnist --mnist mnist.npz --out mm32.npz --size 32 --digits 1 --frames 8"""))
+    what = p.add_subparsers(title="data sets", metavar="WHAT")
+    m = what.add_parser("moving-mnist", parents=[common],
+                        help="Moving MNIST (Srivastava et al. 2015): digits bouncing in a frame, as an .npz of videos")
+    m.add_argument("--mnist", required=True, help="an MNIST .npz with x_train, y_train, x_test, y_test (keras')")
+    m.add_argument("--out", required=True, help="the .npz to write (x_train, y_train, x_test, y_test, ...)")
+    m.add_argument("--num-videos", type=int, default=10_000, help="training videos (default 10000)")
+    m.add_argument("--num-test", type=int, default=1_000, help="test videos, from MNIST's test digits (default 1000)")
+    m.add_argument("--frames", type=int, default=20, help="frames per video (default 20)")
+    m.add_argument("--size", type=int, default=64, help="frame side in pixels (default 64)")
+    m.add_argument("--digits", type=int, default=2, help="digits per video (default 2)")
+    m.add_argument("--digit-size", type=int, default=None, help="digit side (default 28 * size / 64)")
+    m.add_argument("--step-length", type=float, default=0.1, help="speed, in canvas widths per frame (default 0.1)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(handler=cmd_data_moving_mnist, command="data")
+    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1], command="data")
+
+
+def cmd_data_moving_mnist(args: argparse.Namespace) -> int:
+    from ddpm.video_data import write_moving_mnist
+
+    path = write_moving_mnist(args.mnist, args.out, args.num_videos, args.num_test, args.frames, args.size,
+                              args.digits, args.digit_size, args.step_length, args.seed)
+    _print_paths([path])
     return 0
 
 

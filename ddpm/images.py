@@ -11,6 +11,7 @@ target, so a reader (or a run resumed after an interruption) never finds a half-
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from ddpm.checkpoints import atomic_write
@@ -178,4 +179,118 @@ def save_npz(images: Tensor, path: PathLike, labels: Tensor | np.ndarray | None 
     # Writing to an open file keeps NumPy from appending ".npz" to a name that lacks it.
     with atomic_write(path, durable=False) as f:
         np.savez(f, **arrays)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------- labels
+
+PADDING = 2  # between tiles in every grid here; the labels are placed by it
+
+
+def labelled_rows(rows: Sequence[tuple[Tensor, str]], scale: int | None = None) -> Image.Image:
+    """One row of images per label, the label to the row's left: e.g. the same seeds under several samplers.
+
+    Each entry is (images [N, C, H, W] in [-1, 1] or uint8, label); every row must have the same N.
+    """
+    size = rows[0][0].shape[-1]
+    scale = scale or auto_scale(size)
+    grids = [make_grid(images, nrow=len(images), padding=PADDING, scale=scale) for images, _ in rows]
+    out = Image.new(grids[0].mode, (grids[0].width, sum(g.height for g in grids)), "white")
+    y, labels = 0, []
+    for grid, (_, label) in zip(grids, rows):
+        out.paste(grid, (0, y))
+        labels.append((y + grid.height / 2, label))
+        y += grid.height
+    return annotate(out, rows=labels)
+
+
+def annotate(
+    img: Image.Image, columns: Sequence[tuple[float, str]] = (), rows: Sequence[tuple[float, str]] = ()
+) -> Image.Image:
+    """``img`` with black text on white added above it (``columns``: x centre, text) and to its left (``rows``)."""
+    # One line height for every label (not each text's own), so that frames of a GIF, whose
+    # captions differ, all come out the same size and their text on one baseline.
+    _, line_top, _, line_bottom = _text_box(_LINE)
+    top = line_bottom - line_top + 6 if columns else 0
+    left = max((text_width(s) for _, s in rows), default=-8) + 8
+    out = Image.new(img.mode, (img.width + left, img.height + top), "white")
+    out.paste(img, (left, top))
+    draw = ImageDraw.Draw(out)
+    for x, text in columns:
+        _draw_centred(draw, left + x, top / 2, text)
+    for y, text in rows:
+        _draw_centred(draw, left / 2, top + y, text)
+    return out
+
+
+_LINE = "Ay(|)_"  # a line's full height: ascender, descender, brackets
+
+
+def _text_box(text: str) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of ``text`` drawn at the origin in the default font."""
+    return ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=_font())
+
+
+def text_width(text: str) -> int:
+    left, _, right, _ = _text_box(text)
+    return right - left
+
+
+def _draw_centred(draw: ImageDraw.ImageDraw, x: float, y: float, text: str) -> None:
+    """``text`` centred on x by its own width, and on y by the line's height (one baseline for all)."""
+    # From boxes rather than anchor="mm", which Pillow's bitmap fallback font lacks.
+    left, _, right, _ = _text_box(text)
+    _, top, _, bottom = _text_box(_LINE)
+    draw.text((round(x - (left + right) / 2), round(y - (top + bottom) / 2)), text, fill="black", font=_font())
+
+
+@functools.cache
+def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+# ------------------------------------------------------------------------------------------ videos
+
+
+def as_uint8_videos(videos: Tensor) -> Tensor:
+    """Clips ``[N, C, T, H, W]`` (C = 1 or 3) as a uint8 CPU tensor: uint8 kept, floats through :func:`to_uint8`."""
+    if videos.ndim != 5 or videos.shape[1] not in (1, 3):
+        raise ValueError(f"expected videos [N, C, T, H, W] with C = 1 or 3, got shape {tuple(videos.shape)}")
+    return videos.detach().cpu() if videos.dtype == torch.uint8 else to_uint8(videos).cpu()
+
+
+def video_frame_grid(videos: Tensor, padding: int = 2, scale: int | None = None) -> Image.Image:
+    """Clips ``[N, C, T, H, W]`` (uint8, or floats in [-1, 1]) as one picture: a row per clip, a column
+    per frame (:func:`make_grid`, tiles upscaled by ``scale``, default :func:`auto_scale`)."""
+    x = as_uint8_videos(videos)
+    frames = x.transpose(1, 2).flatten(0, 1)  # [N*T, C, H, W], clip by clip
+    return make_grid(frames, nrow=x.shape[2], padding=padding, scale=scale or auto_scale(x.shape[-1]))
+
+
+def video_frames(videos: Tensor, nrow: int | None = None, padding: int = 2, scale: int | None = None
+                 ) -> list[Image.Image]:
+    """The frames of an animation of clips ``[N, C, T, H, W]``: frame t is the grid of every clip's frame t."""
+    x = as_uint8_videos(videos)
+    scale = scale or auto_scale(x.shape[-1])
+    return [make_grid(x[:, :, t], nrow=nrow, padding=padding, scale=scale) for t in range(x.shape[2])]
+
+
+def save_mp4(frames: Sequence[Image.Image | np.ndarray], path: PathLike, fps: float = 8) -> Path:
+    """Write frames (Pillow images or uint8 ``[H, W]`` / ``[H, W, 3]`` arrays, one size) as an H.264 MP4,
+    atomically, through imageio's ffmpeg plugin (the optional extra ``video``). Grey is written as RGB,
+    and an odd height or width is padded by one white row or column (H.264's 4:2:0 needs even sides)."""
+    try:
+        import imageio.v3 as iio
+    except ImportError as error:
+        raise UserError(f"writing {path} needs imageio and imageio-ffmpeg: pip install 'ddpm[video]'") from error
+    arrays = [np.asarray(f.convert("RGB") if isinstance(f, Image.Image) else f, dtype=np.uint8) for f in frames]
+    arrays = [np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+    if not arrays or len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"an MP4 needs frames of one size, got {sorted({a.shape for a in arrays})}")
+    h, w, _ = arrays[0].shape
+    stack = np.pad(np.stack(arrays), ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
+    # macro_block_size=1: imageio would otherwise resize every frame to multiples of 16.
+    data = iio.imwrite("<bytes>", stack, extension=".mp4", plugin="FFMPEG", fps=fps, macro_block_size=1)
+    with atomic_write(path, durable=False) as f:
+        f.write(data)
     return Path(path)

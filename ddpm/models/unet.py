@@ -21,7 +21,7 @@ reserved null label (Ho and Salimans 2022, classifier-free guidance), and ``num_
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,6 +38,7 @@ from ddpm.models.layers import (
     Upsample,
     conv3x3,
     group_norm,
+    labels_with_null,
     norm_silu,
     per_sample,
     timestep_embedding,
@@ -135,6 +136,11 @@ class UNetConfig:
                 raise UserError(f"num_heads {self.num_heads} does not divide {width} channels")
 
     @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the network denoises at its training size."""
+        return self.in_channels, self.image_size, self.image_size
+
+    @property
     def out_channels(self) -> int:
         """``in_channels``, doubled by ``learned_sigma``."""
         return self.in_channels * (2 if self.learned_sigma else 1)
@@ -228,9 +234,20 @@ class AttnBlock(nn.Module):
         return x + h.transpose(1, 2).view(b, c, height, width)
 
 
+#: How the trunk applies an attention layer (an :class:`AttnBlock`, or ``nn.Identity`` where a level
+#: has none) to the features: ``attend(layer, h)``. The image U-Net calls the layer; the video U-Net
+#: (:mod:`ddpm.models.video_unet`) passes it the frames' temporal attention bias as well.
+Attend = Callable[[nn.Module, Tensor], Tensor]
+
+
+def apply_layer(layer: nn.Module, h: Tensor) -> Tensor:
+    """``layer(h)``: the image U-Net's :data:`Attend`."""
+    return layer(h)
+
+
 class Level(nn.Module):
     """One resolution of the down or up path: residual blocks, each followed by ``attn[i]``
-    (attention or identity), then an optional resampling."""
+    (``attention_type`` or identity), then an optional resampling."""
 
     def __init__(
         self,
@@ -242,11 +259,13 @@ class Level(nn.Module):
         num_heads: int,
         resample: nn.Module | None,
         groups: int = GROUPS,
+        attention_type: type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        attention_type = attention_type or AttnBlock
         self.block = nn.ModuleList(ResBlock(c, c_out, temb_dim, dropout, groups) for c in widths_in)
         self.attn = nn.ModuleList(
-            AttnBlock(c_out, num_heads, groups) if attention else nn.Identity() for _ in widths_in
+            attention_type(c_out, num_heads, groups) if attention else nn.Identity() for _ in widths_in
         )
         self.resample = resample
 
@@ -254,14 +273,15 @@ class Level(nn.Module):
 class Middle(nn.Module):
     """DDPM's middle: resblock, attention, resblock at the lowest resolution."""
 
-    def __init__(self, channels: int, temb_dim: int, dropout: float, num_heads: int, groups: int = GROUPS) -> None:
+    def __init__(self, channels: int, temb_dim: int, dropout: float, num_heads: int, groups: int = GROUPS,
+                 attention_type: type[nn.Module] | None = None) -> None:
         super().__init__()
         self.block_1 = ResBlock(channels, channels, temb_dim, dropout, groups)
-        self.attn_1 = AttnBlock(channels, num_heads, groups)
+        self.attn_1 = (attention_type or AttnBlock)(channels, num_heads, groups)
         self.block_2 = ResBlock(channels, channels, temb_dim, dropout, groups)
 
-    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x, temb_act)), temb_act)
+    def forward(self, x: Tensor, temb_act: Tensor, attend: Attend = apply_layer) -> Tensor:
+        return self.block_2(attend(self.attn_1, self.block_1(x, temb_act)), temb_act)
 
 
 class TimeEmbedding(nn.Module):
@@ -293,6 +313,9 @@ class UNet(SavedModel):
     FORMAT: ClassVar[str] = "ddpm-unet"
     WHAT: ClassVar[str] = "U-Net"
     LAYOUT = UNET2D
+    #: The attention layer at the attention resolutions and in the middle (the video U-Net's adds
+    #: temporal attention to DDPM's).
+    ATTENTION: ClassVar[type[nn.Module]] = AttnBlock
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -319,11 +342,11 @@ class UNet(SavedModel):
             last = i == num_levels - 1
             blocks_in = [c_in] + [c_out] * (config.num_res_blocks - 1)
             resample = None if last else Downsample(c_out)
-            self.down.append(Level(blocks_in, c_out, temb_dim, drop, attn, heads, resample, groups))
+            self.down.append(Level(blocks_in, c_out, temb_dim, drop, attn, heads, resample, groups, self.ATTENTION))
             skips += [c_out] * (config.num_res_blocks + (0 if last else 1))
             c_in = c_out
 
-        self.mid = Middle(c_in, temb_dim, drop, heads, groups)
+        self.mid = Middle(c_in, temb_dim, drop, heads, groups, self.ATTENTION)
 
         up: list[Level] = []
         for i in reversed(range(num_levels)):
@@ -334,7 +357,7 @@ class UNet(SavedModel):
                 c_in = c_out
             resample = Upsample(c_out) if i else None
             up.append(Level(blocks_in, c_out, temb_dim, drop, config.attention_levels[i], heads,
-                            resample, groups))
+                            resample, groups, self.ATTENTION))
         # Indexed by level as in the TF code (up.0 is the full-resolution level).
         self.up = nn.ModuleList(reversed(up))
 
@@ -345,8 +368,7 @@ class UNet(SavedModel):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of what the network denoises at its training size."""
-        c = self.config
-        return c.in_channels, c.image_size, c.image_size
+        return self.config.sample_shape
 
     @property
     def num_classes(self) -> int:
@@ -383,32 +405,38 @@ class UNet(SavedModel):
         Returns:
             ``[B, out_channels, H, W]``: epsilon, followed by ``v`` when ``learned_sigma``.
         """
-        config = self.config
         batch = self._check_input(x_t)
-        temb = self.temb(per_sample(t, batch, x_t.device, "t"))
+        return self.trunk(x_t, self.embed_time(t, y, batch, x_t.device))
+
+    def embed_time(self, t: Tensor | int | float, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """``silu(temb)`` [batch, 4ch]: the timestep embedding plus, for a class-conditional model, the
+        label's, activated as every residual block takes it (DDPM's ``nonlinearity(temb)``)."""
+        temb = self.temb(per_sample(t, batch, device, "t"))
         if self.class_emb is not None:
-            temb = temb + self.class_emb(self._labels(y, batch, x_t.device))
+            temb = temb + self.class_emb(labels_with_null(y, batch, device, self.config.num_classes))
         elif y is not None:
             raise ValueError("y given to a U-Net without class conditioning (num_classes=0)")
-        # Every residual block applies SiLU to the embedding first (DDPM's nonlinearity(temb)).
-        temb_act = F.silu(temb)
+        return F.silu(temb)
 
-        h = self.conv_in(x_t)
+    def trunk(self, x: Tensor, temb_act: Tensor, attend: Attend = apply_layer) -> Tensor:
+        """The network from ``conv_in`` to ``conv_out`` on ``x`` [N, in_channels, H, W] with the activated
+        time embedding [N, 4ch]; ``attend(layer, h)`` applies each attention layer (:data:`Attend`)."""
+        h = self.conv_in(x)
         skips = [h]
         for level in self.down:
             for block, attn in zip(level.block, level.attn):
-                h = attn(block(h, temb_act))
+                h = attend(attn, block(h, temb_act))
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
-        h = self.mid(h, temb_act)
+        h = self.mid(h, temb_act, attend)
         for level in reversed(self.up):
             for block, attn in zip(level.block, level.attn):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb_act))
+                h = attend(attn, block(torch.cat([h, skips.pop()], dim=1), temb_act))
             if level.resample is not None:
                 h = level.resample(h)
-        assert not skips and h.shape[1] == config.level_channels[0]
+        assert not skips and h.shape[1] == self.config.level_channels[0]
         return self.conv_out(norm_silu(self.norm_out, h))
 
     def _check_input(self, x_t: Tensor) -> int:
@@ -424,9 +452,3 @@ class UNet(SavedModel):
             )
         return x_t.shape[0]
 
-    def _labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        null = self.config.num_classes
-        if y is None:
-            return torch.full((batch,), null, dtype=torch.long, device=device)
-        y = per_sample(y, batch, device, "y").long()
-        return torch.where(y < 0, torch.full_like(y, null), y)

@@ -325,7 +325,10 @@ def load_ui(sources: Sequence[str], weights: str = "ema", device: str = "auto", 
     resolved = resolve_device(device)
     slots = []
     for i, source in enumerate(sources):
-        slot = ModelSlot(i, source, load_model(source, weights, resolved), weights, device)
+        loaded = load_model(source, weights, resolved)
+        if len(loaded.image_shape) != 3:
+            raise UserError(f"{source} is a video model; ddpm ui draws images (sample it with 'ddpm sample')")
+        slot = ModelSlot(i, source, loaded, weights, device)
         print(f"model {i}: {describe_run(slot.loaded)}")
         slots.append(slot)
     images = None
