@@ -530,3 +530,13 @@ def test_ddpm_ui_prints_its_address_and_ctrl_c_stops_it_cleanly_while_it_draws(t
         proc.kill()
     assert proc.returncode == 0 and out.strip().endswith("ddpm ui: stopped"), (out, err)
     assert "Traceback" not in err and time.monotonic() - started < 15
+
+
+def test_a_video_model_is_refused_in_one_line(monkeypatch, capsys):
+    class Clips(nn.Module):
+        num_classes, sample_shape = 0, (3, 8, 16, 16)
+
+    monkeypatch.setattr("ddpm.ui.server.load_model", lambda *args: LoadedModel(Clips(), DIFFUSION, "clips"))
+    assert main(["ui", "runs/video", "--port", "0"]) == 2
+    assert capsys.readouterr().err == ("ddpm: error: runs/video is a video model; ddpm ui draws images "
+                                       "(sample it with 'ddpm sample')\n")
