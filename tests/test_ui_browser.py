@@ -32,12 +32,11 @@ from PIL import Image
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
-from test_ui_server import DIFFUSION, Gate, LengthConditioning, PromptNet, decode, png_tensor  # noqa: E402
+from test_ui_server import Gate, decode, png_tensor, text_model  # noqa: E402
 
 from ddpm.cli import main  # noqa: E402
 from ddpm.generate import SamplerSettings, generate  # noqa: E402
 from ddpm.images import make_grid  # noqa: E402
-from ddpm.loading import LoadedModel  # noqa: E402
 from ddpm.models import UNet, get_preset  # noqa: E402
 from ddpm.ui.forward import noised  # noqa: E402
 from ddpm.ui.sampling import ModelSlot, png_bytes  # noqa: E402
@@ -280,10 +279,9 @@ def test_another_website_cannot_drive_it_nor_a_rebinding_name(page, server):
 
 
 def test_a_text_model_gets_prompt_fields_and_a_busy_model_says_so(browser):
-    """With a stand-in text model (a fake conditioning): the prompt reaches generate(), and while one page
-    draws, another is told the model is busy; Cancel stops the drawing."""
-    text = LoadedModel(PromptNet(), DIFFUSION, "a text model")
-    text.conditioning = LengthConditioning()
+    """With the tiny-text network: the prompt reaches generate(), and while one page draws, another is told
+    the model is busy; Cancel stops the drawing."""
+    text = text_model()
     gate = Gate(text.model)
     gate.open.set()
     context = browser.new_context()
@@ -298,8 +296,9 @@ def test_a_text_model_gets_prompt_fields_and_a_busy_model_says_so(browser):
         first.click("#sample-button")
         first.wait_for_selector("body[data-sample=done]")
         urls = first.eval_on_selector_all("#images img.sample", "images => images.map(image => image.src)")
-        expected = generate(PromptNet(), DIFFUSION.build(), 4, SamplerSettings(steps=4), prompts=["a red square"],
-                            conditioning=LengthConditioning(), batch_size=4, progress=False)
+        again = text_model()
+        expected = generate(again.model, again.diffusion.build(), 4, SamplerSettings(steps=4), prompts=["a red square"],
+                            conditioning=again.conditioning, batch_size=4, progress=False)
         assert torch.equal(torch.stack([decode(url) for url in urls]), expected.uint8())
         assert "--prompt 'a red square'" in first.text_content("#command")
 

@@ -31,11 +31,13 @@ pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
 from ddpm.cli import main  # noqa: E402
-from ddpm.config import DiffusionConfig  # noqa: E402
+from ddpm.conditioning import prompts_of, run_network  # noqa: E402
+from ddpm.config import DiffusionConfig, get_config  # noqa: E402
 from ddpm.generate import SamplerSettings, generate, grid_image  # noqa: E402
 from ddpm.images import make_grid, to_uint8  # noqa: E402
 from ddpm.loading import LoadedModel  # noqa: E402
 from ddpm.models import UNet, get_preset  # noqa: E402
+from ddpm.tokenizer import WordTokenizer  # noqa: E402
 from ddpm.ui import forward as forward_view  # noqa: E402
 from ddpm.ui.edit import edit_functions  # noqa: E402
 from ddpm.ui.forward import MAX_UPLOAD_BYTES, ImageStore  # noqa: E402
@@ -58,36 +60,23 @@ def tiny_unet(num_classes: int = 0) -> UNet:
     return model
 
 
-class PromptNet(nn.Module):
-    """A stand-in for a text-conditional network: a tiny U-Net whose output moves with a number per prompt."""
-
-    num_classes = 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unet = tiny_unet()
-        self.config = self.unet.config
-
-    @property
-    def sample_shape(self):
-        return self.unet.sample_shape
-
-    def forward(self, x, t, context):
-        return self.unet(x, t) + context[:, None, None, None]
+CAPTIONS = ["a bar at the top", "a bar high", "a bar low", "a bar at the bottom", "a red square"]
 
 
-class LengthConditioning:
-    """A fake :class:`ddpm.generate.Conditioning`: a prompt becomes its length / 20."""
-
-    def model_kwargs(self, prompts, device):
-        return {"context": torch.tensor([len(p) / 20 for p in prompts], device=device)}
+def text_model() -> LoadedModel:
+    """The tiny-text preset's network (a U-Net with its own text transformer), untrained but jittered."""
+    torch.manual_seed(0)
+    config = get_config("tiny-text", {"data.source": "bars"})
+    model = run_network(config, WordTokenizer.from_captions(CAPTIONS)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return LoadedModel(model, config.diffusion, "a text model", config, conditioning=prompts_of(model, None))
 
 
 def loaded(kind: str = "plain") -> LoadedModel:
     if kind == "text":
-        model = LoadedModel(PromptNet(), DIFFUSION, "a text model")
-        model.conditioning = LengthConditioning()  # what a text model's LoadedModel will carry
-        return model
+        return text_model()
     return LoadedModel(tiny_unet(3 if kind == "classes" else 0), DIFFUSION, f"a {kind} model")
 
 
@@ -261,11 +250,12 @@ def test_a_text_model_takes_the_prompts(client):
                "negative_prompt": "blur", "guidance_scale": 3}
     got = draw(client, **request)
     images = images_in(got)
-    expected = generate(PromptNet(), DIFFUSION.build(), 2, SamplerSettings("ddim", 4), prompts=["a red square"],
-                        negative_prompt="blur", guidance_scale=3.0, conditioning=LengthConditioning(), batch_size=2,
+    text = text_model()
+    expected = generate(text.model, text.diffusion.build(), 2, SamplerSettings("ddim", 4), prompts=["a red square"],
+                        negative_prompt="blur", guidance_scale=3.0, conditioning=text.conditioning, batch_size=2,
                         progress=False)
     assert torch.equal(images, expected.uint8())
-    other = draw(client, **{**request, "prompt": "a much longer prompt than that"})
+    other = draw(client, **{**request, "prompt": "a bar at the bottom"})
     assert not torch.equal(images_in(other)[0], images[0])
     assert got[-1][1]["prompts"] == ["a red square"] * 2
     assert "--prompt 'a red square' --negative-prompt blur" in got[-1][1]["command"]
