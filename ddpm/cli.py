@@ -337,8 +337,9 @@ def _load_json(path: Path) -> Any:
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a run directory, a checkpoint directory, a saved model, or a diffusers-layout "
-                                 "directory (e.g. google/ddpm-cifar10-32 downloaded)")
+    p.add_argument("model", help="a run directory, a checkpoint directory, a saved model, a diffusers-layout "
+                                 "directory (e.g. google/ddpm-cifar10-32 downloaded) or a diffusers pipeline "
+                                 "directory (Stable Diffusion 1.x/2.x, or what ddpm export writes)")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw training weights")
 
 
@@ -391,6 +392,8 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
               ddpm sample runs/mnist --out out/paper --sampler ddpm              # Algorithm 2, 1000 steps
               ddpm sample ddpm-cifar10-32/ --out out/cifar --sampler ddim --steps 100
               ddpm sample runs/cond --out out/sevens --label 7 --guidance-scale 3
+              ddpm sample stable-diffusion-v1-5/ --out out/sd --prompt "a photo of a cat" \\
+                  --negative-prompt "blurry" --guidance-scale 7.5 --sampler ddim --steps 50 --num-images 4
               ddpm sample runs/video --out out/video --num-images 16 --mp4        # a video model: GIF, MP4, grid
               ddpm sample runs/video --out out/next --first-frames clip.gif --num-first-frames 2 --frames 8
               ddpm sample runs/video --out out/long --frames 24 --context 4        # extended beyond 8 frames
@@ -462,8 +465,8 @@ def _sample_video(args: argparse.Namespace, loaded: Any, device: Any) -> int:
     channels, _, height, width = loaded.model.sample_shape
     first = None if args.first_frames is None else read_first_frames(args.first_frames, args.num_first_frames,
                                                                       channels, (height, width))
-    samples = generate_video(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args), seed=args.seed,
-                             frames=args.frames, first_frames=first, method=args.conditioning,
+    samples = generate_video(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args, loaded),
+                             seed=args.seed, frames=args.frames, first_frames=first, method=args.conditioning,
                              guidance_weight=args.guidance_weight, context=args.context, label=args.label,
                              batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet)
     print(f"{len(samples.videos)} clips of {samples.videos.shape[2]} frames with {args.sampler}: "
@@ -473,10 +476,11 @@ def _sample_video(args: argparse.Namespace, loaded: Any, device: Any) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace, loaded: Any) -> Any:
+    """The sampler options, with the DDIM of the loaded model's diffusers scheduler config if it has one."""
     from ddpm.generate import SamplerSettings
 
-    return SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol)
+    return loaded.sampler_settings(SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -489,7 +493,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(describe_run(loaded))
     if _is_video(loaded, args):
         return _sample_video(args, loaded, device)
-    samples = generate(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args), seed=args.seed,
+    samples = generate(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args, loaded),
+                       seed=args.seed,
                        batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet,
                        autoencoder=loaded.autoencoder, **_conditions(args, loaded))
     print(f"{len(samples.images)} images with {args.sampler}: {samples.nfe:g} network evaluations each")
@@ -569,7 +574,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             samples = _load_samples_npz(Path(args.samples))
         else:
             samples = generate(loaded.model, loaded.diffusion.build(), args.num_samples,
-                               _settings(args), seed=args.seed, batch_size=args.batch_size,
+                               _settings(args, loaded), seed=args.seed, batch_size=args.batch_size,
                                device=device, bf16=_bf16(args), progress=not args.quiet,
                                autoencoder=loaded.autoencoder, conditioning=loaded.conditioning).uint8()
         metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)
@@ -672,11 +677,13 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
     if _is_video(loaded, args):
         from ddpm.video_sampling import video_reverse_pictures
 
-        _print_paths(video_reverse_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
+        _print_paths(video_reverse_pictures(loaded.model, loaded.diffusion.build(), Path(args.out),
+                                            _settings(args, loaded),
                                             num_videos=max(1, args.num_images // 4), seed=args.seed, device=device,
                                             bf16=_bf16(args), progress=not args.quiet))
         return 0
-    _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
+    _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out),
+                                          _settings(args, loaded),
                                           num_images=args.num_images, seed=args.seed, device=device,
                                           bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
                                           **_conditions(args, loaded)))
@@ -689,7 +696,10 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
 def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[common], help="save a model's weights as a diffusers or ddpm directory",
                        description="Write a trained model (EMA weights by default) in the diffusers layout "
-                                   "(UNet2DModel: config.json + diffusion_pytorch_model.safetensors) or ours.")
+                                   "(UNet2DModel: config.json + diffusion_pytorch_model.safetensors) or ours. A "
+                                   "latent or text-to-image model becomes a pipeline's folders (unet/, vae/, "
+                                   "scheduler/, text_encoder/, tokenizer/); with a frozen CLIP and an autoencoder "
+                                   "also a model_index.json, which diffusers' StableDiffusionPipeline loads.")
     _model_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="diffusers", choices=["diffusers", "ddpm"])

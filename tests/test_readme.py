@@ -27,7 +27,9 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- test -->\s*```(?:bash|sh|console)\n(.*?)```", re.DOTALL)
 
 # The README's placeholders and their stand-ins (created by the fixture).
-PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32", "mnist_pairs/train")
+PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32", "mnist_pairs/train", "stable-diffusion-v1-5")
+# The one that needs diffusers and transformers to be made (a tiny random Stable Diffusion pipeline).
+STABLE_DIFFUSION = "stable-diffusion-v1-5"
 
 
 def commands() -> list[str]:
@@ -104,6 +106,15 @@ def workdir(tmp_path_factory) -> Path:
         Image.new("L", (16, 8), 20 * i).save(pairs / f"{i:06d}.png")
         rows.append({"file_name": f"{i:06d}.png", "text": ["a seven and a three", "a one and a two"][i % 2]})
     (pairs / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import diffusers
+        import transformers
+    except ImportError:
+        return work
+    from test_workflow_stable_diffusion import SCHEDULERS, save_pipeline
+
+    save_pipeline((transformers, diffusers), work / STABLE_DIFFUSION, "sd1", SCHEDULERS["sd"])
     return work
 
 
@@ -122,6 +133,8 @@ def test_readme_commands_run(workdir):
     for command in commands():
         if command.startswith("python -m pytest"):
             continue  # this is the suite that is running
+        if STABLE_DIFFUSION in command and not (workdir / STABLE_DIFFUSION).is_dir():
+            continue  # no diffusers or transformers to make its stand-in
         argv = shrink(command)
         done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{command}\n-> {' '.join(argv)}\n{done.stderr[-2000:]}"
