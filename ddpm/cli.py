@@ -811,6 +811,7 @@ def _add_ui(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", nargs="?", const="0.0.0.0", default=None, metavar="ADDRESS",
                    help="accept other machines: bind ADDRESS (default 0.0.0.0) instead of 127.0.0.1; anyone who "
                         "reaches the port can use the page")
+    _bf16_argument(p, "bfloat16 autocast for sampling, decided once at the start")
     p.set_defaults(handler=cmd_ui, command="ui")
 
 
@@ -822,7 +823,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             raise
         raise UserError("ddpm ui needs a web server that is not installed: pip install 'ddpm[ui]'") from None
     serve(args.models, weights=args.weights, device=args.device, data=args.data, port=args.port, listen=args.listen,
-          quiet=args.quiet)
+          quiet=args.quiet, bf16=_bf16(args))
     return 0
 
 

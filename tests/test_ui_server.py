@@ -43,7 +43,7 @@ from ddpm.ui.edit import edit_functions  # noqa: E402
 from ddpm.ui.forward import MAX_UPLOAD_BYTES, ImageStore  # noqa: E402
 from ddpm.ui.sampling import ModelSlot, SampleRequest, command_line, png_bytes, trajectory_every  # noqa: E402
 from ddpm.ui.security import host_name, refusal  # noqa: E402
-from ddpm.ui.server import UI, allowed_names, create_app  # noqa: E402
+from ddpm.ui.server import UI, allowed_names, create_app, load_ui  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "http://127.0.0.1:8765"
@@ -219,7 +219,7 @@ def test_the_images_are_generates_for_the_same_arguments_and_the_command_says_so
     assert torch.equal(images, expected.uint8())
     done = got[-1][1]
     assert done["command"] == ("ddpm sample runs/classes --out samples --sampler ddim --steps 6 --seed 11 "
-                               "--num-images 5 --batch-size 2 --label 2 --guidance-scale 2.5")
+                               "--num-images 5 --batch-size 2 --label 2 --guidance-scale 2.5 --bf16 false")
     assert done["labels"] == [2] * 5 and done["nfe"] == 6 and len(done["frames"]) == 6
     progress = [data["fraction"] for name, data in got if name == "progress"]
     assert progress == sorted(progress) and progress[-1] == 1
@@ -274,10 +274,10 @@ def test_the_trajectory_is_thinned_to_at_most_a_hundred_frames():
 
 
 def test_the_command_line_quotes_what_it_must():
-    slot = ModelSlot(0, "my runs/a b", loaded(), weights="raw", device="cpu")
+    slot = ModelSlot(0, "my runs/a b", loaded(), weights="raw", device="cpu", bf16=True)
     line = command_line(slot, SampleRequest(prompt="it's"))
     assert line.startswith("ddpm sample 'my runs/a b' --out samples --sampler dpm++2m-sde --seed 0")
-    assert line.endswith("--prompt 'it'\"'\"'s' --weights raw --device cpu")
+    assert line.endswith("--prompt 'it'\"'\"'s' --weights raw --device cpu --bf16 true")
 
 
 @pytest.mark.parametrize("body,status,message", [
@@ -530,3 +530,17 @@ def test_a_video_model_is_refused_in_one_line(monkeypatch, capsys):
     assert main(["ui", "runs/video", "--port", "0"]) == 2
     assert capsys.readouterr().err == ("ddpm: error: runs/video is a video model; ddpm ui draws images "
                                        "(sample it with 'ddpm sample')\n")
+
+
+def test_the_autocast_is_decided_once_and_named_in_the_command(tmp_path):
+    """bf16 'auto' can differ between processes (measured on a CPU): the page draws with what the server
+    decided at its start and its command line says so."""
+    ui = UI([ModelSlot(0, "runs/plain", loaded(), bf16=True)])
+    with TestClient(create_app(ui), base_url=BASE) as client:
+        got = draw(client, model=0, sampler="ddim", steps=3, num_images=2, batch_size=2)
+    expected = generate(loaded().model, DIFFUSION.build(), 2, SamplerSettings("ddim", 3), bf16=True, batch_size=2,
+                        progress=False)
+    assert torch.equal(images_in(got), expected.uint8()) and got[-1][1]["command"].endswith("--bf16 true")
+    tiny_unet().save_pretrained(tmp_path / "m")
+    assert [s.bf16 for s in load_ui([str(tmp_path / "m")] * 2, device="cpu", bf16=True).slots] == [True, True]
+    assert load_ui([str(tmp_path / "m")], device="cpu").slots[0].bf16 is False  # auto; the suite pins float32

@@ -144,13 +144,17 @@ class SampleResult:
 
 @dataclass
 class ModelSlot:
-    """A model given on the command line (``source`` as given), and the one request it serves at a time."""
+    """A model given on the command line (``source`` as given), and the one request it serves at a time.
+
+    ``bf16`` is the autocast it draws with, decided once: ``auto`` can differ between processes (on a CPU
+    it is measured), so the command line names it."""
 
     index: int
     source: str
     loaded: LoadedModel
     weights: str = "ema"
     device: str = "auto"
+    bf16: bool = False
     result: SampleResult | None = None
 
     def __post_init__(self) -> None:
@@ -212,7 +216,8 @@ def run_sample(slot: ModelSlot, request: SampleRequest, emit: Emit, cancel: thre
                        label=request.label, guidance_scale=request.guidance_scale,
                        prompts=None if request.prompt is None else [request.prompt],
                        negative_prompt=request.negative_prompt, conditioning=slot.conditioning,
-                       batch_size=request.batch_size, device=device, progress=False, autoencoder=loaded.autoencoder,
+                       batch_size=request.batch_size, device=device, bf16=slot.bf16, progress=False,
+                       autoencoder=loaded.autoencoder,
                        trajectory_every=trajectory_every(slot, settings, min(request.batch_size, request.num_images)),
                        callback=Progress(request.num_images, emit, cancel, preview=loaded.autoencoder is None))
     slot.result = SampleResult(secrets.token_urlsafe(12), samples, command_line(slot, request))
@@ -278,6 +283,7 @@ def command_line(slot: ModelSlot, request: SampleRequest, out: str = "samples") 
         args += ["--weights", slot.weights]
     if slot.device != "auto":
         args += ["--device", slot.device]
+    args += ["--bf16", "true" if slot.bf16 else "false"]
     return " ".join(shlex.quote(arg) for arg in args)
 
 

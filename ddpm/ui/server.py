@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 from ddpm.data import load_images
 from ddpm.errors import UserError
 from ddpm.loading import describe_run, load_model
-from ddpm.runtime import resolve_device
+from ddpm.runtime import resolve_bf16, resolve_device
 from ddpm.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ddpm.ui import DEFAULT_PORT, NotFound, RequestError, TooLarge
 from ddpm.ui.edit import edit_functions, edit_info
@@ -320,15 +320,17 @@ def create_app(ui: UI, names: Sequence[str] = ()) -> LocalOnly:
 
 
 def load_ui(sources: Sequence[str], weights: str = "ema", device: str = "auto", data: str | None = None,
-            quiet: bool = False) -> UI:
-    """Load the models and ``--data`` for the page, printing what was loaded."""
+            quiet: bool = False, bf16: bool | None = None) -> UI:
+    """Load the models and ``--data`` for the page, printing what was loaded; ``bf16`` ``None`` is auto,
+    decided here once for all of them."""
     resolved = resolve_device(device)
+    bf16 = resolve_bf16(bf16, resolved)
     slots = []
     for i, source in enumerate(sources):
         loaded = load_model(source, weights, resolved)
         if len(loaded.image_shape) != 3:
             raise UserError(f"{source} is a video model; ddpm ui draws images (sample it with 'ddpm sample')")
-        slot = ModelSlot(i, source, loaded, weights, device)
+        slot = ModelSlot(i, source, loaded, weights, device, bf16)
         print(f"model {i}: {describe_run(slot.loaded)}")
         slots.append(slot)
     images = None
@@ -363,9 +365,9 @@ def allowed_names(listen: str | None) -> list[str]:
 
 
 def serve(sources: Sequence[str], weights: str = "ema", device: str = "auto", data: str | None = None,
-          port: int = DEFAULT_PORT, listen: str | None = None, quiet: bool = False) -> None:
+          port: int = DEFAULT_PORT, listen: str | None = None, quiet: bool = False, bf16: bool | None = None) -> None:
     """Serve the page until Ctrl-C: on 127.0.0.1 only, unless ``listen`` names an address to bind."""
-    ui = load_ui(sources, weights, device, data, quiet)
+    ui = load_ui(sources, weights, device, data, quiet, bf16)
     host = listen or "127.0.0.1"
     sock = bind(host, port)
     port = sock.getsockname()[1]
