@@ -12,7 +12,7 @@ so a seed gives the same images whatever the batch size.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -211,6 +211,7 @@ def generate(
     progress: bool = True,
     trajectory_every: int = 0,
     autoencoder: AutoencoderKL | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> Samples:
     """Draw ``num_images`` images from ``model`` (a network with ``sample_shape`` and ``num_classes``)
     under ``diffusion``.
@@ -224,7 +225,9 @@ def generate(
     classifier-free guidance. ``latents`` ``[num_images, *sample_shape]`` is x_T to start from (to
     reproduce an image). ``bf16`` is bfloat16 autocast (``None``: the device's measured default,
     :func:`ddpm.runtime.default_bf16`). ``settings`` defaults to :data:`ddpm.samplers.DEFAULT_SAMPLER`.
-    ``trajectory_every`` > 0 also records the first batch's chain every that many steps.
+    ``trajectory_every`` > 0 also records the first batch's chain every that many steps. ``callback`` hears each
+    step (``"event": "step"``, :func:`ddpm.samplers.heard`'s keys) and batch (``"event": "batch"``, its
+    ``"images"``), with its ``"first"`` image and size ``"batch"``; an exception it raises stops the drawing.
     """
     settings = settings or SamplerSettings()
     if autoencoder is not None:
@@ -247,11 +250,12 @@ def generate(
                 n = min(batch_size, num_images - first)
                 kwargs, y, batch_prompts = condition.batch(first, n, model.num_classes, conditioning, device)
                 record = trajectory_every > 0 and first == 0
+                on_step, on_batch = _listeners(callback, first, n)
                 with autocast(device, use_bf16):
                     out = diffusion.sample(
                         counted, (n, *shape), generator=image_generators(seed, first, n, device), device=device,
                         model_kwargs=kwargs, progress=progress and num_images <= n, return_trajectory=record,
-                        noise=None if latents is None else latents[first:first + n].to(device),
+                        noise=None if latents is None else latents[first:first + n].to(device), callback=on_step,
                         **({"trajectory_every": trajectory_every} if record else {}), **settings.sample_kwargs())
                 if record:
                     out, trajectory = out
@@ -259,6 +263,7 @@ def generate(
                     out = decode_latents(autoencoder, out)
                     trajectory = _decoded(autoencoder, trajectory) if record else trajectory
                 images.append(out.float().clamp(-1, 1).cpu())
+                on_batch(images[-1])
                 labels.append(y)
                 all_prompts += batch_prompts or []
                 batches += 1
@@ -267,6 +272,17 @@ def generate(
         model.train(was_training)
     return Samples(torch.cat(images), torch.cat(labels), counted.calls / batches, trajectory,
                    all_prompts if conditioning is not None else None)
+
+
+def _listeners(callback: Callable[[dict[str, Any]], None] | None, first: int,
+               n: int) -> tuple[Callable[[dict[str, Any]], None] | None, Callable[[Tensor], None]]:
+    """:func:`generate`'s ``callback`` as the step callback of the batch of images ``first .. first + n − 1``
+    and as what hears its images."""
+    if callback is None:
+        return None, lambda images: None
+    where = {"first": first, "batch": n}
+    return (lambda step: callback({"event": "step", **where, **step}),
+            lambda images: callback({"event": "batch", **where, "images": images}))
 
 
 def _check_request(num_images: int, batch_size: int, latents: Tensor | None, shape: tuple[int, ...]) -> None:
