@@ -12,7 +12,7 @@ so a seed gives the same images whatever the batch size.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +44,8 @@ class SamplerSettings:
             :data:`ddpm.samplers.DEFAULT_SPACING`).
         rtol: ``dpm-adaptive``'s relative tolerance (it picks its own steps).
         clip_denoised: clip x̂_0 to [-1, 1] (pixels; off for latents, which have no such range).
+        dynamic_threshold: Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995, Imagen's)
+            in place of the clip (:func:`ddpm.diffusion.dynamic_thresholding`; pixels only).
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -52,19 +54,21 @@ class SamplerSettings:
     spacing: str | None = None
     rtol: float | None = None
     clip_denoised: bool = True
+    dynamic_threshold: float | None = None
 
     def describe(self, T: int) -> str:
         if self.sampler == "dpm-adaptive":
             return f"dpm-adaptive, rtol {self.rtol or DEFAULT_RTOL:g}"
         spacing = f", {self.spacing} spacing" if self.spacing else ""
         eta = f", eta {self.eta:g}" if self.eta else ""
+        threshold = f", dynamic threshold {self.dynamic_threshold:g}" if self.dynamic_threshold else ""
         steps = default_steps(self.sampler, T) if self.steps is None else self.steps
-        return f"{self.sampler}, {steps} NFE{spacing}{eta}"
+        return f"{self.sampler}, {steps} NFE{spacing}{eta}{threshold}"
 
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`GaussianDiffusion.sample` these settings fill in."""
         kwargs = {"sampler": self.sampler, "steps": self.steps, "eta": self.eta, "spacing": self.spacing,
-                  "clip_denoised": self.clip_denoised}
+                  "clip_denoised": self.clip_denoised, "dynamic_threshold": self.dynamic_threshold}
         if self.sampler == "dpm-adaptive":
             kwargs["rtol"] = self.rtol or DEFAULT_RTOL
         return kwargs
@@ -175,6 +179,14 @@ class Condition:
         return kwargs, y, prompts
 
 
+#: ``prepare(first, n, generators, device) -> dict``: what an image-to-image method changes in the chain of
+#: images ``first .. first + n - 1`` (their generators are ``generators``; anything drawn from them comes
+#: before the chain's own draws): keyword arguments of the chain, e.g. ``noise`` (x at the first kept step),
+#: ``timesteps``, ``after_step`` (:func:`ddpm.samplers.sample`), and ``model_kwargs`` added to the condition's
+#: (a super-resolution model's ``low_res``).
+Prepare = Callable[[int, int, list[torch.Generator], torch.device], Mapping[str, Any]]
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -195,6 +207,8 @@ def generate(
     progress: bool = True,
     trajectory_every: int = 0,
     autoencoder: AutoencoderKL | None = None,
+    prepare: Prepare | None = None,
+    chain: Callable[..., Any] | None = None,
 ) -> Samples:
     """Draw ``num_images`` images from ``model`` (a network with ``sample_shape`` and ``num_classes``)
     under ``diffusion``.
@@ -209,10 +223,11 @@ def generate(
     reproduce an image). ``bf16`` is bfloat16 autocast (``None``: the device's measured default,
     :func:`ddpm.runtime.default_bf16`). ``settings`` defaults to :data:`ddpm.samplers.DEFAULT_SAMPLER`.
     ``trajectory_every`` > 0 also records the first batch's chain every that many steps.
+    Image-to-image methods (:mod:`ddpm.img2img`, :mod:`ddpm.inpaint`, :mod:`ddpm.superres`) start or
+    steer each batch's chain with ``prepare`` (see :data:`Prepare`) and may run their own ``chain``, a
+    function called as :meth:`GaussianDiffusion.sample` is (the default).
     """
-    settings = settings or SamplerSettings()
-    if autoencoder is not None:
-        settings = dataclasses.replace(settings, clip_denoised=False)
+    settings = _settings_for(settings or SamplerSettings(), autoencoder)
     condition = Condition(label, prompts, negative_prompt, guidance_scale)
     shape = tuple(model.sample_shape)
     _check_request(num_images, batch_size, latents, shape)
@@ -230,13 +245,18 @@ def generate(
             for first in range(0, num_images, batch_size):
                 n = min(batch_size, num_images - first)
                 kwargs, y, batch_prompts = condition.batch(first, n, model.num_classes, conditioning, device)
+                generators = image_generators(seed, first, n, device)
+                extra = {**settings.sample_kwargs(), **(prepare(first, n, generators, device) if prepare else {})}
+                kwargs.update(extra.pop("model_kwargs", {}))
+                if latents is not None:
+                    extra.setdefault("noise", latents[first:first + n].to(device))
                 record = trajectory_every > 0 and first == 0
+                if record:
+                    extra["trajectory_every"] = trajectory_every
                 with autocast(device, use_bf16):
-                    out = diffusion.sample(
-                        counted, (n, *shape), generator=image_generators(seed, first, n, device), device=device,
-                        model_kwargs=kwargs, progress=progress and num_images <= n, return_trajectory=record,
-                        noise=None if latents is None else latents[first:first + n].to(device),
-                        **({"trajectory_every": trajectory_every} if record else {}), **settings.sample_kwargs())
+                    out = (chain or diffusion.sample)(
+                        counted, (n, *shape), generator=generators, device=device, model_kwargs=kwargs,
+                        progress=progress and num_images <= n, return_trajectory=record, **extra)
                 if record:
                     out, trajectory = out
                 if autoencoder is not None:
@@ -251,6 +271,15 @@ def generate(
         model.train(was_training)
     return Samples(torch.cat(images), torch.cat(labels), counted.calls / batches, trajectory,
                    all_prompts if conditioning is not None else None)
+
+
+def _settings_for(settings: SamplerSettings, autoencoder: AutoencoderKL | None) -> SamplerSettings:
+    """``settings`` for a latent model (no clip: latents have no [-1, 1] range), or as they are."""
+    if autoencoder is None:
+        return settings
+    if settings.dynamic_threshold is not None:
+        raise UserError("--dynamic-threshold is for pixel models: a latent model's x̂_0 has no [-1, 1] range")
+    return dataclasses.replace(settings, clip_denoised=False)
 
 
 def _check_request(num_images: int, batch_size: int, latents: Tensor | None, shape: tuple[int, ...]) -> None:

@@ -45,6 +45,8 @@ Denoise = Callable[[Tensor, int], dict[str, Tensor]]
 #: ``noise()``: a fresh standard-normal tensor shaped like x, drawn only when a solver needs one.
 Noise = Callable[[], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
+#: ``after_step(x, t) -> x``: called after each step with the original timestep x reached (−1: the data).
+AfterStep = Callable[[Tensor, int], Tensor]
 
 
 # ---------------------------------------------------------------------------- DDPM and DDIM
@@ -450,6 +452,17 @@ def network_evaluations(sampler: str, K: int) -> int:
     return _solver_class(sampler).evaluations(K)
 
 
+#: Imagen's percentile for dynamic thresholding (Saharia et al. 2022, section 2.3; imagen-pytorch's default):
+#: see :func:`ddpm.diffusion.dynamic_thresholding`.
+DYNAMIC_THRESHOLD = 0.995
+
+
+def check_dynamic_threshold(p: float | None) -> None:
+    """:class:`UserError` unless ``p`` is None or a percentile in (0, 1]."""
+    if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 < p <= 1.0):
+        raise UserError(f"the dynamic threshold is a percentile in (0, 1] (Imagen's: {DYNAMIC_THRESHOLD}), got {p!r}")
+
+
 def check_sampler_arguments(
     T: int, sampler: str, steps: int | None, eta: float, spacing: str | None = None, rtol: float | None = None
 ) -> None:
@@ -518,6 +531,8 @@ def sample(
     timesteps: Sequence[int] | None = None,
     rtol: float | None = None,
     stats: dict[str, int] | None = None,
+    dynamic_threshold: float | None = None,
+    after_step: AfterStep | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Draw samples x_0 ~ p_θ by solving the reverse process from x_T ~ N(0, I).
 
@@ -543,13 +558,20 @@ def sample(
         model_kwargs: passed to the model, e.g. ``{"y": labels, "guidance_scale": 3.0}``
             (see :meth:`GaussianDiffusion.model_output`).
         clip_denoised: clip x̂_0 to [−1, 1]; the ODE solvers then integrate with the clipped x̂_0.
-        noise: x_T to start from instead of a fresh draw.
+        dynamic_threshold: Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995) in
+            place of the clip (:func:`ddpm.diffusion.dynamic_thresholding`).
+        noise: x_T to start from instead of a fresh draw (x at the first kept step: with ``timesteps``
+            that need not be T, as in img2img).
+        after_step: ``after_step(x, t) -> x`` is called after every step with the original 0-based
+            timestep t that x has reached (−1: the data) and its return value replaces x, e.g. the
+            known pixels put back by inpainting's replacement method (:mod:`ddpm.inpaint`).
         rtol: dpm-adaptive's relative tolerance (default 0.05); it takes no ``steps``.
         stats: if given, filled with ``{"nfe": network evaluations spent}``.
 
     Returns x_0 [*shape] (and the trajectory if asked).
     """
     check_sampler_arguments(diffusion.num_timesteps, sampler, steps, eta, spacing, rtol)
+    check_dynamic_threshold(dynamic_threshold)
     d = _kept_chain(diffusion, sampler, steps, spacing, timesteps)
     x = randn(shape, generator, device, dtype) if noise is None else noise.to(device or noise.device, dtype)
     nfe = 0
@@ -560,7 +582,8 @@ def sample(
     def denoise(x: Tensor, k: int) -> dict[str, Tensor]:
         nonlocal nfe
         nfe += 1
-        return d.p_mean_variance(model, x, _timestep(k, x), clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        return d.p_mean_variance(model, x, _timestep(k, x), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                 dynamic_threshold=dynamic_threshold)
 
     solver = SAMPLERS[sampler](d, eta) if rtol is None else SAMPLERS[sampler](d, eta, rtol=rtol)
     record = _Trajectory(trajectory_every) if return_trajectory else None
@@ -573,6 +596,8 @@ def sample(
         x, n = solver.step(x, k, p, denoise, draw), n + 1
         bar.update(k - solver.next_step(k))
         k = solver.next_step(k)
+        if after_step is not None:
+            x = after_step(x, -1 if k < 0 else int(d.timestep_map[k]))
     bar.close()
     if stats is not None:
         stats["nfe"] = nfe
