@@ -246,17 +246,13 @@ def generate(
                 n = min(batch_size, num_images - first)
                 kwargs, y, batch_prompts = condition.batch(first, n, model.num_classes, conditioning, device)
                 generators = image_generators(seed, first, n, device)
-                extra = {**settings.sample_kwargs(), **(prepare(first, n, generators, device) if prepare else {})}
-                kwargs.update(extra.pop("model_kwargs", {}))
-                if latents is not None:
-                    extra.setdefault("noise", latents[first:first + n].to(device))
+                extra = _chain_arguments(settings, prepare, first, n, generators, device, latents, kwargs)
                 record = trajectory_every > 0 and first == 0
-                if record:
-                    extra["trajectory_every"] = trajectory_every
                 with autocast(device, use_bf16):
                     out = (chain or diffusion.sample)(
                         counted, (n, *shape), generator=generators, device=device, model_kwargs=kwargs,
-                        progress=progress and num_images <= n, return_trajectory=record, **extra)
+                        progress=progress and num_images <= n, return_trajectory=record,
+                        **({"trajectory_every": trajectory_every} if record else {}), **extra)
                 if record:
                     out, trajectory = out
                 if autoencoder is not None:
@@ -271,6 +267,18 @@ def generate(
         model.train(was_training)
     return Samples(torch.cat(images), torch.cat(labels), counted.calls / batches, trajectory,
                    all_prompts if conditioning is not None else None)
+
+
+def _chain_arguments(settings: SamplerSettings, prepare: Prepare | None, first: int, n: int,
+                     generators: list[torch.Generator], device: torch.device, latents: Tensor | None,
+                     model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of one batch's chain: the settings', then ``prepare``'s (its ``model_kwargs``
+    added to ``model_kwargs`` in place), and the batch's ``latents`` as x_T unless ``prepare`` gave one."""
+    extra = {**settings.sample_kwargs(), **(prepare(first, n, generators, device) if prepare else {})}
+    model_kwargs.update(extra.pop("model_kwargs", {}))
+    if latents is not None:
+        extra.setdefault("noise", latents[first:first + n].to(device))
+    return extra
 
 
 def _settings_for(settings: SamplerSettings, autoencoder: AutoencoderKL | None) -> SamplerSettings:

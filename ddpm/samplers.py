@@ -558,13 +558,10 @@ def sample(
         model_kwargs: passed to the model, e.g. ``{"y": labels, "guidance_scale": 3.0}``
             (see :meth:`GaussianDiffusion.model_output`).
         clip_denoised: clip x̂_0 to [−1, 1]; the ODE solvers then integrate with the clipped x̂_0.
-        dynamic_threshold: Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995) in
-            place of the clip (:func:`ddpm.diffusion.dynamic_thresholding`).
-        noise: x_T to start from instead of a fresh draw (x at the first kept step: with ``timesteps``
-            that need not be T, as in img2img).
-        after_step: ``after_step(x, t) -> x`` is called after every step with the original 0-based
-            timestep t that x has reached (−1: the data) and its return value replaces x, e.g. the
-            known pixels put back by inpainting's replacement method (:mod:`ddpm.inpaint`).
+        dynamic_threshold: Imagen's dynamic thresholding of x̂_0 at this percentile in place of the clip.
+        noise: x at the first kept step (x_T, or an img2img start) instead of a fresh draw.
+        after_step: :data:`AfterStep`, its return value replaces x after every step (e.g. inpainting's
+            replacement of the known pixels, :mod:`ddpm.inpaint`).
         rtol: dpm-adaptive's relative tolerance (default 0.05); it takes no ``steps``.
         stats: if given, filled with ``{"nfe": network evaluations spent}``.
 
@@ -587,8 +584,18 @@ def sample(
 
     solver = SAMPLERS[sampler](d, eta) if rtol is None else SAMPLERS[sampler](d, eta, rtol=rtol)
     record = _Trajectory(trajectory_every) if return_trajectory else None
-    bar = tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress, leave=False)
-    k, n = d.num_timesteps - 1, 0  # the loop visits kept steps k = K−1, ..., 0 (0-based)
+    with tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress,
+              leave=False) as bar:
+        x = _solve(d, solver, x, denoise, draw, record, bar, after_step)
+    if stats is not None:
+        stats["nfe"] = nfe
+    return x if record is None else (x, record.result())
+
+
+def _solve(d: GaussianDiffusion, solver: Solver, x: Tensor, denoise: Denoise, draw: Noise,
+           record: _Trajectory | None, bar: tqdm, after_step: AfterStep | None) -> Tensor:
+    """The loop: kept steps k = K−1, ..., 0 (0-based), one network evaluation and one solver step each."""
+    k, n = d.num_timesteps - 1, 0
     while k >= 0:
         p = denoise(x, k)
         if record is not None:
@@ -598,10 +605,7 @@ def sample(
         k = solver.next_step(k)
         if after_step is not None:
             x = after_step(x, -1 if k < 0 else int(d.timestep_map[k]))
-    bar.close()
-    if stats is not None:
-        stats["nfe"] = nfe
-    return x if record is None else (x, record.result())
+    return x
 
 
 def _kept_chain(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None,
