@@ -27,7 +27,7 @@ from ddpm.images import auto_scale, make_grid, save_image, save_npz, save_pngs, 
 from ddpm.latent import decode_latents
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.runtime import autocast, derive_seed, resolve_bf16
-from ddpm.samplers import DEFAULT_SAMPLER, check_sampler_arguments, default_steps
+from ddpm.samplers import DEFAULT_SAMPLER, check_dynamic_threshold, check_sampler_arguments, default_steps
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,7 @@ def generate(
     condition.check(model.num_classes, conditioning)
     check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta, settings.spacing,
                             settings.rtol)
+    check_dynamic_threshold(settings.dynamic_threshold)
     device = torch.device(device)
     use_bf16 = resolve_bf16(bf16, device)
     counted, was_training = _CountingModel(model), model.training

@@ -45,6 +45,8 @@ REPAINT_STEPS = 250
 JUMP_LENGTH = 10
 RESAMPLES = 10
 METHODS = ("repaint", "replacement")
+_NOT_DDPM = ("RePaint's reverse steps are DDPM's ancestral ones: use --sampler ddpm (or --method replacement for "
+             "another sampler)")
 
 
 # ---------------------------------------------------------------------------- masks
@@ -138,8 +140,7 @@ def repaint_chain(
     takes what :func:`ddpm.samplers.sample` would (only ``sampler="ddpm"`` and ``eta=0`` make sense here).
     """
     if sampler.get("sampler", "ddpm") != "ddpm" or sampler.get("eta", 0.0) or sampler.get("return_trajectory"):
-        raise UserError("RePaint's reverse steps are DDPM's ancestral ones: use --sampler ddpm (or --method "
-                        "replacement for another sampler)")
+        raise UserError(_NOT_DDPM)
     kept = kept_timesteps(diffusion, "ddpm", steps, spacing)
     d = diffusion if kept == list(range(diffusion.num_timesteps)) else diffusion.respace(kept)
     x = randn(shape, generator, device, dtype) if noise is None else noise.to(device or noise.device, dtype)
@@ -220,6 +221,8 @@ def inpaint(
     mask = mask.float().expand(len(images), -1, -1, -1) if len(mask) == 1 else mask.float()
     check_mask(mask, images)
     settings = settings or SamplerSettings("ddpm" if method == "repaint" else DEFAULT_SAMPLER)
+    if method == "repaint" and (settings.sampler != "ddpm" or settings.eta):
+        raise UserError(_NOT_DDPM)
     if method == "repaint" and settings.steps is None:
         settings = dataclasses.replace(settings, steps=min(REPAINT_STEPS, diffusion.num_timesteps))
     pixels = as_float_images(images).repeat_interleave(num_samples, 0)

@@ -215,6 +215,8 @@ def read_noise(path: PathLike, shape: Sequence[int] | None = None) -> Tensor:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a NumPy .npy file ({e})") from e
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"{path}: not a NumPy .npy file (an .npz archive?); 'ddpm invert' writes latents.npy")
     if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
         raise UserError(f"{path}: expected finite floating-point noise, got {array.dtype}")
     z = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))

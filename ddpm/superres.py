@@ -146,10 +146,7 @@ def upsample(
     ``guidance_scale`` for classifier-free guidance. ``prompts`` / ``conditioning``: a text-conditional
     stage's, passed to :func:`ddpm.generate.generate` (TODO: no text-conditional U-Net takes ``low_res`` yet).
     """
-    channels = getattr(getattr(model, "config", None), "low_res_channels", 0)
-    if not channels:
-        raise UserError("--upsampler needs a super-resolution model (a U-Net with low_res_channels); this one takes "
-                        "no low-resolution image")
+    channels = check_upsampler(model)
     if low_res.ndim != 4 or low_res.shape[1] != channels:
         raise UserError(f"the super-resolution model takes {channels}-channel low-resolution images, got "
                         f"{list(low_res.shape)}")
@@ -197,12 +194,13 @@ def cascade(
     """
     if upsampler.autoencoder is not None:
         raise UserError("the upsampler is a latent model; a super-resolution stage works on pixels")
+    check_upsampler(upsampler.model)
+    _check_sizes(base.image_shape, upsampler.model)
     if base.num_classes and upsampler.num_classes and base.num_classes != upsampler.num_classes:
         raise UserError(f"the base model has {base.num_classes} classes, the upsampler {upsampler.num_classes}")
     small = generate(base.model, base.diffusion.build(), num_images, base_settings, seed=seed, label=label,
                      guidance_scale=guidance_scale if base.num_classes else None, batch_size=batch_size,
                      device=device, bf16=bf16, progress=progress, autoencoder=base.autoencoder)
-    _check_sizes(small.images.shape, upsampler.model)
     if label is not None and not base.num_classes and upsampler.num_classes:
         small.labels = torch.full((num_images,), label)
     large = upsample(upsampler.model, upsampler.diffusion.build(), small.images, upsampler_settings, level,
@@ -212,12 +210,21 @@ def cascade(
     return small, large
 
 
-def _check_sizes(low_res: torch.Size, model: nn.Module) -> None:
-    """A base model's images must be smaller than the upsampler's, by a whole factor."""
+def check_upsampler(model: nn.Module) -> int:
+    """The low-resolution channels of a super-resolution ``model``; :class:`UserError` if it takes none."""
+    channels = getattr(getattr(model, "config", None), "low_res_channels", 0)
+    if not channels:
+        raise UserError("--upsampler needs a super-resolution model (a U-Net with low_res_channels); this one takes "
+                        "no low-resolution image")
+    return channels
+
+
+def _check_sizes(low_res: Sequence[int], model: nn.Module) -> None:
+    """A base model's images ``(C, h, w)`` must be smaller than the upsampler's, by a whole factor."""
     channels, height, width = model.sample_shape
-    h, w = low_res[2:]
-    if low_res[1] != model.config.low_res_channels or height % h or width % w or h >= height:
-        raise UserError(f"the base model draws {h}x{w}x{low_res[1]} images; the upsampler enlarges "
+    c, h, w = low_res
+    if c != model.config.low_res_channels or height % h or width % w or h >= height:
+        raise UserError(f"the base model draws {h}x{w}x{c} images; the upsampler enlarges "
                         f"{model.config.low_res_channels}-channel images to {height}x{width} by a whole factor")
     if not math.isclose(height / h, width / w):
         raise UserError(f"the base model's {h}x{w} images and the upsampler's {height}x{width} differ in aspect")
