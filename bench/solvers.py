@@ -129,8 +129,7 @@ def plot(results: dict, floor: float, path: Path) -> Path:
 
 def comparison_grid(args: argparse.Namespace, loaded: object, diffusion: object) -> Path:
     """The first ``--grid-count`` seeds under every method at ``--grid-nfe`` (DDPM: 1000), one row each."""
-    from ddpm.images import save_image
-    from ddpm.viz import labelled_rows
+    from ddpm.images import labelled_rows, save_image
 
     rows = []
     methods = args.methods.split(",")

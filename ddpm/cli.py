@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import sys
 import textwrap
+import types
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,12 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     from ddpm.config import RUN_PRESETS, SECTIONS
+    from ddpm.models import NETWORKS
 
-    p = sub.add_parser("train", parents=[common], help="train a model on images",
-                       description="Train a DDPM U-Net (Ho et al. 2020, Algorithm 1) with the paper's recipe.",
+    p = sub.add_parser("train", parents=[common], help="train a model on images (or captioned images)",
+                       description="Train a DDPM U-Net (Ho et al. 2020, Algorithm 1) with the paper's recipe, or a "
+                                   "text-to-image model on captioned images (a text-to-image preset).",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN)
     _add_run_arguments(p, RUN_PRESETS, "digits")
-    _add_config_options(p, SECTIONS, skip={"data.source"})
+    _prompt_arguments(p, "the training previews' prompts (text-to-image runs; default: the data's first captions)",
+                      negative=False)
+    _add_config_options(p, {**SECTIONS, "model": tuple(config for config, _ in NETWORKS.values())},
+                        skip={"data.source", "train.sample_prompts"})
     p.set_defaults(handler=cmd_train, command="train")
 
 
@@ -121,44 +128,100 @@ def _add_run_arguments(p: argparse.ArgumentParser, presets: dict[str, Any], defa
     mode.add_argument("--overwrite", action="store_true", help="start over in --out, deleting the old run's files")
 
 
-def _add_config_options(p: argparse.ArgumentParser, sections: dict[str, type], skip: set[str]) -> None:
+def _add_config_options(p: argparse.ArgumentParser, sections: dict[str, Any], skip: set[str]) -> None:
     """One ``--section.field`` option per configuration field (and ``--field`` where the name is
-    unique), with the field's documentation and default as help; ``skip`` names those set otherwise."""
+    unique), with the field's documentation and default as help; ``skip`` names those set otherwise.
+    A section may be a tuple of types (the networks a run's model can be): each field once, with
+    the network it belongs to named when not all have it."""
     from ddpm.config import field_docs, field_types
 
-    unique = _unique_field_names(sections)
-    for section, section_type in sections.items():
+    kinds = {name: t if isinstance(t, tuple) else (t,) for name, t in sections.items()}
+    unique = _unique_field_names(kinds)
+    for section, types_ in kinds.items():
         group = p.add_argument_group(f"{section} options")
-        docs = field_docs(section_type)
-        for field in dataclasses.fields(section_type):
-            key = f"{section}.{field.name}"
-            if key in skip:
-                continue
-            flags = [f"--{key}"]
-            if unique.get(field.name) == section and field.name not in ("steps", "device"):
-                flags.append(f"--{field.name.replace('_', '-')}")
-            default = field.default if field.default is not dataclasses.MISSING else None
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            if default is None and field_types(section_type)[field.name] == bool | None:
-                shown = "auto"
-            help_text = f"{docs.get(field.name, '')} (default {shown})".strip()
-            group.add_argument(*flags, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_metavar(field_types(
-                section_type)[field.name]), help=help_text.replace("%", "%%"))
+        seen: set[str] = set()
+        for section_type in types_:
+            docs = field_docs(section_type)
+            for field in dataclasses.fields(section_type):
+                key = f"{section}.{field.name}"
+                if key in skip or field.name in seen:
+                    continue
+                seen.add(field.name)
+                flags = [f"--{key}"]
+                if unique.get(field.name) == section and field.name not in ("steps", "device"):
+                    flags.append(f"--{field.name.replace('_', '-')}")
+                owners = [t for t in types_ if field.name in {f.name for f in dataclasses.fields(t)}]
+                whose = f" [{_network_name(owners[0])}]" if len(owners) < len(types_) else ""
+                hints = field_types(section_type)
+                group.add_argument(*flags, dest=f"cfg:{key}", default=argparse.SUPPRESS,
+                                   metavar=_metavar(hints[field.name]),
+                                   help=(_field_help(field, docs, hints) + whose).replace("%", "%%"))
 
 
-def _unique_field_names(sections: dict[str, type]) -> dict[str, str]:
-    seen: dict[str, list[str]] = {}
-    for section, section_type in sections.items():
-        for field in dataclasses.fields(section_type):
-            seen.setdefault(field.name, []).append(section)
-    return {name: sections[0] for name, sections in seen.items() if len(sections) == 1}
+def _field_help(field: Any, docs: dict[str, str], types_: dict[str, Any]) -> str:
+    default = field.default if field.default is not dataclasses.MISSING else None
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    if default is None and types_[field.name] == bool | None:
+        shown = "auto"
+    return f"{docs.get(field.name, '')} (default {shown})".strip()
+
+
+def _network_name(config_type: type) -> str:
+    return {"unet": "DDPM U-Net", "unet2d_condition": "conditional U-Net, text-to-image presets"}.get(
+        getattr(config_type, "ARCH", ""), config_type.__name__)
+
+
+def _unique_field_names(kinds: dict[str, tuple[type, ...]]) -> dict[str, str]:
+    seen: dict[str, set[str]] = {}
+    for section, types_ in kinds.items():
+        for section_type in types_:
+            for field in dataclasses.fields(section_type):
+                seen.setdefault(field.name, set()).add(section)
+    return {name: next(iter(found)) for name, found in seen.items() if len(found) == 1}
 
 
 def _metavar(annotation: Any) -> str:
     if annotation == bool | None:
         return "BOOL|auto"
-    name = getattr(annotation, "__name__", "")
-    return {"int": "N", "float": "X", "bool": "BOOL", "str": "TEXT"}.get(name, "N,N,...")
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    names = {"int": "N", "float": "X", "bool": "BOOL", "str": "TEXT"}
+    parts = []
+    for option in options if typing.get_origin(annotation) in (types.UnionType, typing.Union) else [annotation]:
+        if typing.get_origin(option) is tuple:
+            item = names.get(getattr(typing.get_args(option)[0], "__name__", ""), "N")
+            parts.append(f"{item},{item},...")
+        else:
+            parts.append(names.get(getattr(option, "__name__", ""), "TEXT"))
+    return "|".join(dict.fromkeys(parts)) + ("|none" if type(None) in typing.get_args(annotation) else "")
+
+
+def _prompt_arguments(p: argparse.ArgumentParser, what: str, negative: bool = True) -> None:
+    """--prompt (repeatable), --prompts-file and, for sampling, --negative-prompt."""
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help=f"{what}; give it several times for several prompts, taken in turn")
+    p.add_argument("--prompts-file", default=None, metavar="FILE", help="prompts, one per line (after any --prompt)")
+    if negative:
+        p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                       help="what guidance steers away from: the unconditional half of classifier-free guidance "
+                            "(default: the empty prompt)")
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of --prompt and --prompts-file, or None if neither was given."""
+    if args.prompt is None and args.prompts_file is None:
+        return None
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file {path}: no such file")
+        try:
+            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompts-file {path}: not UTF-8 text ({e.reason})") from None
+    if not prompts:
+        raise UserError(f"--prompts-file {args.prompts_file}: no prompts in it (one per line)")
+    return prompts
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -170,9 +233,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ddpm.train import train
 
     overrides = _overrides(args)
-    if overrides.get("data.autoencoder"):
-        # Recorded absolute, so that sampling from the run works from any directory.
-        overrides["data.autoencoder"] = str(Path(overrides["data.autoencoder"]).resolve())
+    prompts = _prompts(args)
+    if prompts is not None:
+        overrides["train.sample_prompts"] = "\n".join(prompts)
+    for key in ("data.autoencoder", "data.text_encoder"):
+        if overrides.get(key):
+            # Recorded absolute, so that sampling from the run works from any directory.
+            overrides[key] = str(Path(overrides[key]).resolve())
     config, explicit = _run_config(args, overrides, RunConfig, get_config, "digits")
     _report(train(config, args.out, resume=args.resume, overwrite=args.overwrite, explicit=explicit,
                   progress=not args.quiet))
@@ -333,9 +400,7 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     _sampler_arguments(p, seed_help="random seed: image i of a seed is the same whatever --batch-size")
     p.add_argument("--num-images", type=int, default=64, help="how many images")
-    p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale w (1: conditional model alone)")
+    _condition_arguments(p)
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     p.add_argument("--pngs", action="store_true", help="write every image as images/NNNNNN.png")
     p.add_argument("--npz", action="store_true", help="write samples.npz (uint8 NHWC arr_0, as FID tools take)")
@@ -372,6 +437,19 @@ def _sample_settings(args: argparse.Namespace, sampler: str | None = None, steps
     return settings if steps is None else dataclasses.replace(settings, steps=steps)
 
 
+def _condition_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
+    _prompt_arguments(p, "what to draw (text-to-image models; default: the empty, unconditional prompt)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale w (1: the conditional model alone; Stable Diffusion uses 7.5)")
+
+
+def _conditions(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """generate()'s condition arguments from the command line."""
+    return {"label": args.label, "prompts": _prompts(args), "negative_prompt": args.negative_prompt,
+            "guidance_scale": args.guidance_scale, "conditioning": loaded.conditioning}
+
+
 def _settings(args: argparse.Namespace) -> Any:
     from ddpm.generate import SamplerSettings
 
@@ -394,9 +472,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         latents = read_noise(args.latents, loaded.model.sample_shape)
     samples = generate(loaded.model, loaded.diffusion.build(), args.num_images if latents is None else len(latents),
-                       _sample_settings(args), seed=args.seed, label=args.label, guidance_scale=args.guidance_scale,
-                       latents=latents, batch_size=args.batch_size, device=device, bf16=_bf16(args),
-                       progress=not args.quiet, autoencoder=loaded.autoencoder)
+                       _sample_settings(args), seed=args.seed, latents=latents, batch_size=args.batch_size,
+                       device=device, bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
+                       **_conditions(args, loaded))
     print(f"{len(samples.images)} images with {args.sampler}: {samples.nfe:g} network evaluations each")
     _print_paths(write_samples(samples, args.out, grid=not args.no_grid, pngs=args.pngs, npz=args.npz))
     return 0
@@ -497,7 +575,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             samples = generate(loaded.model, loaded.diffusion.build(), args.num_samples,
                                _settings(args), seed=args.seed, batch_size=args.batch_size,
                                device=device, bf16=_bf16(args), progress=not args.quiet,
-                               autoencoder=loaded.autoencoder).uint8()
+                               autoencoder=loaded.autoencoder, conditioning=loaded.conditioning).uint8()
         metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)
         from ddpm.checkpoints import save_json
 
@@ -560,6 +638,7 @@ def _add_viz(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--num-images", type=int, default=8, help="images in the grid (the GIF shows 16)")
     _sampler_arguments(r)
+    _condition_arguments(r)
     r.set_defaults(handler=cmd_viz_reverse, command="viz")
     p.set_defaults(handler=lambda args: (p.print_help(), 2)[1], command="viz")
 
@@ -596,7 +675,8 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
     print(describe_run(loaded))
     _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
                                           num_images=args.num_images, seed=args.seed, device=device,
-                                          bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder))
+                                          bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
+                                          **_conditions(args, loaded)))
     return 0
 
 

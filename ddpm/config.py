@@ -21,8 +21,9 @@ from typing import Any, ClassVar, TypeVar
 from ddpm.diffusion import MEAN_TYPES, VAR_TYPES, GaussianDiffusion
 from ddpm.errors import UserError, check_choice, check_positive
 from ddpm.losses import LOSS_TYPES
-from ddpm.models import network_config_type
+from ddpm.models import ConditionalUNetConfig, network_config_type
 from ddpm.models.presets import get_preset
+from ddpm.models.text_transformer import TextTransformerConfig
 from ddpm.models.unet import UNetConfig
 from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, SAMPLERS
 from ddpm.schedules import SCHEDULES, get_betas
@@ -68,6 +69,9 @@ class DataConfig:
         root: where torchvision data sets are downloaded (default ~/.cache/ddpm/datasets or $DDPM_DATA_DIR).
         autoencoder: a trained autoencoder (a 'ddpm train-autoencoder' run or a diffusers AutoencoderKL
             directory): the U-Net learns its scaled latents instead of pixels (latent diffusion).
+        caption_column: the field of a folder's metadata.jsonl that holds the captions.
+        text_encoder: a frozen text encoder (a local CLIP or T5 directory, or a Stable Diffusion pipeline's)
+            for a text-to-image run; empty: the run trains its own small one (the text section).
     """
 
     source: str = ""
@@ -76,6 +80,8 @@ class DataConfig:
     flip: bool = True
     root: str = ""
     autoencoder: str = ""
+    caption_column: str = "text"
+    text_encoder: str = ""
 
     def __post_init__(self) -> None:
         check_choice("data.split", self.split, ("train", "test"))
@@ -100,7 +106,8 @@ class TrainConfig:
         loss_type: simple (L_simple), vlb (L_vlb) or hybrid (L_simple + 0.001 L_vlb, for learned variances).
         timestep_sampler: uniform, or loss-aware (Improved DDPM's importance sampling, for vlb).
         class_cond: condition on the data's class labels (needs a labelled data set).
-        label_dropout: with class_cond, the chance of dropping a label to the null class (classifier-free guidance).
+        label_dropout: the chance of dropping a class label to the null class, or a caption to the empty one, in
+            a class- or text-conditional run (classifier-free guidance).
         seed: the seed of every random draw in the run (data order, flips, t, noise, dropout).
         log_every: write a metrics line every this many steps.
         sample_every: save a grid of EMA samples every this many steps (0: only at the end).
@@ -108,6 +115,9 @@ class TrainConfig:
         sample_sampler: the sampler for those grids (a name from ddpm.samplers.SAMPLERS; by default the one
             'ddpm sample' uses).
         sample_steps: network evaluations per image of those grids.
+        sample_prompts: a text-to-image run's prompts for those grids, one per line (default: the data's first
+            distinct captions).
+        sample_guidance_scale: classifier-free guidance scale of those grids (1: none).
         ckpt_every: save a checkpoint every this many steps (and always at the end).
         keep_last: how many checkpoints to keep.
         time_limit: stop (with a checkpoint) once this many minutes have passed since the command started
@@ -143,6 +153,8 @@ class TrainConfig:
     sample_count: int = 64
     sample_sampler: str = DEFAULT_SAMPLER
     sample_steps: int = DEFAULT_NFE
+    sample_prompts: str = ""
+    sample_guidance_scale: float = 1.0
     ckpt_every: int = 10_000
     keep_last: int = 3
     time_limit: float = 0.0
@@ -181,6 +193,7 @@ SECTIONS: dict[str, type] = {
     "diffusion": DiffusionConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "text": TextTransformerConfig,
 }
 
 
@@ -195,6 +208,8 @@ class SectionedConfig:
 
     SECTIONS: ClassVar[dict[str, type]] = {}
     POLYMORPHIC: ClassVar[dict[str, Callable[[str], type]]] = {}
+    #: Sections that may be absent (None): left out of the JSON, and their options refused.
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
     #: The verb whose ``--help`` lists the options (for error messages).
     VERB: ClassVar[str] = "train"
 
@@ -203,6 +218,8 @@ class SectionedConfig:
         out = {}
         for name in self.SECTIONS:
             section = getattr(self, name)
+            if section is None:
+                continue
             arch = {"arch": type(section).ARCH} if name in self.POLYMORPHIC else {}
             out[name] = {**arch, **dataclasses.asdict(section)}
         return out
@@ -218,6 +235,9 @@ class SectionedConfig:
             raise UserError(f"unknown config section(s) {', '.join(unknown)}; valid: {', '.join(cls.SECTIONS)}")
         sections = {}
         for name, section_type in cls.SECTIONS.items():
+            if name in cls.OPTIONAL and values.get(name) is None:
+                sections[name] = None
+                continue
             given = dict(values.get(name, {}))
             if name in cls.POLYMORPHIC:
                 section_type = cls.POLYMORPHIC[name](given.pop("arch", section_type.ARCH))
@@ -233,6 +253,9 @@ class SectionedConfig:
         values = self.to_dict()
         for key, text in overrides.items():
             section, _, name = key.partition(".")
+            if section in self.OPTIONAL and getattr(self, section) is None:
+                raise UserError(f"--{key}: this run has no {section} section (its options are for the presets "
+                                "that have one)")
             types_ = field_types(type(getattr(self, section))) if section in self.SECTIONS else {}
             if name not in types_:
                 raise UserError(f"unknown option {key!r}; run 'ddpm {self.VERB} --help' for the list")
@@ -250,21 +273,48 @@ class RunConfig(SectionedConfig):
     SECTIONS: ClassVar[dict[str, type]] = SECTIONS
     POLYMORPHIC: ClassVar[dict[str, Callable[[str], type]]] = {"model": network_config_type}
 
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"text"})
+
     model: Any = field(default_factory=UNetConfig)  # a config of ddpm.models.NETWORKS
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: The text transformer a text-to-image run trains with its U-Net (GLIDE); None for other runs
+    #: and for one with a frozen encoder (data.text_encoder).
+    text: TextTransformerConfig | None = None
+
+    @property
+    def text_conditional(self) -> bool:
+        """Whether the run's network is conditioned on text (a conditional U-Net)."""
+        return isinstance(self.model, ConditionalUNetConfig)
 
     def __post_init__(self) -> None:
-        if self.diffusion.var_type == "learned_range" and not self.model.learned_sigma:
+        self._check_text()
+        learned_sigma = getattr(self.model, "learned_sigma", False)
+        if self.diffusion.var_type == "learned_range" and not learned_sigma:
             raise UserError("diffusion.var_type learned_range needs --model.learned_sigma true")
-        if self.model.learned_sigma and self.diffusion.var_type != "learned_range":
+        if learned_sigma and self.diffusion.var_type != "learned_range":
             raise UserError("model.learned_sigma needs --diffusion.var_type learned_range")
         if self.diffusion.var_type == "learned_range" and self.train.loss_type == "simple":
             raise UserError("a learned variance is trained by the bound: use --train.loss_type hybrid or vlb")
         if self.train.loss_type == "hybrid" and self.diffusion.var_type != "learned_range":
             raise UserError("--train.loss_type hybrid trains a learned variance: add --diffusion.var_type "
                             "learned_range --model.learned_sigma true, or use simple or vlb")
+
+    def _check_text(self) -> None:
+        frozen = bool(self.data.text_encoder)
+        if not self.text_conditional:
+            if self.text is not None or frozen:
+                raise UserError("text options (--text.*, --data.text_encoder) are for a text-to-image preset "
+                                "(a conditional U-Net: mnist-pairs, mnist-pairs-latent, ...)")
+            return
+        if self.train.class_cond:
+            raise UserError("a text-to-image run is conditioned on its captions; drop --train.class_cond")
+        if frozen == (self.text is not None):
+            raise UserError("a text-to-image run needs one text encoder: its own (the text section of its preset) or "
+                            "a frozen one (--data.text_encoder PATH), not both" if frozen else
+                            "a text-to-image run needs a text encoder: a preset with a text section, or "
+                            "--data.text_encoder PATH")
 
 
 # Presets are data: a model preset name plus overrides of the other sections. The paper's
@@ -332,14 +382,52 @@ RUN_PRESETS["mnist-14"] = {**RUN_PRESETS["mnist"], "model": "mnist-14"}
 RUN_PRESETS["cifar10-16"] = {**RUN_PRESETS["cifar10"], "model": "cifar10-16"}
 
 
+def _glide(unet: str, text: str, **changes: Any) -> tuple[ConditionalUNetConfig, TextTransformerConfig]:
+    """A conditional U-Net preset and a text transformer preset as GLIDE pairs them: the U-Net attends
+    to the transformer's token states and adds its pooled state to the time embedding."""
+    text_config = TextTransformerConfig.preset(text)
+    model = dataclasses.replace(ConditionalUNetConfig.preset(unet), cross_attention_dim=text_config.width,
+                                class_embed_type="projection", projection_class_embeddings_input_dim=text_config.width,
+                                **changes)
+    return model, text_config
+
+
+# Text-to-image (GLIDE's recipe: a text transformer trained from scratch with the U-Net on the
+# captions, 10% empty captions for classifier-free guidance, previews guided at 3) on the captioned
+# two-digit MNIST images (28x56), in pixels and on the latents of `train-autoencoder --preset
+# mnist-pairs-f4` (--autoencoder RUN). A frozen CLIP or T5 replaces the text section with
+# --data.text_encoder PATH (set --model.cross_attention_dim to its width).
+_TEXT_TRAIN = {"steps": 20_000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200, "ema_decay": 0.999,
+               "log_every": 50, "sample_every": 2000, "ckpt_every": 500, "sample_count": 24,
+               "sample_guidance_scale": 3.0}
+for _name, _unet, _text, _diffusion in (("mnist-pairs", "mnist-pairs", "mnist-pairs", {}),
+                                        ("mnist-pairs-latent", "mnist-pairs-latent", "mnist-pairs",
+                                         {"schedule": "scaled_linear"})):
+    _model, _text_config = _glide(_unet, _text)
+    RUN_PRESETS[_name] = {"model": _model, "text": _text_config, "diffusion": _diffusion, "data": {"flip": False},
+                          "train": _TEXT_TRAIN}
+_model, _text_config = _glide("tiny", "tiny", in_channels=3, out_channels=3)
+RUN_PRESETS["tiny-text"] = {**RUN_PRESETS["tiny"], "model": _model, "text": _text_config,
+                            "train": {**RUN_PRESETS["tiny"]["train"], "sample_guidance_scale": 2.0}}
+_model, _ = _glide("tiny", "tiny", sample_size=4)  # on the tiny autoencoder's 4x4x4 latents
+RUN_PRESETS["tiny-text-latent"] = {**RUN_PRESETS["tiny-text"], "model": _model,
+                                   "diffusion": RUN_PRESETS["tiny-latent"]["diffusion"]}
+
+
 def get_config(preset: str, overrides: dict[str, str] | None = None) -> RunConfig:
     """The resolved configuration of a run preset with ``section.field`` overrides applied."""
     if preset not in RUN_PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(RUN_PRESETS)}")
     spec = RUN_PRESETS[preset]
-    values: dict[str, Any] = {"model": dataclasses.asdict(get_preset(spec["model"]))}
+    model = spec["model"] if dataclasses.is_dataclass(spec["model"]) else get_preset(spec["model"])
+    values: dict[str, Any] = {"model": {"arch": model.ARCH, **dataclasses.asdict(model)}}
     for section in ("diffusion", "data", "train"):
         values[section] = dict(spec.get(section, {}))
+    frozen = (overrides or {}).get("data.text_encoder")
+    if frozen:  # a frozen encoder replaces the preset's own text transformer
+        values["data"]["text_encoder"] = frozen
+    elif "text" in spec:
+        values["text"] = dataclasses.asdict(spec["text"])
     return RunConfig.from_dict(values).replace(overrides or {})
 
 
@@ -373,28 +461,42 @@ def field_docs(section_type: type) -> dict[str, str]:
 
 
 def parse_value(key: str, text: str, annotation: Any) -> Any:
-    """Parse an override's text by the field's type: int, float, bool, str or a tuple of ints."""
-    origin = typing.get_origin(annotation)
+    """Parse an override's text by the field's type: int, float, bool, str, a tuple of ints or of
+    strings (comma-separated), or a union of these with None (``none``, or empty, is None; for
+    ``bool | None`` ``auto`` is) — ``int | tuple[int, ...]`` reads one number as an int."""
     try:
-        if annotation == str | None:
-            return text or None
-        if annotation == bool | None and text.strip().lower() == "auto":
-            return None
-        if annotation in (bool, bool | None):
-            lowered = text.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation is int:
-            return int(text)
-        if annotation is float:
-            return float(text)
-        if origin is tuple or (origin in (types.UnionType, typing.Union)):
-            items = [t for t in re.split(r"[,\s]+", text.strip().strip("()[]")) if t]
-            return tuple(int(t) for t in items)
-        return text
+        return _parse(text, annotation)
     except ValueError:
         kind = getattr(annotation, "__name__", str(annotation))
         raise UserError(f"--{key}: cannot read {text!r} as {kind}") from None
+
+
+def _parse(text: str, annotation: Any) -> Any:
+    lowered = text.strip().lower()
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) < len(typing.get_args(annotation)) and lowered in ("", "none", "null", "auto"):
+            return None
+        items = _items(text)
+        scalar = next((a for a in options if typing.get_origin(a) is not tuple), None)
+        if scalar is not None and (len(items) == 1 or not any(typing.get_origin(a) is tuple for a in options)):
+            return _parse(text, scalar)
+        return _parse(text, next(a for a in options if typing.get_origin(a) is tuple))
+    if annotation is bool:
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if annotation is int:
+        return int(text)
+    if annotation is float:
+        return float(text)
+    if typing.get_origin(annotation) is tuple:
+        item = typing.get_args(annotation)[0]
+        return tuple(_parse(t, item) for t in _items(text))
+    return text
+
+
+def _items(text: str) -> list[str]:
+    return [t for t in re.split(r"[,\s]+", text.strip().strip("()[]")) if t]

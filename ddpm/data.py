@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ddpm.errors import UserError
+from ddpm.errors import DataWarning, UserError
 
 __all__ = [
     "DATASET_NAMES",
@@ -95,10 +95,6 @@ _MODE_BY_CHANNELS = {1: "L", 3: "RGB"}
 # Decoding and resizing release the GIL inside PIL, so a few threads pay off even on small machines.
 _WORKERS = min(4, os.cpu_count() or 1)
 _CHUNK = 64
-
-
-class DataWarning(UserWarning):
-    """Something about the data worth a line on the console (skipped files, upscaled images)."""
 
 
 def default_root() -> Path:

@@ -1,8 +1,10 @@
-"""The one exception type for a user's mistake, and the checks of a value that raise it.
+"""The one exception type for a user's mistake, the one warning type about a user's input, and the
+checks of a value that raise the exception.
 
 A :class:`UserError` is something the person running ``ddpm`` can fix (a bad path, an option out
 of range, a file that is not a checkpoint). The CLI prints its message as one line and exits with
-a non-zero code; any other exception is a bug and keeps its traceback.
+a non-zero code; any other exception is a bug and keeps its traceback. A :class:`DataWarning` is
+worth knowing but does not stop the run; the CLI prints it as one line too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ class UserError(Exception):
     exit_code: int = 2
     #: How the CLI labels the message: ``ddpm: error: ...``.
     label: str = "error"
+
+
+class DataWarning(UserWarning):
+    """Something about the user's input worth a line on the console that does not stop the run:
+    images skipped or upscaled (:mod:`ddpm.data`), prompts cut to a text encoder's context
+    (:mod:`ddpm.text`). The CLI prints it as ``ddpm: warning: ...``."""
 
 
 def is_int(value: object) -> bool:

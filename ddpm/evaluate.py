@@ -30,6 +30,11 @@ LATENT_BPD = ("bits/dim of pixels is not defined for a latent model: its bound i
               "autoencoder's decoder gives no likelihood of the pixels; use --fid (with --no-bpd) for sample quality")
 
 
+#: Why a text-conditional model's bits/dim are not computed here.
+TEXT_BPD = ("bits/dim of a text-conditional model would be the bound given each image's caption, which ddpm eval "
+            "does not compute yet; use --fid (with --no-bpd) for sample quality")
+
+
 @torch.no_grad()
 def evaluate_bpd(
     loaded: LoadedModel,
@@ -53,10 +58,11 @@ def evaluate_bpd(
     """
     if loaded.autoencoder is not None:
         raise UserError(LATENT_BPD)
-    config = loaded.model.config
+    if loaded.conditioning is not None:
+        raise UserError(TEXT_BPD)
+    channels, *size = loaded.model.sample_shape
     device = torch.device(device)
-    data = load_images(source, config.image_size, config.in_channels, split=split, root=root, limit=limit,
-                       progress=progress)
+    data = load_images(source, tuple(size), channels, split=split, root=root, limit=limit, progress=progress)
     diffusion = loaded.diffusion.build()
     generator = torch.Generator(device=device).manual_seed(seed)
     totals, priors = [], []
@@ -67,7 +73,7 @@ def evaluate_bpd(
         idx = order[begin:begin + batch_size]
         x0 = data.to_float(idx).to(device)
         kwargs = {}
-        if config.num_classes:
+        if loaded.num_classes:
             kwargs["y"] = data.labels[idx].to(device)
         out = diffusion.bits_per_dim(loaded.model, x0, clip_denoised=clip_denoised, model_kwargs=kwargs,
                                      max_batch=max_batch, generator=generator, progress=progress)

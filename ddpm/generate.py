@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ddpm.checkpoints import atomic_write
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.images import auto_scale, make_grid, save_image, save_npz, save_pngs, to_uint8
+from ddpm.images import auto_scale, labelled_rows, make_grid, save_image, save_npz, save_pngs, to_uint8
 from ddpm.latent import decode_latents
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.runtime import autocast, derive_seed, resolve_bf16
@@ -316,13 +317,28 @@ def write_samples(samples: Samples, out_dir: str | Path, grid: bool = True, pngs
     images = samples.uint8()
     written: list[Path] = []
     if grid:
-        written.append(save_image(grid_image(images[:grid_max], nrow), out_dir / "grid.png"))
+        picture = grid_image(images[:grid_max], nrow) if samples.prompts is None else prompt_rows(
+            images[:grid_max], samples.prompts[:grid_max])
+        written.append(save_image(picture, out_dir / "grid.png"))
     if pngs:
         written.extend(save_pngs(images, out_dir / "images"))
     if npz:
         has_labels = bool((samples.labels >= 0).any())
         written.append(save_npz(images, out_dir / "samples.npz", labels=samples.labels if has_labels else None))
+    if samples.prompts is not None and (pngs or npz):
+        path = out_dir / "prompts.txt"
+        with atomic_write(path, "w", durable=False) as f:
+            f.write("".join(prompt.replace("\n", " ") + "\n" for prompt in samples.prompts))
+        written.append(path)
     return written
+
+
+def prompt_rows(images: Tensor, prompts: Sequence[str], per_row: int = 10) -> Any:
+    """The images grouped by prompt, a labelled row per prompt (in the order they first appear)."""
+    order = list(dict.fromkeys(prompts))
+    groups = [[i for i, p in enumerate(prompts) if p == prompt][:per_row] for prompt in order]
+    width = min(len(g) for g in groups)
+    return labelled_rows([(images[g[:width]], prompt or "(no prompt)") for g, prompt in zip(groups, order)])
 
 
 def grid_image(images: Tensor, nrow: int | None = None) -> Any:

@@ -11,6 +11,7 @@ target, so a reader (or a run resumed after an interruption) never finds a half-
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from ddpm.checkpoints import atomic_write
@@ -179,6 +180,73 @@ def save_npz(images: Tensor, path: PathLike, labels: Tensor | np.ndarray | None 
     with atomic_write(path, durable=False) as f:
         np.savez(f, **arrays)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------- labels
+
+PADDING = 2  # between tiles in every grid here; the labels are placed by it
+
+
+def labelled_rows(rows: Sequence[tuple[Tensor, str]], scale: int | None = None) -> Image.Image:
+    """One row of images per label, the label to the row's left: e.g. the same seeds under several samplers.
+
+    Each entry is (images [N, C, H, W] in [-1, 1] or uint8, label); every row must have the same N.
+    """
+    size = rows[0][0].shape[-1]
+    scale = scale or auto_scale(size)
+    grids = [make_grid(images, nrow=len(images), padding=PADDING, scale=scale) for images, _ in rows]
+    out = Image.new(grids[0].mode, (grids[0].width, sum(g.height for g in grids)), "white")
+    y, labels = 0, []
+    for grid, (_, label) in zip(grids, rows):
+        out.paste(grid, (0, y))
+        labels.append((y + grid.height / 2, label))
+        y += grid.height
+    return annotate(out, rows=labels)
+
+
+def annotate(
+    img: Image.Image, columns: Sequence[tuple[float, str]] = (), rows: Sequence[tuple[float, str]] = ()
+) -> Image.Image:
+    """``img`` with black text on white added above it (``columns``: x centre, text) and to its left (``rows``)."""
+    # One line height for every label (not each text's own), so that frames of a GIF, whose
+    # captions differ, all come out the same size and their text on one baseline.
+    _, line_top, _, line_bottom = _text_box(_LINE)
+    top = line_bottom - line_top + 6 if columns else 0
+    left = max((text_width(s) for _, s in rows), default=-8) + 8
+    out = Image.new(img.mode, (img.width + left, img.height + top), "white")
+    out.paste(img, (left, top))
+    draw = ImageDraw.Draw(out)
+    for x, text in columns:
+        _draw_centred(draw, left + x, top / 2, text)
+    for y, text in rows:
+        _draw_centred(draw, left / 2, top + y, text)
+    return out
+
+
+_LINE = "Ay(|)_"  # a line's full height: ascender, descender, brackets
+
+
+def _text_box(text: str) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of ``text`` drawn at the origin in the default font."""
+    return ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=_font())
+
+
+def text_width(text: str) -> int:
+    left, _, right, _ = _text_box(text)
+    return right - left
+
+
+def _draw_centred(draw: ImageDraw.ImageDraw, x: float, y: float, text: str) -> None:
+    """``text`` centred on x by its own width, and on y by the line's height (one baseline for all)."""
+    # From boxes rather than anchor="mm", which Pillow's bitmap fallback font lacks.
+    left, _, right, _ = _text_box(text)
+    _, top, _, bottom = _text_box(_LINE)
+    draw.text((round(x - (left + right) / 2), round(y - (top + bottom) / 2)), text, fill="black", font=_font())
+
+
+@functools.cache
+def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default()
 
 
 # ---------------------------------------------------------------------------------------- reading

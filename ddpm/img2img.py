@@ -25,11 +25,10 @@ from torch import Tensor, nn
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.generate import Conditioning, SamplerSettings, Samples, generate
-from ddpm.images import as_float_images, save_image, save_pngs
+from ddpm.images import as_float_images, labelled_rows, save_image, save_pngs
 from ddpm.latent import encode_images
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.samplers import kept_timesteps, randn
-from ddpm.viz import labelled_rows
 
 
 def check_images(images: Tensor, shape: Sequence[int], what: str = "--image") -> None:

@@ -20,7 +20,6 @@ from ddpm.data import Batch, ImageData
 from ddpm.errors import UserError
 from ddpm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ddpm.models.io import read_format
-from ddpm.models.unet import UNetConfig
 from ddpm.runtime import derive_seed
 
 #: Where ``ddpm train-autoencoder`` writes the finished model inside its run directory.
@@ -47,20 +46,23 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Au
     return model.to(device).eval().requires_grad_(False)
 
 
-def pixel_size(unet: UNetConfig, autoencoder: AutoencoderKLConfig, source: str | Path) -> int:
-    """The image side the U-Net's latents decode to (``image_size * f``), after checking that the
-    U-Net takes the autoencoder's latent channels; :class:`UserError` naming both otherwise."""
+def pixel_size(sample_shape: tuple[int, ...], autoencoder: AutoencoderKLConfig, source: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of the images a network's latents ``sample_shape`` ``(c, h, w)`` decode to
+    (``h * f, w * f``), after checking that they are the autoencoder's latents; :class:`UserError`
+    naming both otherwise."""
     f = autoencoder.downsampling_factor
-    side = unet.image_size * f
-    if unet.in_channels != autoencoder.latent_channels:
-        raise UserError(f"model.in_channels {unet.in_channels} does not match the {autoencoder.latent_channels} "
+    channels, h, w = sample_shape
+    if channels != autoencoder.latent_channels:
+        raise UserError(f"model.in_channels {channels} does not match the {autoencoder.latent_channels} "
                         f"latent channels of the autoencoder {source}; set --model.in_channels "
                         f"{autoencoder.latent_channels}")
-    if side != autoencoder.sample_size:
-        raise UserError(f"model.image_size {unet.image_size} is a {side}x{side} image through the autoencoder "
-                        f"{source} (f={f}), which was trained on {autoencoder.sample_size}x{autoencoder.sample_size}; "
-                        f"set --model.image_size {autoencoder.sample_size // f}")
-    return side
+    height, width = autoencoder.image_size
+    if (h * f, w * f) != (height, width):
+        fix = (f"set --model.image_size {height // f} (--model.sample_size for a conditional U-Net)"
+               if height == width else f"set --model.sample_size {height // f},{width // f}")
+        raise UserError(f"the model's {h}x{w} latents are {h * f}x{w * f} images through the autoencoder {source} "
+                        f"(f={f}), which was trained on {height}x{width}; {fix}")
+    return h * f, w * f
 
 
 @torch.no_grad()

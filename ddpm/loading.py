@@ -19,14 +19,16 @@ import torch
 from torch import nn
 
 from ddpm import checkpoints
+from ddpm.conditioning import TextPrompts, frozen_text_encoder, prompts_of, run_network
 from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import UserError
 from ddpm.latent import load_autoencoder, pixel_size
-from ddpm.models import build_network, diffusers_io
+from ddpm.models import diffusers_io
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.diffusers_io import AUTOENCODER_KL, UNET2D
 from ddpm.models.unet import UNet
 from ddpm.runtime import num_parameters
+from ddpm.tokenizer import WordTokenizer
 
 
 @dataclass
@@ -38,6 +40,8 @@ class LoadedModel:
     description: str
     run_config: RunConfig | None = None
     autoencoder: AutoencoderKL | None = None
+    #: For a text-conditional model: what turns prompts into its arguments (generate's ``conditioning``).
+    conditioning: TextPrompts | None = None
 
     @property
     def num_classes(self) -> int:
@@ -84,7 +88,7 @@ def load_model(source: str | Path, weights: str = "ema", device: str | torch.dev
     if diffusers_io.class_name(path) == UNET2D.class_name:
         model = UNet.from_diffusers(path, device=device)
         if autoencoder is not None:
-            pixel_size(model.config, autoencoder.config, vae_dir)
+            pixel_size(model.sample_shape, autoencoder.config, vae_dir)
         return LoadedModel(model.eval(), diffusion_from_diffusers(path), f"diffusers model {path}",
                            autoencoder=autoencoder)
     model = UNet.from_pretrained(path, device=device)
@@ -102,15 +106,21 @@ def _from_checkpoint(path: Path, ckpt: checkpoints.TrainingCheckpoint, weights: 
         raise UserError(f"{path} is an autoencoder's checkpoint ('ddpm train-autoencoder'), which draws no images; "
                         "train a U-Net on its latents with 'ddpm train --autoencoder RUN'")
     config = RunConfig.from_dict(ckpt.meta["config"])
-    model = build_network(config.model)
+    tokenizer = WordTokenizer(ckpt.meta["tokenizer"]) if "tokenizer" in ckpt.meta else None
+    model = run_network(config, tokenizer)
     group = "ema" if weights == "ema" else "model"
     model.load_weights(ckpt.group(group), source=path / f"{group}.safetensors")
     description = f"{path} (step {ckpt.meta['step']}, {weights} weights)"
     autoencoder = None
     if config.data.autoencoder:
         autoencoder = load_autoencoder(config.data.autoencoder, device)
-        pixel_size(config.model, autoencoder.config, config.data.autoencoder)
-    return LoadedModel(model.to(device).eval(), config.diffusion, description, config, autoencoder)
+        pixel_size(config.model.sample_shape, autoencoder.config, config.data.autoencoder)
+    model = model.to(device).eval()
+    conditioning = None
+    if config.text_conditional:
+        frozen = frozen_text_encoder(config, model, device) if config.data.text_encoder else None
+        conditioning = prompts_of(model, frozen)
+    return LoadedModel(model, config.diffusion, description, config, autoencoder, conditioning)
 
 
 def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
@@ -125,16 +135,22 @@ def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
 
 def describe_run(loaded: LoadedModel) -> str:
     """A one-paragraph summary of what was loaded, for the CLI to print."""
-    c = loaded.model.config
     d = loaded.diffusion
     n_params = num_parameters(loaded.model)
-    classes = f", {c.num_classes} classes" if c.num_classes else ""
+    channels, *size = loaded.model.sample_shape
+    shape = "x".join(map(str, [*size, channels]))
+    classes = f", {loaded.num_classes} classes" if loaded.num_classes else ""
     latent = ""
     if loaded.autoencoder is not None:
         ae = loaded.autoencoder.config
-        channels, side, _ = loaded.image_shape
+        image_channels, *image_size = loaded.image_shape
         latent = (f" latents of a {num_parameters(loaded.autoencoder):,}-parameter autoencoder "
-                  f"(f={ae.downsampling_factor}, scaling_factor {ae.scaling_factor:.4g}) for {side}x{side}x{channels} "
-                  "images")
-    return (f"{loaded.description}: {n_params:,} parameters, {c.image_size}x{c.image_size}x{c.in_channels}"
-            f"{latent}{classes}; diffusion {json.dumps(dataclasses.asdict(d))}")
+                  f"(f={ae.downsampling_factor}, scaling_factor {ae.scaling_factor:.4g}) for "
+                  f"{'x'.join(map(str, [*image_size, image_channels]))} images")
+    text = ""
+    if loaded.conditioning is not None:
+        encoder = loaded.conditioning.encoder
+        kind = "trained with it" if encoder.trainable else "frozen"
+        text = f", text-conditional ({type(encoder).__name__}, {kind}, context {encoder.context_length})"
+    return (f"{loaded.description}: {n_params:,} parameters, {shape}{latent}{classes}{text}; "
+            f"diffusion {json.dumps(dataclasses.asdict(d))}")

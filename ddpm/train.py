@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +33,23 @@ import torch.distributed as dist
 from torch import nn
 
 from ddpm import checkpoints
-from ddpm.conditioning import TrainingCondition, training_condition
+from ddpm.conditioning import (
+    Captions,
+    TextPrompts,
+    TrainingCondition,
+    frozen_text_encoder,
+    network_meta,
+    prompts_of,
+    run_network,
+    training_condition,
+)
 from ddpm.config import RunConfig
 from ddpm.data import Batch, ImageData, load_images
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, generate, grid_image
-from ddpm.images import save_image
+from ddpm.images import labelled_rows, save_image
 from ddpm.latent import LatentData, load_autoencoder, pixel_size
-from ddpm.models import build_network
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.runs import (
     Hooks,
@@ -63,6 +71,7 @@ from ddpm.runs import (
 )
 from ddpm.runtime import autocast, derive_seed, num_parameters, resolve_bf16
 from ddpm.timestep_sampling import UniformSampler, make_timestep_sampler
+from ddpm.tokenizer import WordTokenizer
 
 #: The run directory's entries (``--overwrite`` deletes only these) and the fields a resume may change
 #: (any other difference is an incompatible config).
@@ -106,11 +115,13 @@ class TrainState:
         return {"gen_t": self.gen_t, "gen_noise": self.gen_noise}
 
 
-def build_state(config: RunConfig, device: torch.device, procs: Processes) -> TrainState:
-    """A fresh model (DDPM's initialisation, seeded per rank), its EMA, Adam and the generators."""
+def build_state(config: RunConfig, device: torch.device, procs: Processes,
+                tokenizer: WordTokenizer | None = None) -> TrainState:
+    """A fresh model (its initialisation seeded per rank; a text-to-image run's with its text
+    transformer on ``tokenizer``'s vocabulary), its EMA, Adam and the generators."""
     cfg = config.train
     torch.manual_seed(derive_seed(cfg.seed, procs.rank, 0))
-    model = build_network(config.model).to(device)
+    model = run_network(config, tokenizer).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -153,7 +164,7 @@ def save_checkpoint(state: TrainState, step: int, out_dir: Path, config: RunConf
         tensors={"model": state.model.state_dict(), "ema": state.ema.state_dict(), "optimizer": tensors,
                  "sampler": state.timestep_sampler.state_dict(), "rng": checkpoints.rng_states_to_flat(rng)},
         meta={"step": step, "skipped_steps": state.skipped, "world_size": procs.world_size,
-              "optimizer": optimizer_meta, "config": config.to_dict()},
+              "optimizer": optimizer_meta, "config": config.to_dict(), **network_meta(state.model)},
         keep_last=config.train.keep_last,
     )
 
@@ -200,14 +211,31 @@ def train_step(state: TrainState, train_model: nn.Module, diffusion: GaussianDif
 
 
 def preview(ema: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, device: torch.device, bf16: bool,
-            path: Path, autoencoder: AutoencoderKL | None = None) -> Path:
-    """A fixed-seed grid of EMA samples (class-conditional: the classes in turn, one per column),
-    decoded to pixels by ``autoencoder`` for a latent model."""
+            path: Path, autoencoder: AutoencoderKL | None = None, prompts: TextPrompts | None = None,
+            captions: Sequence[str] = ()) -> Path:
+    """A fixed-seed grid of EMA samples, decoded to pixels by ``autoencoder`` for a latent model:
+    for a class-conditional model the classes in turn, one per column; for a text-conditional one a
+    row per prompt (``train.sample_prompts``, else the first distinct ``captions``), labelled."""
     cfg = config.train
-    samples = generate(ema, diffusion, cfg.sample_count, SamplerSettings(cfg.sample_sampler, cfg.sample_steps),
-                       seed=cfg.seed, batch_size=cfg.sample_count, device=device, bf16=bf16, progress=False,
-                       autoencoder=autoencoder)
-    return save_image(grid_image(samples.uint8(), nrow=ema.num_classes or None), path)
+    guided = ema.num_classes or prompts is not None
+    kwargs = {"seed": cfg.seed, "batch_size": cfg.sample_count, "device": device, "bf16": bf16, "progress": False,
+              "autoencoder": autoencoder,
+              "guidance_scale": cfg.sample_guidance_scale if guided and cfg.sample_guidance_scale != 1 else None}
+    settings = SamplerSettings(cfg.sample_sampler, cfg.sample_steps)
+    if prompts is None:
+        samples = generate(ema, diffusion, cfg.sample_count, settings, **kwargs)
+        return save_image(grid_image(samples.uint8(), nrow=ema.num_classes or None), path)
+    texts = preview_prompts(cfg.sample_prompts, captions)
+    per = max(1, cfg.sample_count // len(texts))
+    samples = generate(ema, diffusion, per * len(texts), settings, prompts=[t for t in texts for _ in range(per)],
+                       conditioning=prompts, **kwargs)
+    return save_image(labelled_rows([(samples.uint8()[i * per:(i + 1) * per], t) for i, t in enumerate(texts)]), path)
+
+
+def preview_prompts(given: str, captions: Sequence[str], count: int = 8) -> list[str]:
+    """The preview's prompts: the lines of ``given``, else the first ``count`` distinct captions."""
+    lines = [line.strip() for line in given.splitlines() if line.strip()]
+    return lines or list(dict.fromkeys(c for c in captions if c))[:count] or [""]
 
 
 # ---------------------------------------------------------------------------- the run
@@ -256,7 +284,8 @@ def train(
     autoencoder = load_autoencoder(config.data.autoencoder, device) if config.data.autoencoder else None
     data, config = _training_data(config, data, autoencoder, progress and procs.is_main)
     say(f"data: {data.describe()}")
-    state = build_state(config, device, procs)
+    state = build_state(config, device, procs, run_tokenizer(config, data, found))
+    condition, prompts = _conditions(config, state, data, device, progress and procs.is_main)
     diffusion = config.diffusion.build()
     if found is not None:
         restore(state, *found, config, procs, say)
@@ -271,8 +300,6 @@ def train(
     batches = data.batches(local_batch, cfg.seed, flip=config.data.flip, rank=procs.rank,
                            world_size=procs.world_size, start_step=state.step)
 
-    condition = training_condition(config)
-
     def step(batch: Batch) -> StepOutcome:
         return train_step(state, train_model, diffusion, batch, condition, config, device, procs, cfg.bf16)
 
@@ -280,7 +307,7 @@ def train(
         if not procs.is_main:
             return None
         return preview(state.ema, diffusion, config, device, cfg.bf16, out_dir / "samples" / f"step_{step:08d}.png",
-                       autoencoder)
+                       autoencoder, prompts, _captions(data))
 
     def finish() -> dict[str, Any]:
         return {"ranks_max_param_diff": _ranks_max_param_diff(state.model, procs)} if cfg.check_sync else {}
@@ -291,6 +318,35 @@ def train(
                   log_extra=lambda: {"lr": state.optimizer.param_groups[0]["lr"]})
     return train_loop(state, batches, hooks, cfg, out_dir, procs=procs, metrics=metrics, command_start=command_start,
                       progress=progress, desc="train", say=say)
+
+
+def run_tokenizer(config: RunConfig, data: ImageData | LatentData,
+                  found: tuple[Path, checkpoints.TrainingCheckpoint] | None) -> WordTokenizer | None:
+    """The word tokenizer of a run that trains its text encoder: the checkpoint's when resuming (the
+    vocabulary the weights were trained on), else one built from the training captions; else None."""
+    if config.text is None:
+        return None
+    if found is not None and "tokenizer" in found[1].meta:
+        return WordTokenizer(found[1].meta["tokenizer"])
+    return WordTokenizer.from_captions(_captions(data))
+
+
+def _captions(data: ImageData | LatentData) -> list[str]:
+    images = data.data if isinstance(data, LatentData) else data
+    return images.captions or []
+
+
+def _conditions(config: RunConfig, state: TrainState, data: ImageData | LatentData, device: torch.device,
+                progress: bool) -> tuple[TrainingCondition, TextPrompts | None]:
+    """What the run trains on besides the images, and for a text-to-image run what its previews ask
+    for: the captions tokenized once (its own encoder) or embedded once (a frozen one)."""
+    if not config.text_conditional:
+        return training_condition(config), None
+    frozen = None if config.text is not None else frozen_text_encoder(config, state.model, device)
+    prompts = prompts_of(state.ema, frozen)
+    captions = Captions(_captions(data), prompts.encoder, config.train.label_dropout, prompts.pooled,
+                        progress=progress)
+    return captions, prompts
 
 
 def _compiled_and_distributed(model: nn.Module, compile: bool, procs: Processes, device: torch.device) -> nn.Module:
@@ -312,16 +368,21 @@ def _training_data(config: RunConfig, data: ImageData | None, autoencoder: Autoe
                    progress: bool) -> tuple[ImageData | LatentData, RunConfig]:
     """The training images (or their latents, encoded once), and the configuration with the data's
     class count for ``class_cond``."""
-    cfg, size, channels = config.train, config.model.image_size, config.model.in_channels
+    cfg = config.train
+    channels, *size = config.model.sample_shape
     if autoencoder is not None:
-        size = pixel_size(config.model, autoencoder.config, config.data.autoencoder)
+        size = pixel_size(config.model.sample_shape, autoencoder.config, config.data.autoencoder)
         channels = autoencoder.config.in_channels
     elif channels not in (1, 3):
         raise UserError(f"model.in_channels {channels} is not an image's (1 or 3): a latent model needs "
                         "--autoencoder PATH")
     if data is None:
-        data = load_images(config.data.source, size, channels, split=config.data.split,
-                           root=config.data.root or None, limit=config.data.limit or None, progress=progress)
+        data = load_images(config.data.source, tuple(size), channels, split=config.data.split,
+                           root=config.data.root or None, limit=config.data.limit or None, progress=progress,
+                           caption_column=config.data.caption_column)
+    if config.text_conditional and data.captions is None:
+        raise UserError(f"--data {config.data.source} has no captions: a text-to-image run trains on a folder with a "
+                        "metadata.jsonl (file_name and text on each line)")
     if cfg.class_cond:
         if data.num_classes == 0:
             raise UserError(f"--train.class_cond needs labels, but {config.data.source} has none")

@@ -152,6 +152,10 @@ PRESETS: dict[str, dict] = {
         "model": "mnist-f4", "data": {"flip": False},  # a mirrored digit is not a digit
         "train": {"steps": 3000, "batch_size": 32, "lr": 1e-3, "sample_every": 500, "ckpt_every": 500},
     },
+    "mnist-pairs-f4": {  # for the mnist-pairs-latent text-to-image preset: 28x56 two-digit images
+        "model": "mnist-pairs-f4", "data": {"flip": False},
+        "train": {"steps": 3000, "batch_size": 32, "lr": 1e-3, "sample_every": 500, "ckpt_every": 500},
+    },
     "cifar10-f4": {
         "model": "cifar10-f4",
         "train": {"steps": 6000, "batch_size": 32, "lr": 1e-3, "sample_every": 1000, "ckpt_every": 500},
@@ -361,8 +365,9 @@ def train_autoencoder(
     f = config.model.downsampling_factor
     disc = "" if state.loss.discriminator is None else \
         f", discriminator {num_parameters(state.loss.discriminator):,} from step {config.loss.disc_start}"
+    (h, w), c = data.size, config.model.latent_channels
     log(f"model: {num_parameters(state.model):,} parameters{disc}; device {device}, float32; "
-        f"latents {config.model.latent_channels}x{data.image_size // f}x{data.image_size // f}")
+        f"latents {h // f}x{w // f}x{c}")
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_until=state.step if resume else None)
     batches = data.batches(cfg.batch_size, cfg.seed, flip=config.data.flip, start_step=state.step)
 
@@ -390,8 +395,8 @@ def _training_data(config: AutoencoderRunConfig, data: ImageData | None, progres
         data = load_images(config.data.source, config.model.sample_size, config.model.in_channels,
                            split=config.data.split, root=config.data.root or None, limit=config.data.limit or None,
                            progress=progress)
-    f = config.model.downsampling_factor
-    if data.image_size % f or data.channels != config.model.in_channels:
-        raise UserError(f"{config.data.source}: {data.image_size}x{data.image_size}x{data.channels} images do not "
-                        f"fit the autoencoder (model.in_channels {config.model.in_channels}, sides divisible by {f})")
+    f, (h, w) = config.model.downsampling_factor, data.size
+    if h % f or w % f or data.channels != config.model.in_channels:
+        raise UserError(f"{config.data.source}: {h}x{w}x{data.channels} images do not fit the autoencoder "
+                        f"(model.in_channels {config.model.in_channels}, sides divisible by {f})")
     return data

@@ -15,7 +15,6 @@ x_t, are clamped for display.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Sequence
@@ -24,14 +23,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor
 
 from ddpm.checkpoints import atomic_write
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, generate
-from ddpm.images import PathLike, as_float_images, auto_scale, make_grid, save_gif, save_image
+from ddpm.images import (
+    PADDING,
+    PathLike,
+    annotate,
+    as_float_images,
+    auto_scale,
+    make_grid,
+    save_gif,
+    save_image,
+    text_width,
+)
+from ddpm.samplers import default_steps
 from ddpm.schedules import SCHEDULES, get_betas
 
 if TYPE_CHECKING:
@@ -41,7 +51,6 @@ if TYPE_CHECKING:
 #: paper's t = 0, 50, 100, 200, 300, ..., 1000 (dense at the start, where the image fades fastest).
 STRIP_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
-PADDING = 2  # between tiles in every grid here; the labels are placed by it
 
 
 # ------------------------------------------------------------------------------- image figures
@@ -169,39 +178,25 @@ def reverse_process_pictures(
     bf16: bool | None = None,
     progress: bool = False,
     autoencoder: Any = None,
+    **conditions: Any,
 ) -> list[Path]:
     """Sample 16 images (at least ``num_images``) with their trajectory and write ``reverse.png``
     (:func:`reverse_process_grid` of ``num_images``) and ``reverse.gif`` (:func:`reverse_process_gif`).
     A latent model's ``autoencoder`` decodes the pictures: x_t and x̂_0 as the decoder sees them.
 
     About 50 steps of the trajectory are recorded, whatever the number of sampling steps. A
-    class-conditional model gets the classes in turn.
+    class-conditional model gets the classes in turn, a text-conditional one its prompts;
+    ``conditions`` are :func:`~ddpm.generate.generate`'s (``label``, ``prompts``,
+    ``negative_prompt``, ``guidance_scale``, ``conditioning``).
     """
     settings = settings or SamplerSettings()
     n = max(num_images, 16)
-    total = settings.steps or diffusion.num_timesteps
+    total = settings.steps or default_steps(settings.sampler, diffusion.num_timesteps) or diffusion.num_timesteps
     samples = generate(model, diffusion, n, settings, seed=seed, batch_size=n, device=device, bf16=bf16,
-                       progress=progress, trajectory_every=max(1, total // 50), autoencoder=autoencoder)
+                       progress=progress, trajectory_every=max(1, total // 50), autoencoder=autoencoder, **conditions)
     out_dir = Path(out_dir)
     grid = reverse_process_grid(samples.trajectory, num_images=num_images)
     return [save_image(grid, out_dir / "reverse.png"), reverse_process_gif(samples.trajectory, out_dir / "reverse.gif")]
-
-
-def labelled_rows(rows: Sequence[tuple[Tensor, str]], scale: int | None = None) -> Image.Image:
-    """One row of images per label, the label to the row's left: e.g. the same seeds under several samplers.
-
-    Each entry is (images [N, C, H, W] in [-1, 1] or uint8, label); every row must have the same N.
-    """
-    size = rows[0][0].shape[-1]
-    scale = scale or auto_scale(size)
-    grids = [make_grid(images, nrow=len(images), padding=PADDING, scale=scale) for images, _ in rows]
-    out = Image.new(grids[0].mode, (grids[0].width, sum(g.height for g in grids)), "white")
-    y, labels = 0, []
-    for grid, (_, label) in zip(grids, rows):
-        out.paste(grid, (0, y))
-        labels.append((y + grid.height / 2, label))
-        y += grid.height
-    return _annotate(out, rows=labels)
 
 
 def _unpack(trajectory: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -237,10 +232,10 @@ def _t_header(
     left of the grid's rows, one per row.
     """
     texts = [f"t={t}" for t in ts]
-    if max(map(_text_width, texts)) > tile[1]:
+    if max(map(text_width, texts)) > tile[1]:
         texts = [str(t) for t in ts]
     columns = list(zip(_tile_centres(len(ts), tile[1]), texts))
-    return _annotate(grid, columns, list(zip(_tile_centres(len(row_labels), tile[0]), row_labels)))
+    return annotate(grid, columns, list(zip(_tile_centres(len(row_labels), tile[0]), row_labels)))
 
 
 def _tile_centres(n: int, size: int) -> list[float]:
@@ -257,52 +252,7 @@ def _hstack_captioned(panels: Sequence[tuple[Image.Image, str]], gap: int = 8) -
         out.paste(img, (x, 0))
         captions.append((x + img.width / 2, caption))
         x += img.width + gap
-    return _annotate(out, captions)
-
-
-def _annotate(
-    img: Image.Image, columns: Sequence[tuple[float, str]] = (), rows: Sequence[tuple[float, str]] = ()
-) -> Image.Image:
-    """``img`` with black text on white added above it (``columns``: x centre, text) and to its left (``rows``)."""
-    # One line height for every label (not each text's own), so that frames of a GIF, whose
-    # captions differ, all come out the same size and their text on one baseline.
-    _, line_top, _, line_bottom = _text_box(_LINE)
-    top = line_bottom - line_top + 6 if columns else 0
-    left = max((_text_width(s) for _, s in rows), default=-8) + 8
-    out = Image.new(img.mode, (img.width + left, img.height + top), "white")
-    out.paste(img, (left, top))
-    draw = ImageDraw.Draw(out)
-    for x, text in columns:
-        _draw_centred(draw, left + x, top / 2, text)
-    for y, text in rows:
-        _draw_centred(draw, left / 2, top + y, text)
-    return out
-
-
-_LINE = "Ay(|)_"  # a line's full height: ascender, descender, brackets
-
-
-def _text_box(text: str) -> tuple[int, int, int, int]:
-    """The (left, top, right, bottom) box of ``text`` drawn at the origin in the default font."""
-    return ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=_font())
-
-
-def _text_width(text: str) -> int:
-    left, _, right, _ = _text_box(text)
-    return right - left
-
-
-def _draw_centred(draw: ImageDraw.ImageDraw, x: float, y: float, text: str) -> None:
-    """``text`` centred on x by its own width, and on y by the line's height (one baseline for all)."""
-    # From boxes rather than anchor="mm", which Pillow's bitmap fallback font lacks.
-    left, _, right, _ = _text_box(text)
-    _, top, _, bottom = _text_box(_LINE)
-    draw.text((round(x - (left + right) / 2), round(y - (top + bottom) / 2)), text, fill="black", font=_font())
-
-
-@functools.cache
-def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default()
+    return annotate(out, captions)
 
 
 # ------------------------------------------------------------------------------- plots (matplotlib)

@@ -223,6 +223,10 @@ def test_diffusers_configs_map_both_ways():
     for config in (*PRESETS.values(), SMALL):
         assert config_from_diffusers(json.loads(json.dumps(config_to_diffusers(config)))) == config
     assert config_from_diffusers({**SD_VAE_CONFIG, "sample_size": [64, 64]}).sample_size == 64
+    # A rectangular training size (the two-digit MNIST images): diffusers' [height, width].
+    wide = config_from_diffusers({**SD_VAE_CONFIG, "sample_size": [28, 56]})
+    assert wide.sample_size == (28, 56) and wide.image_size == (28, 56)
+    assert config_to_diffusers(wide)["sample_size"] == (28, 56)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +243,7 @@ def test_diffusers_configs_map_both_ways():
         ("up_block_types", 4),
         ("norm_num_groups", 24),
         ("block_out_channels", []),
-        ("sample_size", [64, 32]),
+        ("sample_size", [64, 32, 16]),
         ("dropout", 0.1),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,41 @@ def test_latent_bench_trains_both_sides_in_one_budget_and_measures_them(tmp_path
     assert json.loads((out / "eval.json").read_text())["recon_images"] == 16
     for name in ("reconstructions_mnist", "samples_mnist_pixel", "samples_mnist_latent"):
         assert (out / f"{name}.png").is_file()
+
+
+def write_fake_pairs(root: Path, n: int = 72) -> Path:
+    """A tiny mnist_pairs tree: random 28x56 images, captions in the data set's phrasing; every pair the
+    bench prompts for is in the test split."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from bench.text2image import HELD_OUT, SEEN
+
+    rng = np.random.default_rng(0)
+    for split, pairs in (("train", [(i % 10, (i * 3) % 10) for i in range(n)]), ("test", [*SEEN, *HELD_OUT])):
+        folder = root / split
+        folder.mkdir(parents=True)
+        rows = []
+        for i, (left, right) in enumerate(pairs):
+            Image.fromarray(rng.integers(0, 256, (28, 56), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+            rows.append({"file_name": f"{i:06d}.png", "text": f"{left} and {right}", "left": left, "right": right})
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.slow
+def test_text2image_bench_trains_the_three_models_and_scores_them(tmp_path, fake_mnist):
+    from bench.text2image import main
+
+    pairs, out = write_fake_pairs(tmp_path / "pairs"), tmp_path / "t"
+    runs = main(["train", "--pairs", str(pairs), "--out", str(out), "--budget", "0.25", "--ae-minutes", "0.02"])
+    assert all(runs[m]["summary"]["step"] > 0 for m in ("pixel", "latent", "classes"))
+    assert (out / "classes_data" / "metadata.jsonl").read_text().count('"text": "p') == 72
+    report = main(["eval", "--pairs", str(pairs), "--mnist", str(fake_mnist), "--out", str(out), "--samples", "2",
+                   "--guidance", "3", "--grid", str(tmp_path / "grid.png"), "--plot", str(tmp_path / "plot.png")])
+    assert set(report["models"]) == {"pixel", "latent", "classes"}
+    assert report["models"]["classes"]["3"]["held_out_accuracy"] is None  # no way to ask for a held-out pair
+    assert 0 <= report["models"]["pixel"]["3"]["seen_accuracy"] <= 1
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "plot.png").is_file()

@@ -10,6 +10,7 @@ to step 4). Set-up lines (``python3 -m venv``,
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -26,7 +27,7 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- test -->\s*```(?:bash|sh|console)\n(.*?)```", re.DOTALL)
 
 # The README's placeholders and their stand-ins (created by the fixture).
-PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32")
+PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32", "mnist_pairs/train")
 
 
 def commands() -> list[str]:
@@ -53,8 +54,10 @@ def shrink(command: str) -> list[str]:
             skip = False
             continue
         key = arg.split("=")[0]
-        if key == "--preset" and i + 1 < len(argv) and argv[i + 1].endswith("-latent"):
-            out += [arg, "tiny-latent"]
+        if key == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+            small = "tiny-text" if "pairs" in name and "-f4" not in name else "tiny"
+            out += [arg, small + ("-latent" if name.endswith("-latent") else "")]
             skip = True
             continue
         if key in replace and "=" in arg:
@@ -92,6 +95,13 @@ def workdir(tmp_path_factory) -> Path:
     from ddpm.models import UNet, get_preset
 
     UNet(get_preset("tiny")).save_diffusers(work / "ddpm-cifar10-32")
+    pairs = work / "mnist_pairs" / "train"
+    pairs.mkdir(parents=True)
+    rows = []
+    for i in range(12):
+        Image.new("L", (16, 8), 20 * i).save(pairs / f"{i:06d}.png")
+        rows.append({"file_name": f"{i:06d}.png", "text": ["a seven and a three", "a one and a two"][i % 2]})
+    (pairs / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return work
 
 

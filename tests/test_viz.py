@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import GaussianDiffusion, linear_betas, viz
+from ddpm import GaussianDiffusion, images, linear_betas, viz
 from ddpm.errors import UserError
 from ddpm.images import to_uint8
 
@@ -219,8 +219,8 @@ def test_without_matplotlib_plots_say_how_to_install_it_and_images_still_work(mo
 
 def test_labelled_rows_stack_one_grid_per_label():
     rows = [(torch.zeros(3, 1, 8, 8), "ddim (10 NFE)"), (torch.ones(3, 1, 8, 8), "dpm++2m (10 NFE)")]
-    img = viz.labelled_rows(rows, scale=2)
-    grid = viz.make_grid(rows[0][0], nrow=3, padding=viz.PADDING, scale=2)
+    img = images.labelled_rows(rows, scale=2)
+    grid = images.make_grid(rows[0][0], nrow=3, padding=images.PADDING, scale=2)
     assert img.height == 2 * grid.height and img.width > grid.width  # the labels take a margin on the left
     pixels = np.asarray(img.convert("L"))
     left = img.width - grid.width

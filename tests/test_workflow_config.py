@@ -13,7 +13,9 @@ from ddpm.models.presets import get_preset
 @pytest.mark.parametrize("name", list(RUN_PRESETS))
 def test_every_preset_resolves_and_round_trips(name):
     config = get_config(name)
-    assert config.model == get_preset(RUN_PRESETS[name]["model"])
+    model = RUN_PRESETS[name]["model"]
+    assert config.model == (model if not isinstance(model, str) else get_preset(model))
+    assert config.text == RUN_PRESETS[name].get("text")
     again = RunConfig.from_dict(json.loads(config.to_json()))
     assert again == config
 

@@ -322,10 +322,11 @@ def test_autoencoder_presets_resolve_and_round_trip(name):
     assert AutoencoderRunConfig.from_dict(json.loads(config.to_json())) == config
 
 
-@pytest.mark.parametrize("unet,autoencoder,side", [("mnist-latent", "mnist-f4", 28),
-                                                   ("cifar10-latent", "cifar10-f4", 32)])
-def test_latent_presets_fit_their_autoencoders(unet, autoencoder, side):
-    assert pixel_size(get_config(unet).model, AutoencoderKLConfig.preset(autoencoder), autoencoder) == side
+@pytest.mark.parametrize("unet,autoencoder,size", [("mnist-latent", "mnist-f4", (28, 28)),
+                                                   ("cifar10-latent", "cifar10-f4", (32, 32)),
+                                                   ("mnist-pairs-latent", "mnist-pairs-f4", (28, 56))])
+def test_latent_presets_fit_their_autoencoders(unet, autoencoder, size):
+    assert pixel_size(get_config(unet).model.sample_shape, AutoencoderKLConfig.preset(autoencoder), autoencoder) == size
 
 
 def test_train_autoencoder_help_says_lpips_is_a_local_file(capsys):

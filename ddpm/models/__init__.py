@@ -1,6 +1,7 @@
-"""Denoising networks: the DDPM U-Net and its presets; the latent-diffusion autoencoder. Shared
-layers are in :mod:`ddpm.models.layers`, saving and loading (ours and diffusers' layout) in
-:mod:`ddpm.models.io` and :mod:`ddpm.models.diffusers_io`.
+"""Denoising networks: the DDPM U-Net and its presets; the latent-diffusion autoencoder; the
+text-conditional U-Net of latent diffusion (Stable Diffusion's). Shared layers are in
+:mod:`ddpm.models.layers`, saving and loading (ours and diffusers' layout) in :mod:`ddpm.models.io`
+and :mod:`ddpm.models.diffusers_io`.
 
 A run's ``model`` section is the config of one of the :data:`NETWORKS`, named by its ``ARCH``;
 :func:`build_network` makes the network a config describes.
@@ -17,10 +18,12 @@ from ddpm.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ddpm.models.layers import timestep_embedding
 from ddpm.models.presets import PRESETS, get_preset
 from ddpm.models.unet import UNet, UNetConfig
+from ddpm.models.unet_2d_condition import ConditionalUNet, ConditionalUNetConfig
 
 #: The denoising networks a run can train, by their config's ``ARCH``: (config class, network class).
 NETWORKS: dict[str, tuple[type, type[nn.Module]]] = {
     UNetConfig.ARCH: (UNetConfig, UNet),
+    ConditionalUNetConfig.ARCH: (ConditionalUNetConfig, ConditionalUNet),
 }
 
 
@@ -36,5 +39,5 @@ def build_network(config: Any) -> nn.Module:
     return NETWORKS[type(config).ARCH][1](config)
 
 
-__all__ = ["NETWORKS", "PRESETS", "AutoencoderKL", "AutoencoderKLConfig", "UNet", "UNetConfig", "build_network",
-           "get_preset", "network_config_type", "timestep_embedding"]
+__all__ = ["NETWORKS", "PRESETS", "AutoencoderKL", "AutoencoderKLConfig", "ConditionalUNet", "ConditionalUNetConfig",
+           "UNet", "UNetConfig", "build_network", "get_preset", "network_config_type", "timestep_embedding"]

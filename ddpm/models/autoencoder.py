@@ -57,7 +57,7 @@ class AutoencoderKLConfig:
         norm_num_groups: GroupNorm groups; must divide every width.
         scaling_factor: ``z * scaling_factor`` is what diffusion sees (Rombach et al. 2022,
             section 4.3.2 and appendix D.1: one over the latents' standard deviation).
-        sample_size: side of the training images (informational, as in diffusers).
+        sample_size: side of the training images, or ``(height, width)`` (informational, as in diffusers).
     """
 
     in_channels: int = 3
@@ -67,16 +67,21 @@ class AutoencoderKLConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
-    sample_size: int = 256
+    sample_size: int | tuple[int, int] = 256
 
     def __post_init__(self) -> None:
-        if isinstance(self.block_out_channels, (list, tuple)):
-            object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
-                     "norm_num_groups", "sample_size"):
+        for name in ("block_out_channels", "sample_size"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise UserError(f"AutoencoderKLConfig.{name} must be a positive integer, got {value!r}")
+        size = self.sample_size
+        sides = size if isinstance(size, tuple) and len(size) == 2 else (size,)
+        if not all(is_int(v) and v > 0 for v in sides):
+            raise UserError(f"AutoencoderKLConfig.sample_size must be a positive integer or [height, width], "
+                            f"got {size!r}")
         widths = self.block_out_channels
         if not isinstance(widths, tuple) or not widths or not all(is_int(w) and w > 0 for w in widths):
             raise UserError(
@@ -96,6 +101,12 @@ class AutoencoderKLConfig:
     def downsampling_factor(self) -> int:
         """``f``: how many image pixels per side one latent pixel covers."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the training images."""
+        size = self.sample_size
+        return (size, size) if isinstance(size, int) else size
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary."""
@@ -133,6 +144,11 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
     "cifar10-f2": AutoencoderKLConfig(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
         scaling_factor=1.0, sample_size=32,
+    ),
+    # mnist-f4 for the two-digit captioned MNIST images, 28x56 to 7x14x4 latents.
+    "mnist-pairs-f4": AutoencoderKLConfig(
+        in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
+        norm_num_groups=16, scaling_factor=1.0, sample_size=(28, 56),
     ),
     # For tests: 8x8 grey images to 4x4x4 latents (f = 2), every kind of block at the least cost.
     "tiny": AutoencoderKLConfig(

@@ -9,9 +9,10 @@ published so (google/ddpm-cifar10-32, ddpm-celebahq-256, ddpm-church-256, ...).
 
 Each model class names a :class:`Layout`: how its config maps to diffusers' fields (fields with one
 accepted value are checked, anything else raises :class:`UserError` naming the field) and how its
-weight names map (:data:`UNET2D`: DDPM's TF names through one table; :data:`AUTOENCODER_KL`:
-diffusers' names already). This module works on config values and state dicts only; the networks
-(:mod:`ddpm.models.unet`, :mod:`ddpm.models.autoencoder`) build themselves from what it returns.
+weight names map (:data:`UNET2D`: DDPM's TF names through one table; :data:`AUTOENCODER_KL` and
+:data:`UNET2D_CONDITION`: diffusers' names already). This module works on config values and state
+dicts only; the networks (:mod:`ddpm.models.unet`, :mod:`ddpm.models.autoencoder`,
+:mod:`ddpm.models.unet_2d_condition`) build themselves from what it returns.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ddpm.schedules import SCALED_LINEAR_ENDS, get_betas
 if TYPE_CHECKING:
     from ddpm.models.autoencoder import AutoencoderKLConfig
     from ddpm.models.unet import UNetConfig
+    from ddpm.models.unet_2d_condition import ConditionalUNetConfig
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -497,6 +499,114 @@ def _autoencoder_state_from_diffusers(state: Mapping[str, Tensor], config: Any) 
 #: names are diffusers' own.
 AUTOENCODER_KL = Layout("AutoencoderKL", "vae", autoencoder_config_from_diffusers, autoencoder_config_to_diffusers,
                         _autoencoder_state_from_diffusers)
+
+
+# ---------------------------------------------------------------------------- UNet2DConditionModel
+
+# UNet2DConditionModel's fields with one value for Stable Diffusion 1.x/2.x's network: (accepted
+# values, diffusers' default for a config.json without the field); the first is written on export.
+_UNET2D_CONDITION_FIXED: Fixed = {
+    "center_input_sample": ((False,), False),
+    "mid_block_type": (("UNetMidBlock2DCrossAttn",), "UNetMidBlock2DCrossAttn"),
+    "only_cross_attention": ((False,), False),
+    "mid_block_only_cross_attention": ((None, False), None),  # None: only_cross_attention's value
+    "dual_cross_attention": ((False,), False),
+    "act_fn": (("silu", "swish"), "silu"),
+    "mid_block_scale_factor": ((1,), 1),
+    "reverse_transformer_layers_per_block": ((None,), None),
+    "encoder_hid_dim": ((None,), None),
+    "encoder_hid_dim_type": ((None,), None),
+    "addition_embed_type": ((None,), None),
+    "addition_time_embed_dim": ((None,), None),
+    "addition_embed_type_num_heads": ((64,), 64),  # read only by addition_embed_type "text"
+    "class_embeddings_concat": ((False,), False),
+    "resnet_time_scale_shift": (("default",), "default"),
+    "resnet_skip_time_act": ((False,), False),
+    "resnet_out_scale_factor": ((1,), 1.0),
+    "time_embedding_type": (("positional",), "positional"),
+    "time_embedding_dim": ((None,), None),  # None: 4 * block_out_channels[0]
+    "time_embedding_act_fn": ((None,), None),
+    "timestep_post_act": ((None,), None),
+    "time_cond_proj_dim": ((None,), None),
+    "conv_in_kernel": ((3,), 3),
+    "conv_out_kernel": ((3,), 3),
+    "attention_type": (("default",), "default"),
+    "cross_attention_norm": ((None,), None),
+}
+# ConditionalUNetConfig's fields, which have diffusers' names, and diffusers' defaults for them.
+_UNET2D_CONDITION_MAPPED: dict[str, Any] = {
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "dropout": 0.0,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "class_embed_type": None,
+    "projection_class_embeddings_input_dim": None,
+    "num_class_embeds": None,
+}
+# Fields diffusers allows per level (or per layer) that are one number here.
+_UNET2D_CONDITION_SCALARS = ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block")
+
+
+def unet2d_condition_config_from_diffusers(values: Mapping[str, Any], source: str | Path = "config") -> dict[str, Any]:
+    """:class:`~ddpm.models.unet_2d_condition.ConditionalUNetConfig`'s fields for a
+    ``UNet2DConditionModel`` config in Stable Diffusion 1.x/2.x's layout; :class:`UserError` naming
+    the field that this implementation does not support.
+
+    The names are the same; a field missing from the file takes diffusers' default. diffusers
+    refuses ``num_attention_heads`` (its head counts are ``attention_head_dim``); it is read here as
+    diffusers' code means it, ``num_attention_heads or attention_head_dim``.
+    """
+
+    def fail(message: str) -> UserError:
+        return UserError(f"{source}: {message}; only Stable Diffusion 1.x/2.x's UNet2DConditionModel layout "
+                         "is supported")
+
+    _check_known(values, set(_UNET2D_CONDITION_FIXED) | set(_UNET2D_CONDITION_MAPPED), fail)
+    _check_fixed(values, _UNET2D_CONDITION_FIXED, fail)
+    mapped = {key: values.get(key, default) for key, default in _UNET2D_CONDITION_MAPPED.items()}
+    for key in _UNET2D_CONDITION_SCALARS:
+        if isinstance(mapped[key], (list, tuple)):
+            raise fail(f"unsupported per-level {key}={mapped[key]!r} (needs one number)")
+    if mapped["norm_num_groups"] is None:
+        raise fail("unsupported norm_num_groups=None (no output normalisation)")
+    if mapped["class_embed_type"] not in (None, "projection"):
+        raise fail(f"unsupported class_embed_type={mapped['class_embed_type']!r} (needs null or 'projection')")
+    return mapped
+
+
+def unet2d_condition_config_to_diffusers(config: ConditionalUNetConfig) -> dict[str, Any]:
+    """The ``UNet2DConditionModel`` config.json for ``config``. The head counts are written as
+    ``attention_head_dim``, the field diffusers reads them from."""
+    values = config.to_dict()
+    if config.num_attention_heads is not None:
+        values["attention_head_dim"], values["num_attention_heads"] = config.num_attention_heads, None
+    return {
+        "_class_name": "UNet2DConditionModel",
+        **{key: accepted[0] for key, (accepted, _) in _UNET2D_CONDITION_FIXED.items()},
+        **{key: values[key] for key in _UNET2D_CONDITION_MAPPED},
+    }
+
+
+#: Stable Diffusion's U-Net (:class:`ddpm.models.unet_2d_condition.ConditionalUNet`), whose weight
+#: names are diffusers' own. No legacy renaming: this class's attention always had the current names,
+#: and its 1x1-convolution projections (``proj_in``, ``proj_out``) must keep their shape.
+UNET2D_CONDITION = Layout("UNet2DConditionModel", "unet", unet2d_condition_config_from_diffusers,
+                          unet2d_condition_config_to_diffusers)
 
 
 # ---------------------------------------------------------------------------- the scheduler

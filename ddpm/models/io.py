@@ -2,8 +2,9 @@
 
 Our format is ``config.json`` (the model's config with a ``format`` marker and version) beside
 ``model.safetensors``. Every network class derives from :class:`SavedModel` and names its config
-class, its format and its diffusers layout (a :class:`ddpm.models.diffusers_io.Layout`); the
-methods ``save_pretrained`` / ``from_pretrained`` / ``save_diffusers`` / ``from_diffusers`` /
+class, its format and its diffusers layout (a :class:`ddpm.models.diffusers_io.Layout`, or None for
+a model diffusers has no class for, such as the text transformer); the methods
+``save_pretrained`` / ``from_pretrained`` / ``save_diffusers`` / ``from_diffusers`` /
 ``load_weights`` are written once, here.
 """
 
@@ -76,10 +77,11 @@ def read_format(directory: str | Path) -> str | None:
 
 
 def read_model_config(directory: str | Path, format_name: str, format_version: int, what: str,
-                      diffusers_class: str, ours: str) -> dict[str, Any]:
+                      diffusers_class: str | None, ours: str) -> dict[str, Any]:
     """The config values of a directory written by :func:`save_model_directory`, without the
     format marker; :class:`UserError` for a missing directory, another format (a diffusers
-    ``diffusers_class`` directory is pointed to ``ours.from_diffusers``) or another version."""
+    ``diffusers_class`` directory is pointed to ``ours.from_diffusers``; None: the model has no
+    diffusers counterpart) or another version."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not directory.is_dir():
@@ -87,7 +89,8 @@ def read_model_config(directory: str | Path, format_name: str, format_version: i
     values = load_json(config_path)
     if not isinstance(values, dict) or values.get("format") != format_name:
         hint = (f" (a diffusers model: load it with {ours}.from_diffusers)"
-                if isinstance(values, dict) and values.get("_class_name") == diffusers_class else "")
+                if diffusers_class and isinstance(values, dict) and values.get("_class_name") == diffusers_class
+                else "")
         raise UserError(f"{config_path}: not a ddpm {what} config (no format {format_name!r}){hint}")
     values = dict(values)
     values.pop("format")
@@ -109,8 +112,8 @@ class SavedModel(nn.Module):
     FORMAT_VERSION: ClassVar[int] = 1
     #: What the model is called in messages ("U-Net", "autoencoder").
     WHAT: ClassVar[str]
-    #: How diffusers names its config fields and weights.
-    LAYOUT: ClassVar[Layout]
+    #: How diffusers names its config fields and weights (None: no diffusers counterpart).
+    LAYOUT: ClassVar[Layout | None]
 
     def load_weights(self, state_dict: Mapping[str, Tensor], source: str | Path = "weights") -> None:
         """Copy ``state_dict`` (our names) into the model, or raise :class:`UserError` naming
@@ -125,12 +128,25 @@ class SavedModel(nn.Module):
     def from_pretrained(cls: type[M], directory: str | Path, device: str | torch.device = "cpu") -> M:
         """Load a model written by :meth:`save_pretrained`; :class:`UserError` for a missing or
         foreign directory or weights that do not fit."""
-        values = read_model_config(directory, cls.FORMAT, cls.FORMAT_VERSION, cls.WHAT, cls.LAYOUT.class_name,
-                                   cls.__name__)
-        model = cls(config_from_dict(cls.CONFIG, values, cls.WHAT))
+        values = read_model_config(directory, cls.FORMAT, cls.FORMAT_VERSION, cls.WHAT,
+                                   cls.LAYOUT.class_name if cls.LAYOUT is not None else None, cls.__name__)
+        model = cls.build_saved(config_from_dict(cls.CONFIG, values, cls.WHAT), Path(directory))
         weights_path = Path(directory) / WEIGHTS_NAME
         model.load_weights(load_state_dict(weights_path), source=weights_path)
         return model.to(device)
+
+    @classmethod
+    def build_saved(cls: type[M], config: Any, directory: Path) -> M:
+        """The model of ``config`` before its weights are loaded, for :meth:`from_pretrained`; a
+        model that saves more than its config and weights (a tokenizer) reads it here."""
+        return cls(config)
+
+    @classmethod
+    def diffusers_layout(cls) -> Layout:
+        """:attr:`LAYOUT`; :class:`UserError` for a model that diffusers has no class for."""
+        if cls.LAYOUT is None:
+            raise UserError(f"a ddpm {cls.WHAT} has no diffusers layout; save it with save_pretrained")
+        return cls.LAYOUT
 
     @classmethod
     def from_diffusers(cls: type[M], path: str | Path, device: str | torch.device = "cpu") -> M:
@@ -138,15 +154,16 @@ class SavedModel(nn.Module):
         usual folder (``unet/``, ``vae/``). A ``.bin`` is read only with
         ``torch.load(weights_only=True)``, which cannot run code. :class:`UserError` for a missing
         directory or file, a layout we do not implement, or weights that do not fit."""
-        directory, values = diffusers_io.read_config(path, cls.LAYOUT)
-        config = cls.LAYOUT.build_config(cls.CONFIG, values, directory / diffusers_io.CONFIG_NAME)
+        layout = cls.diffusers_layout()
+        directory, values = diffusers_io.read_config(path, layout)
+        config = layout.build_config(cls.CONFIG, values, directory / diffusers_io.CONFIG_NAME)
         state, weights_path = diffusers_io.read_weights(directory)
         model = cls(config)
-        model.load_weights(cls.LAYOUT.state_from(state, config), source=weights_path)
+        model.load_weights(layout.state_from(state, config), source=weights_path)
         return model.to(device)
 
     def save_diffusers(self, path: str | Path) -> None:
         """Write a directory that diffusers' ``from_pretrained`` of this model's class loads
         (``config.json`` and ``diffusion_pytorch_model.safetensors``)."""
-        diffusers_io.write_model(path, self.LAYOUT.config_to(self.config),
-                                 self.LAYOUT.state_to(self.state_dict(), self.config))
+        layout = self.diffusers_layout()
+        diffusers_io.write_model(path, layout.config_to(self.config), layout.state_to(self.state_dict(), self.config))

@@ -61,6 +61,16 @@ def per_sample(value: Tensor | int | float, batch: int, device: torch.device, na
     return value
 
 
+def labels_with_null(y: Tensor | int | None, batch: int, device: torch.device, null: int) -> Tensor:
+    """Class labels ``[batch]`` (long) for an embedding whose row ``null`` is the null label of
+    classifier-free guidance (Ho and Salimans 2022): ``y`` ``[batch]`` or a scalar, with ``-1``
+    (any negative label) for "no label"; ``None`` is no label for every sample."""
+    if y is None:
+        return torch.full((batch,), null, dtype=torch.long, device=device)
+    y = per_sample(y, batch, device, "y").long()
+    return torch.where(y < 0, torch.full_like(y, null), y)
+
+
 class Downsample(nn.Module):
     """3x3 convolution, stride 2, with TF 'SAME' padding: one zero row and column, bottom-right.
 

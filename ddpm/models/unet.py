@@ -42,6 +42,7 @@ from ddpm.models.layers import (
     Upsample,
     conv3x3,
     group_norm,
+    labels_with_null,
     norm_silu,
     per_sample,
     timestep_embedding,
@@ -152,6 +153,11 @@ class UNetConfig:
         for width in self.attention_channels:
             if width % self.num_heads:
                 raise UserError(f"num_heads {self.num_heads} does not divide {width} channels")
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the network denoises at its training size."""
+        return self.in_channels, self.image_size, self.image_size
 
     @property
     def out_channels(self) -> int:
@@ -366,8 +372,7 @@ class UNet(SavedModel):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of what the network denoises at its training size."""
-        c = self.config
-        return c.in_channels, c.image_size, c.image_size
+        return self.config.sample_shape
 
     @property
     def num_classes(self) -> int:
@@ -413,7 +418,7 @@ class UNet(SavedModel):
         batch = self._check_input(x_t)
         temb = self.temb(per_sample(t, batch, x_t.device, "t"))
         if self.class_emb is not None:
-            temb = temb + self.class_emb(self._labels(y, batch, x_t.device))
+            temb = temb + self.class_emb(labels_with_null(y, batch, x_t.device, config.num_classes))
         elif y is not None:
             raise ValueError("y given to a U-Net without class conditioning (num_classes=0)")
         if self.level_emb is not None:
@@ -469,10 +474,3 @@ class UNet(SavedModel):
         if low_res.shape[2:] != x_t.shape[2:]:
             low_res = F.interpolate(low_res.to(x_t.dtype), size=x_t.shape[2:], mode="bilinear", align_corners=False)
         return torch.cat([x_t, low_res.to(x_t.dtype)], dim=1)
-
-    def _labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        null = self.config.num_classes
-        if y is None:
-            return torch.full((batch,), null, dtype=torch.long, device=device)
-        y = per_sample(y, batch, device, "y").long()
-        return torch.where(y < 0, torch.full_like(y, null), y)
