@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import textwrap
 import types
@@ -490,9 +491,11 @@ def _sample_cascade(args: argparse.Namespace, base: Any, device: Any) -> int:
         raise UserError("--latents and --upsampler do not go together (x_T is the base model's alone)")
     upsampler = load_model(args.upsampler, args.weights, device)
     print(f"upsampler: {describe_run(upsampler)}")
+    conditions = _conditions(args, base)
     small, large = cascade(base, upsampler, args.num_images, _sample_settings(args),
                            _sample_settings(args, args.upsampler_sampler, args.upsampler_steps), args.noise_level,
                            seed=args.seed, label=args.label, guidance_scale=args.guidance_scale,
+                           prompts=conditions["prompts"], negative_prompt=args.negative_prompt,
                            batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet)
     sizes = ["x".join(map(str, samples.images.shape[2:])) for samples in (small, large)]
     print(f"{len(large.images)} images: {small.nfe:g} network evaluations each at {sizes[0]}, then {large.nfe:g} at "
@@ -735,21 +738,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _image_parser(sub: Any, common: argparse.ArgumentParser, verb: str, summary: str, description: str, examples: str,
                   sampler: str | None = None, sampler_note: str | None = None) -> argparse.ArgumentParser:
     """A verb that starts from images: the model, --out, the sampler (default ``sampler``, or chosen by the
-    verb when None, as ``sampler_note`` says), the condition. (TODO(text): --prompt / --negative-prompt
-    once text models are in; the library functions take prompts= and conditioning= already.)"""
+    verb when None, as ``sampler_note`` says), the condition (a label, or prompts)."""
     p = sub.add_parser(verb, parents=[common], help=summary, description=description,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=f"examples:\n{textwrap.indent(textwrap.dedent(examples), '  ')}\n"
                               f"--sampler defaults to {sampler_note or sampler} here. A latent model works on the "
-                              "image's latents and decodes at the end; --label and --guidance-scale condition a "
-                              "class-conditional model.")
+                              "image's latents and decodes at the end; --label (a class-conditional model) or "
+                              "--prompt (a text-conditional one) and --guidance-scale condition it.")
     _model_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
     _sampler_arguments(p, seed_help="random seed: output i of a seed is the same whatever --batch-size")
     p.set_defaults(sampler=sampler)
-    p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale w (1: conditional model alone)")
+    _condition_arguments(p)
     _dynamic_threshold_argument(p)
     return p
 
@@ -786,8 +786,8 @@ def _images_name(paths: Sequence[str]) -> str:
 
 def _common_kwargs(args: argparse.Namespace, loaded: Any, device: Any, seed: bool = True) -> dict[str, Any]:
     """The keyword arguments every image-to-image function takes (``seed``: those that draw)."""
-    kwargs = {"label": args.label, "guidance_scale": args.guidance_scale, "batch_size": args.batch_size,
-              "device": device, "bf16": _bf16(args), "progress": not args.quiet, "autoencoder": loaded.autoencoder}
+    kwargs = {"batch_size": args.batch_size, "device": device, "bf16": _bf16(args), "progress": not args.quiet,
+              "autoencoder": loaded.autoencoder, **_conditions(args, loaded)}
     return {**kwargs, "seed": args.seed} if seed else kwargs
 
 
@@ -897,8 +897,10 @@ def cmd_invert(args: argparse.Namespace) -> int:
     written += write_results(args.out, images, found.reconstruction.images)[:1]
     _print_paths(written)
     given = {"--sampler": args.sampler, "--steps": args.steps, "--spacing": args.spacing, "--label": args.label,
-             "--guidance-scale": args.guidance_scale, "--dynamic-threshold": args.dynamic_threshold}
-    options = " ".join(f"{flag} {value}" for flag, value in given.items() if value is not None)
+             "--guidance-scale": args.guidance_scale, "--dynamic-threshold": args.dynamic_threshold,
+             "--negative-prompt": args.negative_prompt}
+    options = " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in given.items() if value is not None)
+    options += "".join(f" --prompt {shlex.quote(prompt)}" for prompt in _prompts(args) or [])
     print(f"decode: ddpm sample {args.model} --latents {written[0]} {options} --out OUT")
     return 0
 

@@ -89,9 +89,10 @@ def img2img(
     """SDEdit (the module docstring): ``num_samples`` edits of each of ``images`` [N, C, H, W] (uint8 or
     [-1, 1]) at ``strength``, image i's edit j at place i·num_samples + j (seeded by that place).
 
-    Any sampler with a fixed chain; a class ``label``, ``guidance_scale`` and (TODO, once a text model is
-    there) ``prompts`` as :func:`ddpm.generate.generate` takes them. A latent model (``autoencoder``)
-    edits the image's latents. At strength 0 the images come back as they are (0 network evaluations).
+    Any sampler with a fixed chain; a class ``label``, or ``prompts``, ``negative_prompt`` and ``conditioning``
+    (a text-conditional model's), and ``guidance_scale``, as :func:`ddpm.generate.generate` takes them. A
+    latent model (``autoencoder``) edits the image's latents. At strength 0 the images come back as they
+    are (0 network evaluations).
     """
     settings = settings or SamplerSettings()
     check_images(images, pixel_shape(model, autoencoder))

@@ -199,6 +199,7 @@ def inpaint(
     label: int | None = None,
     guidance_scale: float | None = None,
     prompts: Sequence[str] | None = None,
+    negative_prompt: str | None = None,
     conditioning: Conditioning | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
@@ -212,7 +213,8 @@ def inpaint(
     ``jump_length`` and ``resamples``) or ``"replacement"`` (any sampler of ``settings``). ``num_samples``
     completions of each image, image i's j-th at place i·num_samples + j. A latent model inpaints the
     latents with the mask shrunk (:func:`latent_mask`) and the known pixels are put back after decoding.
-    ``label``, ``guidance_scale``, ``prompts`` (TODO: text models): as :func:`ddpm.generate.generate`.
+    ``label``, ``guidance_scale``, ``prompts``, ``negative_prompt`` and ``conditioning`` (a text-conditional
+    model's): as :func:`ddpm.generate.generate` takes them.
     The :class:`Samples`' ``nfe`` is what the method spent per image.
     """
     if method not in METHODS:
@@ -240,8 +242,9 @@ def inpaint(
     chain = partial(repaint_chain, diffusion, jump_length=jump_length, resamples=resamples) \
         if method == "repaint" else None
     samples = generate(model, diffusion, len(known), settings, seed=seed, label=label, guidance_scale=guidance_scale,
-                       prompts=prompts, conditioning=conditioning, batch_size=batch_size, device=device, bf16=bf16,
-                       progress=progress, autoencoder=autoencoder, prepare=prepare, chain=chain)
+                       prompts=prompts, negative_prompt=negative_prompt, conditioning=conditioning,
+                       batch_size=batch_size, device=device, bf16=bf16, progress=progress, autoencoder=autoencoder,
+                       prepare=prepare, chain=chain)
     if autoencoder is not None:  # the decoder's known pixels are near the image's; the image's own are exact
         samples.images = pixel_mask * pixels + (1 - pixel_mask) * samples.images
     return samples

@@ -121,6 +121,7 @@ def invert(
     label: int | None = None,
     guidance_scale: float | None = None,
     prompts: Sequence[str] | None = None,
+    negative_prompt: str | None = None,
     conditioning: Conditioning | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
@@ -130,13 +131,14 @@ def invert(
 ) -> Inversion:
     """Encode ``images`` [N, C, H, W] (uint8 or [-1, 1]) to their x_T with ``settings`` (``ddim`` by
     default, or ``dpm++2m``), then decode them back with the same settings. A class ``label`` (or the
-    classes in turn), ``guidance_scale`` and (TODO: text models) ``prompts`` condition both ways; a latent
+    classes in turn), or ``prompts`` (with ``negative_prompt``, ``conditioning``), and ``guidance_scale``
+    condition both ways; a latent
     model inverts the image's latents (:func:`ddpm.img2img.to_model_space`)."""
     settings = settings or SamplerSettings("ddim")
     check_inversion_settings(settings)
     check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta, settings.spacing)
     check_images(images, pixel_shape(model, autoencoder))
-    condition = Condition(label, prompts, None, guidance_scale)
+    condition = Condition(label, prompts, negative_prompt, guidance_scale)
     condition.check(model.num_classes, conditioning)
     if autoencoder is not None and settings.dynamic_threshold is not None:
         raise UserError("--dynamic-threshold is for pixel models: a latent model's x̂_0 has no [-1, 1] range")
@@ -158,8 +160,8 @@ def invert(
         model.train(was_training)
     z = torch.cat(latents)
     back = generate(model, diffusion, len(z), settings, latents=z, label=label, guidance_scale=guidance_scale,
-                    prompts=prompts, conditioning=conditioning, batch_size=batch_size, device=device, bf16=bf16,
-                    progress=progress, autoencoder=autoencoder)
+                    prompts=prompts, negative_prompt=negative_prompt, conditioning=conditioning,
+                    batch_size=batch_size, device=device, bf16=bf16, progress=progress, autoencoder=autoencoder)
     mse = (((back.images - as_float_images(images)) / 2) ** 2).mean().item()
     return Inversion(z, back, len(steps) - 1, mse)
 

@@ -144,7 +144,7 @@ def upsample(
     its x_T) and the model samples the high-resolution image at its ``sample_shape`` given it. ``labels``
     [N] are the class of each image for a class-conditional stage (e.g. the base stage's), with
     ``guidance_scale`` for classifier-free guidance. ``prompts`` / ``conditioning``: a text-conditional
-    stage's, passed to :func:`ddpm.generate.generate` (TODO: no text-conditional U-Net takes ``low_res`` yet).
+    stage's, passed to :func:`ddpm.generate.generate` (no text-conditional U-Net takes ``low_res`` yet).
     """
     channels = check_upsampler(model)
     if low_res.ndim != 4 or low_res.shape[1] != channels:
@@ -182,6 +182,8 @@ def cascade(
     seed: int = 0,
     label: int | None = None,
     guidance_scale: float | None = None,
+    prompts: Sequence[str] | None = None,
+    negative_prompt: str | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     bf16: bool | None = None,
@@ -190,7 +192,8 @@ def cascade(
     """Draw ``num_images`` from a cascade: the ``base`` model's images (a :class:`ddpm.loading.LoadedModel`,
     pixel or latent), enlarged by ``upsampler`` (a pixel super-resolution LoadedModel). Returns both
     stages' :class:`Samples`. A class ``label`` (or the classes in turn) and ``guidance_scale`` go to each
-    stage that is class-conditional; the stage's draws are seeded apart from the base's.
+    stage that is class-conditional, ``prompts`` to a text-conditional base (its ``conditioning``; no
+    super-resolution stage reads text yet); the stage's draws are seeded apart from the base's.
     """
     if upsampler.autoencoder is not None:
         raise UserError("the upsampler is a latent model; a super-resolution stage works on pixels")
@@ -198,8 +201,10 @@ def cascade(
     _check_sizes(base.image_shape, upsampler.model)
     if base.num_classes and upsampler.num_classes and base.num_classes != upsampler.num_classes:
         raise UserError(f"the base model has {base.num_classes} classes, the upsampler {upsampler.num_classes}")
+    conditional_base = base.num_classes or base.conditioning is not None
     small = generate(base.model, base.diffusion.build(), num_images, base_settings, seed=seed, label=label,
-                     guidance_scale=guidance_scale if base.num_classes else None, batch_size=batch_size,
+                     guidance_scale=guidance_scale if conditional_base else None, prompts=prompts,
+                     negative_prompt=negative_prompt, conditioning=base.conditioning, batch_size=batch_size,
                      device=device, bf16=bf16, progress=progress, autoencoder=base.autoencoder)
     if label is not None and not base.num_classes and upsampler.num_classes:
         small.labels = torch.full((num_images,), label)

@@ -197,3 +197,34 @@ def test_dynamic_thresholding_keeps_samples_in_range_and_is_refused_for_latents(
     assert x.images.abs().max() <= 1
     code, out, err = run("sample {latent} --dynamic-threshold 0.99 --steps 3 --out {out}", files, tmp_path, capsys)
     assert code == 2 and "pixel models" in err
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory) -> Path:
+    """A text-conditional run (GLIDE's own text transformer, the tiny-text preset) trained 2 steps on captioned bars."""
+    from test_workflow_text import tiny_text, write_bars
+
+    from ddpm.train import train
+
+    out = tmp_path_factory.mktemp("t2i") / "run"
+    bars = write_bars(tmp_path_factory.mktemp("bars") / "bars")
+    train(tiny_text(bars, **{"train.steps": "2", "train.ckpt_every": "2"}), out, progress=False, log=lambda m: None)
+    return out
+
+
+@pytest.mark.slow  # trains a text model for seconds
+def test_prompts_condition_every_image_verb_of_a_text_model(text_run, files, tmp_path, capsys):
+    prompt = '--prompt "a bar low" --guidance-scale 2'
+    for command in (f"img2img {text_run} --image {{a}} --strength 0.5 --steps 4 {prompt} --out {{out}}",
+                    f"inpaint {text_run} --image {{a}} --mask {{mask}} --steps 3 --resamples 1 {prompt} --out {{out}}",
+                    f"invert {text_run} --image {{a}} --steps 3 {prompt} --out {{out}}",
+                    f"interpolate {text_run} --a {{a}} --b {{b}} --frames 2 --steps 3 {prompt} --out {{out}}"):
+        code, out, err = run(command, files, tmp_path, capsys)
+        assert code == 0, (command, err)
+        assert written(out), command
+    assert "--prompt 'a bar low'" in re.search(r"^decode: .*$", run(f"invert {text_run} --image {{a}} --steps 3 "
+                                                                   f"{prompt} --out {{out}}", files, tmp_path,
+                                                                   capsys)[1], re.MULTILINE).group(0)
+    code, out, err = run("img2img {pixel} --image {a} --strength 0.5 --prompt hello --out {out}", files, tmp_path,
+                         capsys)
+    assert code == 2 and "--prompt needs a text-conditional model" in err
