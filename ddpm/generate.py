@@ -228,14 +228,14 @@ def generate(
     steer each batch's chain with ``prepare`` (see :data:`Prepare`) and may run their own ``chain``, a
     function called as :meth:`GaussianDiffusion.sample` is (the default).
     """
-    settings = _settings_for(settings or SamplerSettings(), autoencoder)
+    settings = _settings_for(settings or SamplerSettings(), autoencoder, diffusion.num_timesteps)
     condition = Condition(label, prompts, negative_prompt, guidance_scale)
     shape = tuple(model.sample_shape)
     _check_request(num_images, batch_size, latents, shape)
     condition.check(model.num_classes, conditioning)
-    check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta, settings.spacing,
-                            settings.rtol)
-    check_dynamic_threshold(settings.dynamic_threshold)
+    if getattr(getattr(model, "config", None), "low_res_channels", 0) and prepare is None:
+        raise UserError("this is a super-resolution model: it enlarges a base model's images rather than drawing "
+                        "its own ('ddpm sample BASE --upsampler SR', ddpm.superres.upsample)")
     device = torch.device(device)
     use_bf16 = resolve_bf16(bf16, device)
     counted, was_training = _CountingModel(model), model.training
@@ -283,8 +283,11 @@ def _chain_arguments(settings: SamplerSettings, prepare: Prepare | None, first: 
     return extra
 
 
-def _settings_for(settings: SamplerSettings, autoencoder: AutoencoderKL | None) -> SamplerSettings:
-    """``settings`` for a latent model (no clip: latents have no [-1, 1] range), or as they are."""
+def _settings_for(settings: SamplerSettings, autoencoder: AutoencoderKL | None, T: int) -> SamplerSettings:
+    """``settings``, checked against a process of T steps, for a latent model (no clip: latents have no
+    [-1, 1] range) or as they are."""
+    check_sampler_arguments(T, settings.sampler, settings.steps, settings.eta, settings.spacing, settings.rtol)
+    check_dynamic_threshold(settings.dynamic_threshold)
     if autoencoder is None:
         return settings
     if settings.dynamic_threshold is not None:

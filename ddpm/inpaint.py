@@ -220,8 +220,8 @@ def inpaint(
     if method not in METHODS:
         raise UserError(f"unknown inpainting method {method!r}; choose one of {', '.join(METHODS)}")
     check_images(images, pixel_shape(model, autoencoder))
-    mask = mask.float().expand(len(images), -1, -1, -1) if len(mask) == 1 else mask.float()
     check_mask(mask, images)
+    mask = mask.float().expand(len(images), -1, -1, -1) if len(mask) == 1 else mask.float()
     settings = settings or SamplerSettings("ddpm" if method == "repaint" else DEFAULT_SAMPLER)
     if method == "repaint" and (settings.sampler != "ddpm" or settings.eta):
         raise UserError(_NOT_DDPM)

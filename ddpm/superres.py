@@ -144,7 +144,8 @@ def upsample(
     its x_T) and the model samples the high-resolution image at its ``sample_shape`` given it. ``labels``
     [N] are the class of each image for a class-conditional stage (e.g. the base stage's), with
     ``guidance_scale`` for classifier-free guidance. ``prompts`` / ``conditioning``: a text-conditional
-    stage's, passed to :func:`ddpm.generate.generate` (no text-conditional U-Net takes ``low_res`` yet).
+    stage's, passed to :func:`ddpm.generate.generate` (no text-conditional U-Net takes ``low_res`` yet). A
+    stage trained without augmentation (no ``noise_level_embedding``) sees the images as they are.
     """
     channels = check_upsampler(model)
     if low_res.ndim != 4 or low_res.shape[1] != channels:

@@ -162,6 +162,8 @@ def test_a_cascade_draws_small_images_and_enlarges_them(files, tmp_path, capsys)
     names = {p.name for p in written(out)}
     assert {"grid.png", "base_grid.png"} <= names
     assert read_image(tmp_path / "out" / "images" / "000002.png").shape == (3, 8, 8)
+    code, out, err = run("sample {sr} --steps 2 --out {out}/alone", files, tmp_path, capsys)
+    assert code == 2 and "this is a super-resolution model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_upsample_sees_each_image_augmented_to_the_level(files):
