@@ -28,7 +28,7 @@ from ddpm.generate import Conditioning, SamplerSettings, Samples, generate
 from ddpm.images import as_float_images, labelled_rows, save_image, save_pngs
 from ddpm.latent import encode_images
 from ddpm.models.autoencoder import AutoencoderKL
-from ddpm.samplers import kept_timesteps, randn
+from ddpm.samplers import chain_timesteps, randn
 
 
 def check_images(images: Tensor, shape: Sequence[int], what: str = "--image") -> None:
@@ -62,7 +62,7 @@ def strength_timesteps(diffusion: GaussianDiffusion, settings: SamplerSettings, 
     check_strength(strength)
     if settings.sampler == "dpm-adaptive":
         raise UserError("img2img runs part of a fixed chain; dpm-adaptive picks its own steps: choose another sampler")
-    kept = kept_timesteps(diffusion, settings.sampler, settings.steps, settings.spacing)
+    kept = chain_timesteps(diffusion, settings.sampler, settings.steps, settings.spacing)
     return kept[: int(len(kept) * strength)]
 
 

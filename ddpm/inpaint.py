@@ -38,7 +38,7 @@ from ddpm.generate import Conditioning, SamplerSettings, Samples, generate
 from ddpm.images import PathLike, as_float_images, read_image, read_images
 from ddpm.img2img import check_images, pixel_shape, to_model_space
 from ddpm.models.autoencoder import AutoencoderKL
-from ddpm.samplers import DEFAULT_SAMPLER, AfterStep, Generators, ddpm_step, kept_timesteps, randn
+from ddpm.samplers import DEFAULT_SAMPLER, AfterStep, Generators, chain_timesteps, ddpm_step, randn
 
 #: RePaint's defaults (Lugmayr et al. 2022, section 5): T = 250 kept steps, jumps of 10, 10 resamplings.
 REPAINT_STEPS = 250
@@ -141,7 +141,7 @@ def repaint_chain(
     """
     if sampler.get("sampler", "ddpm") != "ddpm" or sampler.get("eta", 0.0) or sampler.get("return_trajectory"):
         raise UserError(_NOT_DDPM)
-    kept = kept_timesteps(diffusion, "ddpm", steps, spacing)
+    kept = chain_timesteps(diffusion, "ddpm", steps, spacing)
     d = diffusion if kept == list(range(diffusion.num_timesteps)) else diffusion.respace(kept)
     x = randn(shape, generator, device, dtype) if noise is None else noise.to(device or noise.device, dtype)
     known, mask = known.to(x.device, x.dtype), mask.to(x.device, x.dtype)

@@ -43,7 +43,7 @@ from ddpm.images import PathLike, as_float_images, auto_scale, make_grid, save_g
 from ddpm.img2img import check_images, pixel_shape, to_model_space
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.runtime import autocast, resolve_bf16
-from ddpm.samplers import Solver, check_sampler_arguments, kept_timesteps
+from ddpm.samplers import Solver, chain_timesteps, check_sampler_arguments
 
 #: The solvers that encode: first order (DDIM) and DPM-Solver++(2M).
 INVERSION_SAMPLERS = {"ddim": 1, "dpm++2m": 2}
@@ -81,7 +81,7 @@ def encode(
     """
     if sampler not in INVERSION_SAMPLERS:
         raise UserError(f"inversion encodes with {' or '.join(INVERSION_SAMPLERS)}, not {sampler}")
-    kept = sorted(set(int(t) for t in (timesteps or kept_timesteps(diffusion, sampler, steps, spacing))))
+    kept = sorted(set(int(t) for t in (timesteps or chain_timesteps(diffusion, sampler, steps, spacing))))
     d = diffusion if kept == list(range(diffusion.num_timesteps)) else diffusion.respace(kept)
     at = Solver(d)  # α, σ and λ at the kept steps
     x, previous = x0, None
@@ -144,7 +144,7 @@ def invert(
         raise UserError("--dynamic-threshold is for pixel models: a latent model's x̂_0 has no [-1, 1] range")
     device = torch.device(device)
     x0 = to_model_space(images, autoencoder)
-    steps = kept_timesteps(diffusion, settings.sampler, settings.steps, settings.spacing)
+    steps = chain_timesteps(diffusion, settings.sampler, settings.steps, settings.spacing)
     latents, was_training = [], model.training
     model.eval()
     try:

@@ -608,14 +608,21 @@ def _solve(d: GaussianDiffusion, solver: Solver, x: Tensor, denoise: Denoise, dr
     return x
 
 
+def chain_timesteps(diffusion: GaussianDiffusion, sampler: str, steps: int | None,
+                    spacing: str | None = None) -> list[int]:
+    """The 0-based kept timesteps (ascending) that :func:`sample` visits for these arguments: those of
+    :func:`kept_timesteps` at :func:`default_steps` when ``steps`` is None."""
+    return kept_timesteps(diffusion, sampler, default_steps(sampler, diffusion.num_timesteps) if steps is None
+                          else steps, spacing)
+
+
 def _kept_chain(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None,
                 timesteps: Sequence[int] | None) -> GaussianDiffusion:
     """The process respaced to the timesteps the sampler visits (itself when it visits all T)."""
-    T = diffusion.num_timesteps
     if timesteps is None:
-        timesteps = kept_timesteps(diffusion, sampler, default_steps(sampler, T) if steps is None else steps, spacing)
+        timesteps = chain_timesteps(diffusion, sampler, steps, spacing)
     kept = sorted(set(int(t) for t in timesteps))
-    return diffusion if kept == list(range(T)) else diffusion.respace(kept)
+    return diffusion if kept == list(range(diffusion.num_timesteps)) else diffusion.respace(kept)
 
 
 class _Trajectory:

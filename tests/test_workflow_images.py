@@ -230,3 +230,15 @@ def test_prompts_condition_every_image_verb_of_a_text_model(text_run, files, tmp
     code, out, err = run("img2img {pixel} --image {a} --strength 0.5 --prompt hello --out {out}", files, tmp_path,
                          capsys)
     assert code == 2 and "--prompt needs a text-conditional model" in err
+
+
+def test_without_steps_the_methods_run_the_chain_the_sampler_runs(files):
+    """No --steps: the sampler's default NFE (20), as 'ddpm sample' runs it, so that decoding goes back."""
+    from ddpm.img2img import img2img
+
+    loaded = load_model(files["pixel"])
+    image = read_image(files["a"])[None]
+    found = invert(loaded.model, loaded.diffusion.build(), image, SamplerSettings("ddim"), progress=False)
+    assert (found.encode_nfe, found.reconstruction.nfe) == (19, 20)
+    edited = img2img(loaded.model, loaded.diffusion.build(), image, 0.5, progress=False)
+    assert edited.nfe == 10
