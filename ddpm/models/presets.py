@@ -64,8 +64,8 @@ PRESETS: dict[str, UNetConfig] = {
     # Cascades (ddpm.superres.CASCADES): a base model at half the side and a super-resolution stage (SR3,
     # Imagen) that doubles it. MNIST 14 -> 28: the base is the mnist preset's own 14x14 and 7x7 levels
     # (widths 32, 32, attention at 7x7 and in the middle) without its 28x28 one: about its parameters
-    # (284,513 against 280,177) at 2.6 times its forward speed (1,807 against 687 img/s, batch 64, this
-    # project's 2-core CPU, one run). The stage is the mnist preset itself with the low-resolution digit
+    # (284,513 against 280,177) at about 2.6 times its forward speed (a quick timing on the shared 2-core
+    # machine, 1,807 against 687 img/s at batch 64; bench.preset_speed has not measured it). The stage is the mnist preset itself with the low-resolution digit
     # as a second input channel and the augmentation level embedded: its job (stroke detail around a
     # digit the low-resolution image already fixes) is easier than drawing a digit, so the network that
     # draws digits well at 28x28 in CPU minutes is enough, and it samples in fewer steps than the base.
