@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub, common)
     _add_viz(sub, common)
     _add_export(sub, common)
+    _add_data(sub, common)
     _add_demo(sub, common)
     _add_inpaint(sub, common)
     _add_img2img(sub, common)
@@ -396,6 +397,9 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
               ddpm sample runs/cond --out out/sevens --label 7 --guidance-scale 3
               ddpm sample runs/mnist-14 --upsampler runs/mnist-sr --out out/cascade     # 14x14, then 14 -> 28
               ddpm sample runs/mnist --latents out/inv/latents.npy --sampler ddim --out out/decoded
+              ddpm sample runs/video --out out/video --num-images 16 --mp4        # a video model: GIF, MP4, grid
+              ddpm sample runs/video --out out/next --first-frames clip.gif --num-first-frames 2 --frames 8
+              ddpm sample runs/video --out out/long --frames 24 --context 4        # extended beyond 8 frames
             """))
     _model_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
@@ -421,6 +425,7 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
                          help="the augmentation level in [0, 1] the low-resolution images are noised to before the "
                               "stage sees them (Imagen's noise-conditioning augmentation; default 0.2, as "
                               "imagen-pytorch)")
+    _video_arguments(p)
     p.set_defaults(handler=cmd_sample, command="sample")
 
 
@@ -451,6 +456,59 @@ def _conditions(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
             "guidance_scale": args.guidance_scale, "conditioning": loaded.conditioning}
 
 
+def _video_arguments(p: argparse.ArgumentParser) -> None:
+    from ddpm.video_sampling import CONDITIONING_METHODS, DEFAULT_GUIDANCE_WEIGHT
+
+    g = p.add_argument_group("video models (a model of ddpm.models.video_unet)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="frames per clip (default: the model's; more are drawn by autoregressive extension)")
+    g.add_argument("--first-frames", default=None, metavar="FILE",
+                   help="continue these frames: a GIF/MP4, an image, or an .npy/.npz of clips (N, T, H, W[, C])")
+    g.add_argument("--num-first-frames", type=int, default=None, metavar="K",
+                   help="how many frames of --first-frames to keep (default: all of them)")
+    g.add_argument("--conditioning", default="reconstruction", choices=list(CONDITIONING_METHODS),
+                   help="how given frames condition the rest: VDM's reconstruction guidance (default) or replacement")
+    g.add_argument("--guidance-weight", type=float, default=DEFAULT_GUIDANCE_WEIGHT, metavar="W",
+                   help=f"reconstruction guidance's weight w_r (default {DEFAULT_GUIDANCE_WEIGHT:g})")
+    g.add_argument("--context", type=int, default=None, metavar="K",
+                   help="frames each extension window is conditioned on (default: half the model's frames)")
+    g.add_argument("--fps", type=float, default=8, help="frames per second of the GIF and MP4 (default 8)")
+    g.add_argument("--mp4", action="store_true", help="also write samples.mp4 (needs pip install 'ddpm[video]')")
+    g.add_argument("--no-gif", action="store_true", help="do not write samples.gif")
+
+
+_VIDEO_OPTIONS = ("frames", "first_frames", "num_first_frames", "context")
+
+
+def _is_video(loaded: Any, args: argparse.Namespace) -> bool:
+    """Whether ``loaded`` is a video model; a video option given for an image model is one line."""
+    from ddpm.models.video_unet import VideoUNet
+
+    if isinstance(loaded.model, VideoUNet):
+        return True
+    given = [f"--{name.replace('_', '-')}" for name in _VIDEO_OPTIONS if getattr(args, name, None) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} need(s) a video model; {args.model} is an image model")
+    return False
+
+
+def _sample_video(args: argparse.Namespace, loaded: Any, device: Any) -> int:
+    from ddpm.video_sampling import generate_video, read_first_frames, write_videos
+
+    channels, _, height, width = loaded.model.sample_shape
+    first = None if args.first_frames is None else read_first_frames(args.first_frames, args.num_first_frames,
+                                                                      channels, (height, width))
+    samples = generate_video(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args), seed=args.seed,
+                             frames=args.frames, first_frames=first, method=args.conditioning,
+                             guidance_weight=args.guidance_weight, context=args.context, label=args.label,
+                             batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet)
+    print(f"{len(samples.videos)} clips of {samples.videos.shape[2]} frames with {args.sampler}: "
+          f"{samples.nfe:g} network evaluations each")
+    _print_paths(write_videos(samples, args.out, gif=not args.no_gif, mp4=args.mp4, grid=not args.no_grid,
+                              npz=args.npz, fps=args.fps))
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> Any:
     from ddpm.generate import SamplerSettings
 
@@ -465,6 +523,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
+    if _is_video(loaded, args):
+        return _sample_video(args, loaded, device)
     if args.upsampler:
         return _sample_cascade(args, loaded, device)
     latents = None
@@ -558,6 +618,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
+    if _is_video(loaded, args):
+        raise UserError(f"{args.model} is a video model and ddpm eval scores images; measure clips with "
+                        "python -m bench.video_mnist (Moving MNIST: per-frame FD, continuation MSE and SSIM)")
     out = Path(args.out)
     written: list[Path] = []
     if not args.no_bpd:
@@ -676,6 +739,13 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
+    if _is_video(loaded, args):
+        from ddpm.video_sampling import video_reverse_pictures
+
+        _print_paths(video_reverse_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
+                                            num_videos=max(1, args.num_images // 4), seed=args.seed, device=device,
+                                            bf16=_bf16(args), progress=not args.quiet))
+        return 0
     _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
                                           num_images=args.num_images, seed=args.seed, device=device,
                                           bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
@@ -701,6 +771,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ddpm.loading import load_model
 
     _print_paths(export_model(load_model(args.model, args.weights, "cpu"), Path(args.out), args.format))
+    return 0
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _add_data(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "data", parents=[common], help="make data sets (Moving MNIST from an MNIST .npz)",
+        description="Make training data without a download.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              ddpm data moving-mnist --mnist mnist.npz --out mm.npz      # the standard set: 64x64, 2 digits, 20 frames
+              ddpm data moving-mnist --mnist mnist.npz --out mm32.npz --size 32 --digits 1 --frames 8"""))
+    what = p.add_subparsers(title="data sets", metavar="WHAT")
+    m = what.add_parser("moving-mnist", parents=[common],
+                        help="Moving MNIST (Srivastava et al. 2015): digits bouncing in a frame, as an .npz of videos")
+    m.add_argument("--mnist", required=True, help="an MNIST .npz with x_train, y_train, x_test, y_test (keras')")
+    m.add_argument("--out", required=True, help="the .npz to write (x_train, y_train, x_test, y_test, ...)")
+    m.add_argument("--num-videos", type=int, default=10_000, help="training videos (default 10000)")
+    m.add_argument("--num-test", type=int, default=1_000, help="test videos, from MNIST's test digits (default 1000)")
+    m.add_argument("--frames", type=int, default=20, help="frames per video (default 20)")
+    m.add_argument("--size", type=int, default=64, help="frame side in pixels (default 64)")
+    m.add_argument("--digits", type=int, default=2, help="digits per video (default 2)")
+    m.add_argument("--digit-size", type=int, default=None, help="digit side (default 28 * size / 64)")
+    m.add_argument("--step-length", type=float, default=0.1, help="speed, in canvas widths per frame (default 0.1)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(handler=cmd_data_moving_mnist, command="data")
+    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1], command="data")
+
+
+def cmd_data_moving_mnist(args: argparse.Namespace) -> int:
+    from ddpm.video_data import write_moving_mnist
+
+    path = write_moving_mnist(args.mnist, args.out, args.num_videos, args.num_test, args.frames, args.size,
+                              args.digits, args.digit_size, args.step_length, args.seed)
+    _print_paths([path])
     return 0
 
 

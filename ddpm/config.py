@@ -25,6 +25,7 @@ from ddpm.models import ConditionalUNetConfig, network_config_type
 from ddpm.models.presets import get_preset
 from ddpm.models.text_transformer import TextTransformerConfig
 from ddpm.models.unet import UNetConfig
+from ddpm.models.video_unet import VIDEO_PRESETS
 from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, SAMPLERS
 from ddpm.schedules import SCHEDULES, get_betas
 from ddpm.timestep_sampling import TIMESTEP_SAMPLERS
@@ -72,6 +73,8 @@ class DataConfig:
         caption_column: the field of a folder's metadata.jsonl that holds the captions.
         text_encoder: a frozen text encoder (a local CLIP or T5 directory, or a Stable Diffusion pipeline's)
             for a text-to-image run; empty: the run trains its own small one (the text section).
+        image_frames: a video run's joint training (VDM section 3): this many independent frames appended
+            to every clip as images, their temporal attention masked (0: videos only).
     """
 
     source: str = ""
@@ -82,10 +85,12 @@ class DataConfig:
     autoencoder: str = ""
     caption_column: str = "text"
     text_encoder: str = ""
+    image_frames: int = 0
 
     def __post_init__(self) -> None:
         check_choice("data.split", self.split, ("train", "test"))
         check_positive("data.limit", self.limit, allow_zero=True)
+        check_positive("data.image_frames", self.image_frames, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -409,6 +414,21 @@ for _name, _unet, _text, _diffusion in (("mnist-pairs", "mnist-pairs", "mnist-pa
 _model, _text_config = _glide("tiny", "tiny", in_channels=3, out_channels=3)
 RUN_PRESETS["tiny-text"] = {**RUN_PRESETS["tiny"], "model": _model, "text": _text_config,
                             "train": {**RUN_PRESETS["tiny"]["train"], "sample_guidance_scale": 2.0}}
+# Video (Ho et al. 2022): the factorised space-time U-Net on clips [C, T, H, W]. moving-mnist: one
+# digit at 32x32, 8 frames (ddpm data moving-mnist --size 32 --digits 1 --frames 8), the `mnist` image
+# recipe at 8 clips a step (64 frames), 2 independent frames per clip as images (VDM's ablation favours
+# joint training); what it reaches: bench/RESULTS.md (python -m bench.video_mnist).
+VIDEO_RUN_PRESETS: dict[str, dict[str, Any]] = {
+    "moving-mnist": {"model": VIDEO_PRESETS["moving-mnist"], "data": {"flip": False, "image_frames": 2},
+                     "train": {"steps": 20_000, "batch_size": 8, "lr": 1e-3, "warmup_steps": 100, "ema_decay": 0.999,
+                               "log_every": 50, "sample_every": 1000, "ckpt_every": 500, "sample_count": 8}},
+    "tiny-video": {"model": VIDEO_PRESETS["tiny-video"], "diffusion": {"timesteps": 100},
+                   "data": {"flip": False, "image_frames": 1},
+                   "train": {"steps": 20, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "log_every": 1,
+                             "sample_every": 10, "sample_count": 2, "sample_steps": 5, "ckpt_every": 10,
+                             "keep_last": 2}},
+}
+RUN_PRESETS.update(VIDEO_RUN_PRESETS)
 _model, _ = _glide("tiny", "tiny", sample_size=4)  # on the tiny autoencoder's 4x4x4 latents
 RUN_PRESETS["tiny-text-latent"] = {**RUN_PRESETS["tiny-text"], "model": _model,
                                    "diffusion": RUN_PRESETS["tiny-latent"]["diffusion"]}

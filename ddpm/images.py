@@ -249,6 +249,53 @@ def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
+# ------------------------------------------------------------------------------------------ videos
+
+
+def as_uint8_videos(videos: Tensor) -> Tensor:
+    """Clips ``[N, C, T, H, W]`` (C = 1 or 3) as a uint8 CPU tensor: uint8 kept, floats through :func:`to_uint8`."""
+    if videos.ndim != 5 or videos.shape[1] not in (1, 3):
+        raise ValueError(f"expected videos [N, C, T, H, W] with C = 1 or 3, got shape {tuple(videos.shape)}")
+    return videos.detach().cpu() if videos.dtype == torch.uint8 else to_uint8(videos).cpu()
+
+
+def video_frame_grid(videos: Tensor, padding: int = 2, scale: int | None = None) -> Image.Image:
+    """Clips ``[N, C, T, H, W]`` (uint8, or floats in [-1, 1]) as one picture: a row per clip, a column
+    per frame (:func:`make_grid`, tiles upscaled by ``scale``, default :func:`auto_scale`)."""
+    x = as_uint8_videos(videos)
+    frames = x.transpose(1, 2).flatten(0, 1)  # [N*T, C, H, W], clip by clip
+    return make_grid(frames, nrow=x.shape[2], padding=padding, scale=scale or auto_scale(x.shape[-1]))
+
+
+def video_frames(videos: Tensor, nrow: int | None = None, padding: int = 2, scale: int | None = None
+                 ) -> list[Image.Image]:
+    """The frames of an animation of clips ``[N, C, T, H, W]``: frame t is the grid of every clip's frame t."""
+    x = as_uint8_videos(videos)
+    scale = scale or auto_scale(x.shape[-1])
+    return [make_grid(x[:, :, t], nrow=nrow, padding=padding, scale=scale) for t in range(x.shape[2])]
+
+
+def save_mp4(frames: Sequence[Image.Image | np.ndarray], path: PathLike, fps: float = 8) -> Path:
+    """Write frames (Pillow images or uint8 ``[H, W]`` / ``[H, W, 3]`` arrays, one size) as an H.264 MP4,
+    atomically, through imageio's ffmpeg plugin (the optional extra ``video``). Grey is written as RGB,
+    and an odd height or width is padded by one white row or column (H.264's 4:2:0 needs even sides)."""
+    try:
+        import imageio.v3 as iio
+    except ImportError as error:
+        raise UserError(f"writing {path} needs imageio and imageio-ffmpeg: pip install 'ddpm[video]'") from error
+    arrays = [np.asarray(f.convert("RGB") if isinstance(f, Image.Image) else f, dtype=np.uint8) for f in frames]
+    arrays = [np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+    if not arrays or len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"an MP4 needs frames of one size, got {sorted({a.shape for a in arrays})}")
+    h, w, _ = arrays[0].shape
+    stack = np.pad(np.stack(arrays), ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
+    # macro_block_size=1: imageio would otherwise resize every frame to multiples of 16.
+    data = iio.imwrite("<bytes>", stack, extension=".mp4", plugin="FFMPEG", fps=fps, macro_block_size=1)
+    with atomic_write(path, durable=False) as f:
+        f.write(data)
+    return Path(path)
+
+
 # ---------------------------------------------------------------------------------------- reading
 
 _GREY = frozenset({"1", "L", "LA", "La", "F", "I", "I;16", "I;16L", "I;16B", "I;16N"})

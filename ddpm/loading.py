@@ -26,7 +26,9 @@ from ddpm.latent import load_autoencoder, pixel_size
 from ddpm.models import diffusers_io
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.diffusers_io import AUTOENCODER_KL, UNET2D
+from ddpm.models.io import read_format
 from ddpm.models.unet import UNet
+from ddpm.models.video_unet import VideoUNet
 from ddpm.runtime import num_parameters
 from ddpm.tokenizer import WordTokenizer
 
@@ -91,7 +93,8 @@ def load_model(source: str | Path, weights: str = "ema", device: str | torch.dev
             pixel_size(model.sample_shape, autoencoder.config, vae_dir)
         return LoadedModel(model.eval(), diffusion_from_diffusers(path), f"diffusers model {path}",
                            autoencoder=autoencoder)
-    model = UNet.from_pretrained(path, device=device)
+    network = VideoUNet if read_format(path) == VideoUNet.FORMAT else UNet
+    model = network.from_pretrained(path, device=device)
     return LoadedModel(model.eval(), DiffusionConfig(), f"model {path}")
 
 
@@ -138,7 +141,9 @@ def describe_run(loaded: LoadedModel) -> str:
     d = loaded.diffusion
     n_params = num_parameters(loaded.model)
     channels, *size = loaded.model.sample_shape
-    shape = "x".join(map(str, [*size, channels]))
+    shape = "x".join(map(str, [*size[-2:], channels]))
+    if isinstance(loaded.model, VideoUNet):
+        shape = f"{size[0]} frames of {shape}"
     classes = f", {loaded.num_classes} classes" if loaded.num_classes else ""
     latent = ""
     if loaded.autoencoder is not None:

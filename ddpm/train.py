@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from ddpm.generate import SamplerSettings, generate, grid_image
 from ddpm.images import labelled_rows, save_image
 from ddpm.latent import LatentData, load_autoencoder, pixel_size
 from ddpm.models.autoencoder import AutoencoderKL
+from ddpm.models.video_unet import VideoUNetConfig
 from ddpm.runs import (
     Hooks,
     MetricsLog,
@@ -72,6 +73,8 @@ from ddpm.runs import (
 from ddpm.runtime import autocast, derive_seed, num_parameters, resolve_bf16
 from ddpm.timestep_sampling import UniformSampler, make_timestep_sampler
 from ddpm.tokenizer import WordTokenizer
+from ddpm.video_data import VideoData, load_videos
+from ddpm.video_training import video_preview, video_training_condition
 
 #: The run directory's entries (``--overwrite`` deletes only these) and the fields a resume may change
 #: (any other difference is an incompatible config).
@@ -296,9 +299,7 @@ def train(
     train_model = _compiled_and_distributed(state.model, cfg.compile, procs, device)
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None,
                          keep_until=state.step if resume else None) if procs.is_main else None
-    # Latent runs: batches of scaled latents, flipped in pixel space before encoding.
-    batches = data.batches(local_batch, cfg.seed, flip=config.data.flip, rank=procs.rank,
-                           world_size=procs.world_size, start_step=state.step)
+    batches = _batches(data, config, local_batch, procs, state.step)
 
     def step(batch: Batch) -> StepOutcome:
         return train_step(state, train_model, diffusion, batch, condition, config, device, procs, cfg.bf16)
@@ -306,8 +307,10 @@ def train(
     def grid(step: int) -> Path | None:
         if not procs.is_main:
             return None
-        return preview(state.ema, diffusion, config, device, cfg.bf16, out_dir / "samples" / f"step_{step:08d}.png",
-                       autoencoder, prompts, _captions(data))
+        path = out_dir / "samples" / f"step_{step:08d}.png"
+        if isinstance(data, VideoData):
+            return video_preview(state.ema, diffusion, config, device, cfg.bf16, path)
+        return preview(state.ema, diffusion, config, device, cfg.bf16, path, autoencoder, prompts, _captions(data))
 
     def finish() -> dict[str, Any]:
         return {"ranks_max_param_diff": _ranks_max_param_diff(state.model, procs)} if cfg.check_sync else {}
@@ -331,15 +334,17 @@ def run_tokenizer(config: RunConfig, data: ImageData | LatentData,
     return WordTokenizer.from_captions(_captions(data))
 
 
-def _captions(data: ImageData | LatentData) -> list[str]:
+def _captions(data: ImageData | LatentData | VideoData) -> list[str]:
     images = data.data if isinstance(data, LatentData) else data
-    return images.captions or []
+    return getattr(images, "captions", None) or []
 
 
 def _conditions(config: RunConfig, state: TrainState, data: ImageData | LatentData, device: torch.device,
                 progress: bool) -> tuple[TrainingCondition, TextPrompts | None]:
     """What the run trains on besides the images, and for a text-to-image run what its previews ask
     for: the captions tokenized once (its own encoder) or embedded once (a frozen one)."""
+    if isinstance(config.model, VideoUNetConfig):
+        return video_training_condition(config, config.data.image_frames), None
     if not config.text_conditional:
         return training_condition(config), None
     frozen = None if config.text is not None else frozen_text_encoder(config, state.model, device)
@@ -369,17 +374,8 @@ def _training_data(config: RunConfig, data: ImageData | None, autoencoder: Autoe
     """The training images (or their latents, encoded once), and the configuration with the data's
     class count for ``class_cond``."""
     cfg = config.train
-    channels, *size = config.model.sample_shape
-    if autoencoder is not None:
-        size = pixel_size(config.model.sample_shape, autoencoder.config, config.data.autoencoder)
-        channels = autoencoder.config.in_channels
-    elif channels not in (1, 3):
-        raise UserError(f"model.in_channels {channels} is not an image's (1 or 3): a latent model needs "
-                        "--autoencoder PATH")
     if data is None:
-        data = load_images(config.data.source, tuple(size), channels, split=config.data.split,
-                           root=config.data.root or None, limit=config.data.limit or None, progress=progress,
-                           caption_column=config.data.caption_column)
+        data = _load(config, autoencoder, progress)
     if config.text_conditional and data.captions is None:
         raise UserError(f"--data {config.data.source} has no captions: a text-to-image run trains on a folder with a "
                         "metadata.jsonl (file_name and text on each line)")
@@ -394,6 +390,36 @@ def _training_data(config: RunConfig, data: ImageData | None, autoencoder: Autoe
     if autoencoder is not None:
         return LatentData(data, autoencoder, config.data.flip, progress=progress), config
     return data, config
+
+
+def _batches(data: ImageData | LatentData | VideoData, config: RunConfig, local_batch: int, procs: Processes,
+             start_step: int) -> Iterator[Batch]:
+    """This rank's batches from ``start_step`` on. Latent runs: scaled latents, flipped in pixel space
+    before encoding; video runs: clips with their independent image frames appended."""
+    video = {"image_frames": config.data.image_frames} if isinstance(data, VideoData) else {}
+    return data.batches(local_batch, config.train.seed, flip=config.data.flip, rank=procs.rank,
+                        world_size=procs.world_size, start_step=start_step, **video)
+
+
+def _load(config: RunConfig, autoencoder: AutoencoderKL | None, progress: bool) -> ImageData | VideoData:
+    """The run's images at its network's size (through the autoencoder: the pixels its latents decode
+    to), or its clips for a video network."""
+    d = config.data
+    if isinstance(config.model, VideoUNetConfig):  # (a video U-Net's config is also a U-Net's)
+        if autoencoder is not None:
+            raise UserError("a video model trains on pixels: drop --autoencoder")
+        m = config.model
+        return load_videos(d.source, frames=m.frames, size=m.image_size, channels=m.in_channels, split=d.split,
+                           limit=d.limit or None, progress=progress)
+    channels, *size = config.model.sample_shape
+    if autoencoder is not None:
+        size = pixel_size(config.model.sample_shape, autoencoder.config, d.autoencoder)
+        channels = autoencoder.config.in_channels
+    elif channels not in (1, 3):
+        raise UserError(f"model.in_channels {channels} is not an image's (1 or 3): a latent model needs "
+                        "--autoencoder PATH")
+    return load_images(d.source, tuple(size), channels, split=d.split, root=d.root or None, limit=d.limit or None,
+                       progress=progress, caption_column=d.caption_column)
 
 
 @torch.no_grad()

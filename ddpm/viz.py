@@ -135,6 +135,7 @@ def reverse_process_gif(
     final_hold_ms: int = 1000,
     scale: int | None = None,
     show_pred_x0: bool = False,
+    nrow: int | None = None,
 ) -> Path:
     """An animated GIF of the reverse process: a grid of x_t per recorded step, then the sample x_0.
 
@@ -147,6 +148,7 @@ def reverse_process_gif(
         final_hold_ms: display time of the last frame, the sample x_0 (the last step's x̂_0).
         scale: tile upscale, default :func:`~ddpm.images.auto_scale` of the image height.
         show_pred_x0: put the grid of x̂_0 beside the grid of x_t in every frame.
+        nrow: images per row of the grid (default: a square-ish grid; a video's frames: one clip a row).
 
     Every frame carries a caption with the paper's t. Returns ``path``; the GIF has one frame per
     shown step plus the final one (Pillow would merge identical consecutive frames, see
@@ -155,7 +157,7 @@ def reverse_process_gif(
     ts, x_t, pred_x0 = _unpack(trajectory)
     steps = _even_indices(len(ts), frames or len(ts))
     B = min(num_images, x_t.shape[1])
-    nrow = math.ceil(math.sqrt(B))
+    nrow = nrow or math.ceil(math.sqrt(B))
     scale = scale or auto_scale(x_t.shape[-2])
 
     def frame(x: Tensor, pred: Tensor, caption: str) -> Image.Image:

@@ -47,7 +47,8 @@ def shrink(command: str) -> list[str]:
     argv = shlex.split(command)
     out: list[str] = []
     skip = False
-    replace = {"--preset": "tiny", "--steps": "3", "--train.steps": "4", "--num-images": "4", "--limit": "2",
+    replace = {"--preset": "tiny", "--steps": "3", "--size": "8", "--frames": "4", "--context": "2",
+               "--train.steps": "4", "--num-images": "4", "--limit": "2",
                "--minutes": "0.05", "--nproc_per_node": "2", "--nproc-per-node": "2"}
     for i, arg in enumerate(argv):
         if skip:
@@ -56,7 +57,8 @@ def shrink(command: str) -> list[str]:
         key = arg.split("=")[0]
         if key == "--preset" and i + 1 < len(argv):
             name = argv[i + 1]
-            small = "tiny-text" if "pairs" in name and "-f4" not in name else "tiny"
+            small = ("tiny-text" if "pairs" in name and "-f4" not in name else
+                     "tiny-video" if "moving" in name else "tiny")
             out += [arg, small + ("-latent" if name.endswith("-latent") else "")]
             skip = True
             continue

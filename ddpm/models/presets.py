@@ -65,10 +65,11 @@ PRESETS: dict[str, UNetConfig] = {
     # Imagen) that doubles it. MNIST 14 -> 28: the base is the mnist preset's own 14x14 and 7x7 levels
     # (widths 32, 32, attention at 7x7 and in the middle) without its 28x28 one: about its parameters
     # (284,513 against 280,177) at about 2.6 times its forward speed (a quick timing on the shared 2-core
-    # machine, 1,807 against 687 img/s at batch 64; bench.preset_speed has not measured it). The stage is the mnist preset itself with the low-resolution digit
-    # as a second input channel and the augmentation level embedded: its job (stroke detail around a
-    # digit the low-resolution image already fixes) is easier than drawing a digit, so the network that
-    # draws digits well at 28x28 in CPU minutes is enough, and it samples in fewer steps than the base.
+    # machine, 1,807 against 687 img/s at batch 64; bench.preset_speed has not measured it). The stage is
+    # the mnist preset itself with the low-resolution digit as a second input channel and the augmentation
+    # level embedded: its job (stroke detail around a digit the low-resolution image already fixes) is
+    # easier than drawing a digit, so the network that draws digits well at 28x28 in CPU minutes should be
+    # enough, and fewer steps may do (bench.cascade measures both: FD and images/s at 30 CPU minutes).
     "mnist-14": UNetConfig(
         image_size=14, in_channels=1, ch=32, ch_mult=(1, 1), num_res_blocks=1,
         attn_resolutions=(7,), dropout=0.0, norm_groups=8,

@@ -25,7 +25,7 @@ embedded like a timestep and added to the time embedding; see :mod:`ddpm.superre
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -253,9 +253,20 @@ class AttnBlock(nn.Module):
         return x + h.transpose(1, 2).view(b, c, height, width)
 
 
+#: How the trunk applies an attention layer (an :class:`AttnBlock`, or ``nn.Identity`` where a level
+#: has none) to the features: ``attend(layer, h)``. The image U-Net calls the layer; the video U-Net
+#: (:mod:`ddpm.models.video_unet`) passes it the frames' temporal attention bias as well.
+Attend = Callable[[nn.Module, Tensor], Tensor]
+
+
+def apply_layer(layer: nn.Module, h: Tensor) -> Tensor:
+    """``layer(h)``: the image U-Net's :data:`Attend`."""
+    return layer(h)
+
+
 class Level(nn.Module):
     """One resolution of the down or up path: residual blocks, each followed by ``attn[i]``
-    (attention or identity), then an optional resampling."""
+    (``attention_type`` or identity), then an optional resampling."""
 
     def __init__(
         self,
@@ -267,11 +278,13 @@ class Level(nn.Module):
         num_heads: int,
         resample: nn.Module | None,
         groups: int = GROUPS,
+        attention_type: type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        attention_type = attention_type or AttnBlock
         self.block = nn.ModuleList(ResBlock(c, c_out, temb_dim, dropout, groups) for c in widths_in)
         self.attn = nn.ModuleList(
-            AttnBlock(c_out, num_heads, groups) if attention else nn.Identity() for _ in widths_in
+            attention_type(c_out, num_heads, groups) if attention else nn.Identity() for _ in widths_in
         )
         self.resample = resample
 
@@ -279,14 +292,15 @@ class Level(nn.Module):
 class Middle(nn.Module):
     """DDPM's middle: resblock, attention, resblock at the lowest resolution."""
 
-    def __init__(self, channels: int, temb_dim: int, dropout: float, num_heads: int, groups: int = GROUPS) -> None:
+    def __init__(self, channels: int, temb_dim: int, dropout: float, num_heads: int, groups: int = GROUPS,
+                 attention_type: type[nn.Module] | None = None) -> None:
         super().__init__()
         self.block_1 = ResBlock(channels, channels, temb_dim, dropout, groups)
-        self.attn_1 = AttnBlock(channels, num_heads, groups)
+        self.attn_1 = (attention_type or AttnBlock)(channels, num_heads, groups)
         self.block_2 = ResBlock(channels, channels, temb_dim, dropout, groups)
 
-    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x, temb_act)), temb_act)
+    def forward(self, x: Tensor, temb_act: Tensor, attend: Attend = apply_layer) -> Tensor:
+        return self.block_2(attend(self.attn_1, self.block_1(x, temb_act)), temb_act)
 
 
 class TimeEmbedding(nn.Module):
@@ -318,6 +332,9 @@ class UNet(SavedModel):
     FORMAT: ClassVar[str] = "ddpm-unet"
     WHAT: ClassVar[str] = "U-Net"
     LAYOUT = UNET2D
+    #: The attention layer at the attention resolutions and in the middle (the video U-Net's adds
+    #: temporal attention to DDPM's).
+    ATTENTION: ClassVar[type[nn.Module]] = AttnBlock
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -346,11 +363,11 @@ class UNet(SavedModel):
             last = i == num_levels - 1
             blocks_in = [c_in] + [c_out] * (config.num_res_blocks - 1)
             resample = None if last else Downsample(c_out)
-            self.down.append(Level(blocks_in, c_out, temb_dim, drop, attn, heads, resample, groups))
+            self.down.append(Level(blocks_in, c_out, temb_dim, drop, attn, heads, resample, groups, self.ATTENTION))
             skips += [c_out] * (config.num_res_blocks + (0 if last else 1))
             c_in = c_out
 
-        self.mid = Middle(c_in, temb_dim, drop, heads, groups)
+        self.mid = Middle(c_in, temb_dim, drop, heads, groups, self.ATTENTION)
 
         up: list[Level] = []
         for i in reversed(range(num_levels)):
@@ -361,7 +378,7 @@ class UNet(SavedModel):
                 c_in = c_out
             resample = Upsample(c_out) if i else None
             up.append(Level(blocks_in, c_out, temb_dim, drop, config.attention_levels[i], heads,
-                            resample, groups))
+                            resample, groups, self.ATTENTION))
         # Indexed by level as in the TF code (up.0 is the full-resolution level).
         self.up = nn.ModuleList(reversed(up))
 
@@ -414,38 +431,48 @@ class UNet(SavedModel):
         Returns:
             ``[B, out_channels, H, W]``: epsilon, followed by ``v`` when ``learned_sigma``.
         """
-        config = self.config
         batch = self._check_input(x_t)
-        temb = self.temb(per_sample(t, batch, x_t.device, "t"))
+        return self.trunk(self._with_low_res(x_t, low_res), self.embed_time(t, y, batch, x_t.device, noise_level))
+
+    def embed_time(self, t: Tensor | int | float, y: Tensor | None, batch: int, device: torch.device,
+                   noise_level: Tensor | float | None = None) -> Tensor:
+        """``silu(temb)`` [batch, 4ch]: the timestep embedding plus, for a class-conditional model, the
+        label's and, for a super-resolution one, its augmentation level's (embedded as the timestep
+        ``NOISE_LEVEL_SCALE * noise_level``), activated as every residual block takes it (DDPM's
+        ``nonlinearity(temb)``)."""
+        temb = self.temb(per_sample(t, batch, device, "t"))
         if self.class_emb is not None:
-            temb = temb + self.class_emb(labels_with_null(y, batch, x_t.device, config.num_classes))
+            temb = temb + self.class_emb(labels_with_null(y, batch, device, self.config.num_classes))
         elif y is not None:
             raise ValueError("y given to a U-Net without class conditioning (num_classes=0)")
         if self.level_emb is not None:
             if noise_level is None:
                 raise ValueError("this U-Net is conditioned on the augmentation level: give noise_level")
-            temb = temb + self.level_emb(per_sample(noise_level, batch, x_t.device, "noise_level") * NOISE_LEVEL_SCALE)
+            temb = temb + self.level_emb(per_sample(noise_level, batch, device, "noise_level") * NOISE_LEVEL_SCALE)
         elif noise_level is not None:
             raise ValueError("noise_level given to a U-Net without noise_level_embedding")
-        # Every residual block applies SiLU to the embedding first (DDPM's nonlinearity(temb)).
-        temb_act = F.silu(temb)
+        return F.silu(temb)
 
-        h = self.conv_in(self._with_low_res(x_t, low_res))
+    def trunk(self, x: Tensor, temb_act: Tensor, attend: Attend = apply_layer) -> Tensor:
+        """The network from ``conv_in`` to ``conv_out`` on ``x`` [N, in_channels (+ low_res_channels), H, W]
+        with the activated time embedding [N, 4ch]; ``attend(layer, h)`` applies each attention layer
+        (:data:`Attend`)."""
+        h = self.conv_in(x)
         skips = [h]
         for level in self.down:
             for block, attn in zip(level.block, level.attn):
-                h = attn(block(h, temb_act))
+                h = attend(attn, block(h, temb_act))
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
-        h = self.mid(h, temb_act)
+        h = self.mid(h, temb_act, attend)
         for level in reversed(self.up):
             for block, attn in zip(level.block, level.attn):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb_act))
+                h = attend(attn, block(torch.cat([h, skips.pop()], dim=1), temb_act))
             if level.resample is not None:
                 h = level.resample(h)
-        assert not skips and h.shape[1] == config.level_channels[0]
+        assert not skips and h.shape[1] == self.config.level_channels[0]
         return self.conv_out(norm_silu(self.norm_out, h))
 
     def _check_input(self, x_t: Tensor) -> int:
