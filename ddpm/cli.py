@@ -524,6 +524,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
     if _is_video(loaded, args):
+        if args.upsampler or args.latents or args.dynamic_threshold is not None:
+            raise UserError("--upsampler, --latents and --dynamic-threshold are for image models; this is a video "
+                            "model")
         return _sample_video(args, loaded, device)
     if args.upsampler:
         return _sample_cascade(args, loaded, device)
@@ -868,12 +871,13 @@ def _images_argument(p: argparse.ArgumentParser, name: str = "--image") -> None:
 
 def _model_for_images(args: argparse.Namespace, images: Any = None, what: str = "--image") -> tuple[Any, Any]:
     """The model (described) and the device, with ``images`` (uint8 [N, C, H, W]) checked against it."""
-    from ddpm.img2img import check_images
+    from ddpm.img2img import check_image_model, check_images
     from ddpm.loading import describe_run, load_model
     from ddpm.runtime import resolve_device
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.weights, device)
+    check_image_model(loaded.image_shape, args.model)
     if images is not None:
         check_images(images, loaded.image_shape, what)
     print(describe_run(loaded))

@@ -31,8 +31,16 @@ from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.samplers import chain_timesteps, randn
 
 
+def check_image_model(shape: Sequence[int], what: str = "the model") -> None:
+    """:class:`UserError` unless a model's sample ``shape`` is an image's ``(C, H, W)`` (not a video's)."""
+    if len(shape) != 3:
+        raise UserError(f"{what} draws {'x'.join(map(str, shape))} samples, not images (a video model?); the "
+                        "image-to-image methods take image models")
+
+
 def check_images(images: Tensor, shape: Sequence[int], what: str = "--image") -> None:
     """:class:`UserError` unless ``images`` [N, C, H, W] have the model's image shape ``(C, H, W)``."""
+    check_image_model(shape)
     channels, height, width = shape
     kind = {1: "grey", 3: "colour (RGB)"}
     if images.ndim != 4 or len(images) == 0:

@@ -23,6 +23,7 @@ from ddpm.loading import load_model
 from ddpm.models import UNet, get_preset
 from ddpm.models.autoencoder import PRESETS as AE_PRESETS
 from ddpm.models.autoencoder import AutoencoderKL
+from ddpm.models.video_unet import VideoUNet, get_video_preset
 from ddpm.superres import upsample
 
 VERBS = ["inpaint", "img2img", "invert", "interpolate"]
@@ -40,6 +41,8 @@ def files(tmp_path_factory, jitter) -> dict[str, Path]:
     jitter(UNet(dataclasses.replace(get_preset("tiny"), image_size=4)), scale=0.05).save_pretrained(f["base"])
     sr = dataclasses.replace(get_preset("tiny"), low_res_channels=3, noise_level_embedding=True)
     jitter(UNet(sr), scale=0.05).save_pretrained(f["sr"])
+    f["video"] = root / "video"
+    VideoUNet(get_video_preset("tiny-video")).save_pretrained(f["video"])
     rng = np.random.default_rng(0)
     for name, shape in (("a", (8, 8, 3)), ("b", (8, 8, 3)), ("small", (6, 6, 3))):
         f[name] = root / f"{name}.png"
@@ -242,3 +245,12 @@ def test_without_steps_the_methods_run_the_chain_the_sampler_runs(files):
     assert (found.encode_nfe, found.reconstruction.nfe) == (19, 20)
     edited = img2img(loaded.model, loaded.diffusion.build(), image, 0.5, progress=False)
     assert edited.nfe == 10
+
+
+@pytest.mark.parametrize("command", ["img2img {video} --image {grey} --strength 0.5 --out {out}",
+                                     "interpolate {video} --a {grey} --b {grey} --out {out}",
+                                     "sample {video} --latents {root}/none.npy --out {out}"])
+def test_a_video_model_is_refused_by_the_image_verbs_in_one_line(command, files, tmp_path, capsys):
+    code, out, err = run(command, files, tmp_path, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "video model" in err
+    assert not (tmp_path / "out").exists()
