@@ -341,8 +341,9 @@ def _load_json(path: Path) -> Any:
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a run directory, a checkpoint directory, a saved model, or a diffusers-layout "
-                                 "directory (e.g. google/ddpm-cifar10-32 downloaded)")
+    p.add_argument("model", help="a run directory, a checkpoint directory, a saved model, a diffusers-layout "
+                                 "directory (e.g. google/ddpm-cifar10-32 downloaded) or a diffusers pipeline "
+                                 "directory (Stable Diffusion 1.x/2.x, or what ddpm export writes)")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw training weights")
 
 
@@ -397,6 +398,8 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
               ddpm sample runs/cond --out out/sevens --label 7 --guidance-scale 3
               ddpm sample runs/mnist-14 --upsampler runs/mnist-sr --out out/cascade     # 14x14, then 14 -> 28
               ddpm sample runs/mnist --latents out/inv/latents.npy --sampler ddim --out out/decoded
+              ddpm sample stable-diffusion-v1-5/ --out out/sd --prompt "a photo of a cat" \\
+                  --negative-prompt "blurry" --guidance-scale 7.5 --sampler ddim --steps 50 --num-images 4
               ddpm sample runs/video --out out/video --num-images 16 --mp4        # a video model: GIF, MP4, grid
               ddpm sample runs/video --out out/next --first-frames clip.gif --num-first-frames 2 --frames 8
               ddpm sample runs/video --out out/long --frames 24 --context 4        # extended beyond 8 frames
@@ -435,12 +438,17 @@ def _dynamic_threshold_argument(p: argparse.ArgumentParser) -> None:
                         "in place of clipping to [-1, 1] (pixel models)")
 
 
-def _sample_settings(args: argparse.Namespace, sampler: str | None = None, steps: int | None = None) -> Any:
-    """:func:`_settings` with the dynamic threshold, and another sampler or NFE if given."""
-    settings = dataclasses.replace(_settings(args), dynamic_threshold=args.dynamic_threshold)
+def _sample_settings(args: argparse.Namespace, loaded: Any, sampler: str | None = None,
+                     steps: int | None = None) -> Any:
+    """:func:`_settings` for ``loaded`` with the dynamic threshold, and another sampler or NFE if given."""
+    from ddpm.generate import SamplerSettings
+
+    settings = SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol,
+                               dynamic_threshold=args.dynamic_threshold)
     if sampler not in (None, settings.sampler):  # another solver: its own spacing, no eta
         settings = dataclasses.replace(settings, sampler=sampler, eta=0.0, spacing=None, rtol=None)
-    return settings if steps is None else dataclasses.replace(settings, steps=steps)
+    settings = settings if steps is None else dataclasses.replace(settings, steps=steps)
+    return loaded.sampler_settings(settings)
 
 
 def _condition_arguments(p: argparse.ArgumentParser) -> None:
@@ -498,8 +506,8 @@ def _sample_video(args: argparse.Namespace, loaded: Any, device: Any) -> int:
     channels, _, height, width = loaded.model.sample_shape
     first = None if args.first_frames is None else read_first_frames(args.first_frames, args.num_first_frames,
                                                                       channels, (height, width))
-    samples = generate_video(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args), seed=args.seed,
-                             frames=args.frames, first_frames=first, method=args.conditioning,
+    samples = generate_video(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args, loaded),
+                             seed=args.seed, frames=args.frames, first_frames=first, method=args.conditioning,
                              guidance_weight=args.guidance_weight, context=args.context, label=args.label,
                              batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet)
     print(f"{len(samples.videos)} clips of {samples.videos.shape[2]} frames with {args.sampler}: "
@@ -509,10 +517,11 @@ def _sample_video(args: argparse.Namespace, loaded: Any, device: Any) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace, loaded: Any) -> Any:
+    """The sampler options, with the DDIM of the loaded model's diffusers scheduler config if it has one."""
     from ddpm.generate import SamplerSettings
 
-    return SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol)
+    return loaded.sampler_settings(SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -536,7 +545,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         latents = read_noise(args.latents, loaded.model.sample_shape)
     samples = generate(loaded.model, loaded.diffusion.build(), args.num_images if latents is None else len(latents),
-                       _sample_settings(args), seed=args.seed, latents=latents, batch_size=args.batch_size,
+                       _sample_settings(args, loaded), seed=args.seed, latents=latents, batch_size=args.batch_size,
                        device=device, bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
                        **_conditions(args, loaded))
     print(f"{len(samples.images)} images with {args.sampler}: {samples.nfe:g} network evaluations each")
@@ -555,8 +564,9 @@ def _sample_cascade(args: argparse.Namespace, base: Any, device: Any) -> int:
     upsampler = load_model(args.upsampler, args.weights, device)
     print(f"upsampler: {describe_run(upsampler)}")
     conditions = _conditions(args, base)
-    small, large = cascade(base, upsampler, args.num_images, _sample_settings(args),
-                           _sample_settings(args, args.upsampler_sampler, args.upsampler_steps), args.noise_level,
+    small, large = cascade(base, upsampler, args.num_images, _sample_settings(args, base),
+                           _sample_settings(args, upsampler, args.upsampler_sampler, args.upsampler_steps),
+                           args.noise_level,
                            seed=args.seed, label=args.label, guidance_scale=args.guidance_scale,
                            prompts=conditions["prompts"], negative_prompt=args.negative_prompt,
                            batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet)
@@ -642,7 +652,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             samples = _load_samples_npz(Path(args.samples))
         else:
             samples = generate(loaded.model, loaded.diffusion.build(), args.num_samples,
-                               _settings(args), seed=args.seed, batch_size=args.batch_size,
+                               _settings(args, loaded), seed=args.seed, batch_size=args.batch_size,
                                device=device, bf16=_bf16(args), progress=not args.quiet,
                                autoencoder=loaded.autoencoder, conditioning=loaded.conditioning).uint8()
         metrics = evaluate_fid(samples, reference, args.inception, device=device, progress=not args.quiet)
@@ -745,11 +755,13 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
     if _is_video(loaded, args):
         from ddpm.video_sampling import video_reverse_pictures
 
-        _print_paths(video_reverse_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
+        _print_paths(video_reverse_pictures(loaded.model, loaded.diffusion.build(), Path(args.out),
+                                            _settings(args, loaded),
                                             num_videos=max(1, args.num_images // 4), seed=args.seed, device=device,
                                             bf16=_bf16(args), progress=not args.quiet))
         return 0
-    _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out), _settings(args),
+    _print_paths(reverse_process_pictures(loaded.model, loaded.diffusion.build(), Path(args.out),
+                                          _settings(args, loaded),
                                           num_images=args.num_images, seed=args.seed, device=device,
                                           bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
                                           **_conditions(args, loaded)))
@@ -762,7 +774,10 @@ def cmd_viz_reverse(args: argparse.Namespace) -> int:
 def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[common], help="save a model's weights as a diffusers or ddpm directory",
                        description="Write a trained model (EMA weights by default) in the diffusers layout "
-                                   "(UNet2DModel: config.json + diffusion_pytorch_model.safetensors) or ours.")
+                                   "(UNet2DModel: config.json + diffusion_pytorch_model.safetensors) or ours. A "
+                                   "latent or text-to-image model becomes a pipeline's folders (unet/, vae/, "
+                                   "scheduler/, text_encoder/, tokenizer/); with a frozen CLIP and an autoencoder "
+                                   "also a model_index.json, which diffusers' StableDiffusionPipeline loads.")
     _model_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="diffusers", choices=["diffusers", "ddpm"])
@@ -936,7 +951,8 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     images, mask = load_inputs(args.image, args.mask)
     loaded, device = _model_for_images(args, images, _images_name(args.image))
     args.sampler = args.sampler or ("ddpm" if args.method == "repaint" else DEFAULT_SAMPLER)
-    samples = inpaint(loaded.model, loaded.diffusion.build(), images, mask, args.method, _sample_settings(args),
+    samples = inpaint(loaded.model, loaded.diffusion.build(), images, mask, args.method,
+                      _sample_settings(args, loaded),
                       jump_length=args.jump_length, resamples=args.resamples, num_samples=args.num_samples,
                       **_common_kwargs(args, loaded, device))
     how = (f"RePaint ({args.resamples} resamples, jumps of {args.jump_length})" if args.method == "repaint"
@@ -971,7 +987,8 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     check_strength(args.strength)
     images, what = _read_images(args.image)
     loaded, device = _model_for_images(args, images, what)
-    samples = img2img(loaded.model, loaded.diffusion.build(), images, args.strength, _sample_settings(args),
+    samples = img2img(loaded.model, loaded.diffusion.build(), images, args.strength,
+                      _sample_settings(args, loaded),
                       num_samples=args.num_samples, **_common_kwargs(args, loaded, device))
     print(f"{len(samples.images)} images at strength {args.strength:g}: {samples.nfe:g} network evaluations each")
     _print_paths(write_results(args.out, images, samples.images, args.num_samples))
@@ -1000,7 +1017,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
 
     images, what = _read_images(args.image)
     loaded, device = _model_for_images(args, images, what)
-    found = invert(loaded.model, loaded.diffusion.build(), images, _sample_settings(args),
+    found = invert(loaded.model, loaded.diffusion.build(), images, _sample_settings(args, loaded),
                    **_common_kwargs(args, loaded, device, seed=False))
     print(f"{len(images)} images encoded in {found.encode_nfe} network evaluations each and decoded in "
           f"{found.reconstruction.nfe:g}: reconstruction MSE {found.mse:.3g} per dimension on [0, 1]")
@@ -1041,11 +1058,11 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     ends = [_read_end(loaded, name, value) for name, value in (("--a", args.a), ("--b", args.b))]  # both checked
     for i, (name, value) in enumerate((("--a", args.a), ("--b", args.b))):
         if ends[i].ndim == 4:  # an image: its x_T
-            found = invert(loaded.model, loaded.diffusion.build(), ends[i], _sample_settings(args),
+            found = invert(loaded.model, loaded.diffusion.build(), ends[i], _sample_settings(args, loaded),
                            **_common_kwargs(args, loaded, device, seed=False))
             print(f"{name}: {value} inverted (reconstruction MSE {found.mse:.3g})")
             ends[i] = found.latents[0]
-    samples = interpolate(loaded.model, loaded.diffusion.build(), *ends, args.frames, _sample_settings(args),
+    samples = interpolate(loaded.model, loaded.diffusion.build(), *ends, args.frames, _sample_settings(args, loaded),
                           **_common_kwargs(args, loaded, device, seed=False))
     print(f"{args.frames} frames decoded with {args.sampler}: {samples.nfe:g} network evaluations each")
     _print_paths(write_interpolation(samples, args.out))

@@ -47,6 +47,11 @@ class SamplerSettings:
         clip_denoised: clip x̂_0 to [-1, 1] (pixels; off for latents, which have no such range).
         dynamic_threshold: Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995, Imagen's)
             in place of the clip (:func:`ddpm.diffusion.dynamic_thresholding`; pixels only).
+        timesteps: the 0-based timesteps to visit, given explicitly (instead of ``spacing``).
+        final_alpha_cumprod: DDIM's: the ᾱ its last step lands at (None: 1, the data).
+
+    A diffusers model's scheduler config fills the last two in for DDIM
+    (:meth:`ddpm.loading.LoadedModel.sampler_settings`).
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -56,11 +61,17 @@ class SamplerSettings:
     rtol: float | None = None
     clip_denoised: bool = True
     dynamic_threshold: float | None = None
+    timesteps: tuple[int, ...] | None = None
+    final_alpha_cumprod: float | None = None
 
     def describe(self, T: int) -> str:
         if self.sampler == "dpm-adaptive":
             return f"dpm-adaptive, rtol {self.rtol or DEFAULT_RTOL:g}"
         spacing = f", {self.spacing} spacing" if self.spacing else ""
+        if self.timesteps is not None:
+            spacing = f", timesteps {self.timesteps[-1]} to {self.timesteps[0]}"
+        if self.final_alpha_cumprod is not None and self.final_alpha_cumprod != 1.0:
+            spacing += f", ending at alpha-bar {self.final_alpha_cumprod:.6g}"
         eta = f", eta {self.eta:g}" if self.eta else ""
         threshold = f", dynamic threshold {self.dynamic_threshold:g}" if self.dynamic_threshold else ""
         steps = default_steps(self.sampler, T) if self.steps is None else self.steps
@@ -72,6 +83,10 @@ class SamplerSettings:
                   "clip_denoised": self.clip_denoised, "dynamic_threshold": self.dynamic_threshold}
         if self.sampler == "dpm-adaptive":
             kwargs["rtol"] = self.rtol or DEFAULT_RTOL
+        if self.timesteps is not None:
+            kwargs["timesteps"] = self.timesteps
+        if self.final_alpha_cumprod is not None:
+            kwargs["final_alpha_cumprod"] = self.final_alpha_cumprod
         return kwargs
 
 

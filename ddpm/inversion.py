@@ -144,7 +144,7 @@ def invert(
         raise UserError("--dynamic-threshold is for pixel models: a latent model's x̂_0 has no [-1, 1] range")
     device = torch.device(device)
     x0 = to_model_space(images, autoencoder)
-    steps = chain_timesteps(diffusion, settings.sampler, settings.steps, settings.spacing)
+    steps = chain_timesteps(diffusion, settings.sampler, settings.steps, settings.spacing, settings.timesteps)
     latents, was_training = [], model.training
     model.eval()
     try:

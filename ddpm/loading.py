@@ -6,6 +6,14 @@ paper's published weights (``google/ddpm-cifar10-32``: ``config.json`` plus
 ``diffusion_pytorch_model.safetensors`` or ``.bin``, with an optional ``scheduler_config.json``).
 A latent model comes with its autoencoder: the one its run's ``data.autoencoder`` names, or a
 pipeline directory's ``vae/`` beside its ``unet/`` (what ``ddpm export`` writes for it).
+
+A diffusers pipeline directory (``model_index.json``, ``unet/``, ``scheduler/``, and for a latent
+model ``vae/``) is read whole: Stable Diffusion 1.x/2.x's (``unet/`` a ``UNet2DConditionModel``, with
+``text_encoder/`` and ``tokenizer/``: a frozen CLIP) and what ``ddpm export`` writes for a
+text-to-image run (the same folders, or ``text_encoder/`` in our text transformer's format). The
+scheduler config gives the diffusion (:func:`ddpm.models.diffusers_io.scheduler_from_diffusers`) and
+the DDIM options it sets (:class:`ddpm.models.diffusers_io.DDIMOptions`); a safety checker or
+feature extractor folder is not read.
 """
 
 from __future__ import annotations
@@ -22,15 +30,25 @@ from ddpm import checkpoints
 from ddpm.conditioning import TextPrompts, frozen_text_encoder, prompts_of, run_network
 from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import UserError
+from ddpm.generate import SamplerSettings
 from ddpm.latent import load_autoencoder, pixel_size
-from ddpm.models import diffusers_io
+from ddpm.models import ConditionalUNet, diffusers_io
 from ddpm.models.autoencoder import AutoencoderKL
-from ddpm.models.diffusers_io import AUTOENCODER_KL, UNET2D
+from ddpm.models.diffusers_io import AUTOENCODER_KL, UNET2D, UNET2D_CONDITION, DDIMOptions
 from ddpm.models.io import read_format
+from ddpm.models.text_to_image import TextToImage, check_fit
+from ddpm.models.text_transformer import TextTransformer
 from ddpm.models.unet import UNet
 from ddpm.models.video_unet import VideoUNet
 from ddpm.runtime import num_parameters
+from ddpm.samplers import default_steps
+from ddpm.text import PIPELINE_INDEX, TEXT_ENCODER_FOLDER, TOKENIZER_FOLDER, load_text_encoder
 from ddpm.tokenizer import WordTokenizer
+
+#: The folders of a diffusers pipeline that ddpm reads (Stable Diffusion's others, safety_checker/
+#: and feature_extractor/, are not).
+PIPELINE_FOLDERS = (UNET2D.pipeline_folder, AUTOENCODER_KL.pipeline_folder, TEXT_ENCODER_FOLDER, TOKENIZER_FOLDER,
+                    diffusers_io.SCHEDULER_FOLDER)
 
 
 @dataclass
@@ -44,6 +62,8 @@ class LoadedModel:
     autoencoder: AutoencoderKL | None = None
     #: For a text-conditional model: what turns prompts into its arguments (generate's ``conditioning``).
     conditioning: TextPrompts | None = None
+    #: For a diffusers model whose scheduler config sets them: the timesteps and final ᾱ of its DDIM.
+    ddim: DDIMOptions | None = None
 
     @property
     def num_classes(self) -> int:
@@ -57,6 +77,20 @@ class LoadedModel:
             return shape
         f = self.autoencoder.config.downsampling_factor
         return (self.autoencoder.config.out_channels, *(side * f for side in shape[1:]))
+
+    def sampler_settings(self, settings: SamplerSettings) -> SamplerSettings:
+        """``settings`` with the timesteps and the final ᾱ of diffusers' ``DDIMScheduler`` for this
+        model's scheduler config (:attr:`ddim`) filled in, for the ddim sampler without a spacing of
+        its own; any other settings unchanged. So ``--sampler ddim`` on a Stable Diffusion directory
+        is ``DDIMScheduler.from_config(its scheduler config)``, steps_offset and set_alpha_to_one
+        included."""
+        if self.ddim is None or settings.sampler != "ddim" or settings.spacing or settings.timesteps:
+            return settings
+        diffusion = self.diffusion.build()
+        T = diffusion.num_timesteps
+        steps = default_steps("ddim", T) if settings.steps is None else settings.steps
+        return dataclasses.replace(settings, steps=steps, timesteps=tuple(self.ddim.timesteps(T, steps)),
+                                   final_alpha_cumprod=self.ddim.final_alpha_cumprod(diffusion.alphas_cumprod))
 
 
 def load_model(source: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedModel:
@@ -79,23 +113,72 @@ def load_model(source: str | Path, weights: str = "ema", device: str | torch.dev
         return _from_checkpoint(*found, weights, device)
     if (path / checkpoints.CHECKPOINT_META).is_file():
         return _from_checkpoint(path, checkpoints.load_training_checkpoint(path), weights, device)
-    autoencoder = None
-    unet_dir, vae_dir = path / UNET2D.pipeline_folder, path / AUTOENCODER_KL.pipeline_folder
-    if not (path / "config.json").is_file() and (unet_dir / "config.json").is_file():  # a diffusers pipeline
-        if (vae_dir / "config.json").is_file():
-            autoencoder = load_autoencoder(vae_dir, device)
-        path = unet_dir
+    if not (path / "config.json").is_file() and (
+            (path / PIPELINE_INDEX).is_file() or (path / UNET2D.pipeline_folder / "config.json").is_file()):
+        return _from_pipeline(path, device)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a run, checkpoint or model directory (no config.json, no checkpoints/)")
     if diffusers_io.class_name(path) == UNET2D.class_name:
-        model = UNet.from_diffusers(path, device=device)
-        if autoencoder is not None:
-            pixel_size(model.sample_shape, autoencoder.config, vae_dir)
-        return LoadedModel(model.eval(), diffusion_from_diffusers(path), f"diffusers model {path}",
-                           autoencoder=autoencoder)
+        diffusion, ddim = scheduler_of(path)
+        return LoadedModel(UNet.from_diffusers(path, device=device).eval(), diffusion, f"diffusers model {path}",
+                           ddim=ddim)
     network = VideoUNet if read_format(path) == VideoUNet.FORMAT else UNet
     model = network.from_pretrained(path, device=device)
     return LoadedModel(model.eval(), DiffusionConfig(), f"model {path}")
+
+
+def check_pipeline(path: Path) -> None:
+    """:class:`UserError` for a pipeline directory without ``unet/``, or without a folder that its
+    ``model_index.json`` lists (a download cut short)."""
+    listed = [UNET2D.pipeline_folder]
+    if (path / PIPELINE_INDEX).is_file():
+        index = checkpoints.load_json(path / PIPELINE_INDEX)
+        if not isinstance(index, dict):
+            raise UserError(f"{path / PIPELINE_INDEX}: not a diffusers model_index.json (not a JSON object)")
+        # A component diffusers leaves out is [null, null].
+        listed += [name for name in PIPELINE_FOLDERS if isinstance(index.get(name), list) and any(index[name])]
+    for name in dict.fromkeys(listed):
+        if not (path / name).is_dir():
+            raise UserError(f"{path}: the pipeline has no {name}/ folder (an incomplete download? "
+                            f"'huggingface-cli download REPO --local-dir DIR' fetches every folder)")
+
+
+def _from_pipeline(path: Path, device: str | torch.device) -> LoadedModel:
+    """A diffusers pipeline directory: its U-Net, scheduler, autoencoder (``vae/``) and text encoder."""
+    check_pipeline(path)
+    unet_dir, vae_dir = path / UNET2D.pipeline_folder, path / AUTOENCODER_KL.pipeline_folder
+    autoencoder = load_autoencoder(vae_dir, device) if vae_dir.is_dir() else None
+    diffusion, ddim = scheduler_of(unet_dir)
+    conditioning = None
+    if diffusers_io.class_name(unet_dir) == UNET2D_CONDITION.class_name:
+        model, conditioning = _text_to_image(path, ConditionalUNet.from_diffusers(unet_dir, device), device)
+        if autoencoder is not None and autoencoder.config.latent_channels != model.sample_shape[0]:
+            raise UserError(f"{unet_dir}: in_channels {model.sample_shape[0]} are not the "
+                            f"{autoencoder.config.latent_channels} latent channels of {vae_dir}")
+    else:
+        model = UNet.from_diffusers(unet_dir, device=device)
+        if autoencoder is not None:
+            pixel_size(model.sample_shape, autoencoder.config, vae_dir)
+    return LoadedModel(model.eval(), diffusion, f"diffusers pipeline {path}", autoencoder=autoencoder,
+                       conditioning=conditioning, ddim=ddim)
+
+
+def _text_to_image(path: Path, unet: ConditionalUNet, device: str | torch.device) -> tuple[nn.Module, TextPrompts]:
+    """The network and the prompts' conditioning of a text-conditional pipeline: our text transformer
+    (``ddpm export`` of a run that trained it) with the U-Net as one :class:`TextToImage`, or the
+    U-Net alone with a frozen encoder from ``text_encoder/`` and ``tokenizer/``."""
+    encoder_dir = path / TEXT_ENCODER_FOLDER
+    if not encoder_dir.is_dir():
+        raise UserError(f"{path}: its unet/ is text-conditional (a {UNET2D_CONDITION.class_name}), but the pipeline "
+                        f"has no {TEXT_ENCODER_FOLDER}/ folder")
+    if read_format(encoder_dir) == TextTransformer.FORMAT:
+        network = TextToImage(unet, TextTransformer.from_pretrained(encoder_dir, device))
+        return network, prompts_of(network, None)
+    if not (path / TOKENIZER_FOLDER).is_dir():
+        raise UserError(f"{path}: the pipeline has no {TOKENIZER_FOLDER}/ folder beside {TEXT_ENCODER_FOLDER}/")
+    encoder = load_text_encoder(encoder_dir, device)
+    check_fit(unet, encoder, str(encoder_dir))
+    return unet, prompts_of(unet, encoder)
 
 
 def _is_run_config(path: Path) -> bool:
@@ -130,10 +213,21 @@ def diffusion_from_diffusers(path: Path) -> DiffusionConfig:
     """Our diffusion for the diffusers scheduler config beside the model at ``path`` (or in its
     pipeline's ``scheduler/``), or the paper's default when there is none; the supported schedules
     are those of :func:`ddpm.models.diffusers_io.scheduler_from_diffusers`."""
+    return scheduler_of(path)[0]
+
+
+def scheduler_of(path: Path) -> tuple[DiffusionConfig, DDIMOptions | None]:
+    """:func:`diffusion_from_diffusers` and the DDIM options the scheduler config sets (None when it
+    sets none of ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``: our own DDIM spacing)."""
     found = diffusers_io.find_scheduler_config(path)
     if found is None:
-        return DiffusionConfig()  # the paper's: linear, T = 1000, ε, σ² = β̃
-    return DiffusionConfig(**diffusers_io.scheduler_from_diffusers(checkpoints.load_json(found), found))
+        return DiffusionConfig(), None  # the paper's: linear, T = 1000, ε, σ² = β̃
+    values = checkpoints.load_json(found)
+    if not isinstance(values, dict):
+        raise UserError(f"{found}: not a diffusers scheduler config (not a JSON object)")
+    diffusion = DiffusionConfig(**diffusers_io.scheduler_from_diffusers(values, found))
+    sets = {"timestep_spacing", "steps_offset", "set_alpha_to_one"} & set(values)
+    return diffusion, diffusers_io.ddim_options_from_diffusers(values, found) if sets else None
 
 
 def describe_run(loaded: LoadedModel) -> str:

@@ -63,29 +63,35 @@ def ddpm_step(
     return p["mean"] + nonzero * (0.5 * p["log_variance"]).exp() * noise
 
 
-def ddim_sigma(diffusion: GaussianDiffusion, t: Tensor, x: Tensor, eta: float) -> Tensor:
+def ddim_sigma(diffusion: GaussianDiffusion, t: Tensor, x: Tensor, eta: float, prev: float | None = None) -> Tensor:
     """σ_t(η) = η √((1 − ᾱ_{t−1}) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_{t−1}), [DDIM] eq. 16.
 
     η = 1 gives the DDPM posterior standard deviation √β̃_t, η = 0 the deterministic DDIM.
+    ``prev`` replaces ᾱ_{t−1} (the last step's target, see :class:`DDIM`).
     """
     # In float64: at the first steps 1 − ᾱ is small and float32 loses digits of σ.
     acp = diffusion.coef("alphas_cumprod", t, x, dtype=torch.float64)
     acp_prev = diffusion.coef("alphas_cumprod_prev", t, x, dtype=torch.float64)
+    if prev is not None:
+        acp_prev = torch.full_like(acp_prev, prev)
     sigma = eta * ((1.0 - acp_prev) / (1.0 - acp) * (1.0 - acp / acp_prev)).sqrt()
     return sigma.to(diffusion.coef("alphas_cumprod", t, x).dtype)
 
 
 def ddim_step(
-    diffusion: GaussianDiffusion, p: dict[str, Tensor], x_t: Tensor, t: Tensor, noise: Tensor, eta: float
+    diffusion: GaussianDiffusion, p: dict[str, Tensor], x_t: Tensor, t: Tensor, noise: Tensor, eta: float,
+    prev: float | None = None,
 ) -> Tensor:
     """The generalised DDIM step, [DDIM] eq. 12.
 
     x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ + σ_t z, with x̂_0 and ε̂ from the model
     (ε̂ recomputed from the clipped x̂_0) and σ_t from :func:`ddim_sigma`. At t = 1 (index 0),
-    ᾱ_0 = 1 and the step returns x̂_0.
+    ᾱ_0 = 1 and the step returns x̂_0. ``prev`` replaces ᾱ_{t−1}.
     """
-    sigma = ddim_sigma(diffusion, t, x_t, eta)
+    sigma = ddim_sigma(diffusion, t, x_t, eta, prev)
     acp_prev = diffusion.coef("alphas_cumprod_prev", t, x_t)
+    if prev is not None:
+        acp_prev = torch.full_like(acp_prev, prev)
     direction = (1.0 - acp_prev - sigma**2).clamp(min=0.0).sqrt() * p["eps"]
     return acp_prev.sqrt() * p["pred_x0"] + direction + sigma * noise
 
@@ -138,11 +144,21 @@ class DDPM(Solver):
 
 
 class DDIM(Solver):
-    """[DDIM] eq. 12 (:func:`ddim_step`); η = 0 is the first-order solver of the PF-ODE in λ."""
+    """[DDIM] eq. 12 (:func:`ddim_step`); η = 0 is the first-order solver of the PF-ODE in λ.
+
+    The last step goes to the data (ᾱ = 1, x̂_0), or to ``final_alpha_cumprod`` < 1 when given: a
+    diffusers ``DDIMScheduler`` with ``set_alpha_to_one = False`` ends at ᾱ of timestep 0, the
+    paper's x_1, not x_0 (:class:`ddpm.models.diffusers_io.DDIMOptions`).
+    """
+
+    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, final_alpha_cumprod: float | None = None) -> None:
+        super().__init__(d, eta)
+        self.final = None if final_alpha_cumprod is None or final_alpha_cumprod == 1.0 else final_alpha_cumprod
 
     def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
-        z = noise() if self.eta > 0 and k > 0 else torch.zeros_like(x)
-        return ddim_step(self.d, p, x, _timestep(k, x), z, self.eta)
+        last = k == 0
+        z = noise() if self.eta > 0 and (not last or self.final is not None) else torch.zeros_like(x)
+        return ddim_step(self.d, p, x, _timestep(k, x), z, self.eta, self.final if last else None)
 
 
 # ---------------------------------------------------------------------------- DPM-Solver++
@@ -533,6 +549,7 @@ def sample(
     stats: dict[str, int] | None = None,
     dynamic_threshold: float | None = None,
     after_step: AfterStep | None = None,
+    final_alpha_cumprod: float | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Draw samples x_0 ~ p_θ by solving the reverse process from x_T ~ N(0, I).
 
@@ -564,6 +581,7 @@ def sample(
             replacement of the known pixels, :mod:`ddpm.inpaint`).
         rtol: dpm-adaptive's relative tolerance (default 0.05); it takes no ``steps``.
         stats: if given, filled with ``{"nfe": network evaluations spent}``.
+        final_alpha_cumprod: DDIM's only: the ᾱ its last step lands at (default 1, x̂_0; see :class:`DDIM`).
 
     Returns x_0 [*shape] (and the trajectory if asked).
     """
@@ -572,9 +590,7 @@ def sample(
     d = _kept_chain(diffusion, sampler, steps, spacing, timesteps)
     x = randn(shape, generator, device, dtype) if noise is None else noise.to(device or noise.device, dtype)
     nfe = 0
-
-    def draw() -> Tensor:
-        return randn(x.shape, generator, x.device, x.dtype)
+    draw = partial(randn, x.shape, generator, x.device, x.dtype)  # fresh noise shaped like x, for a solver
 
     def denoise(x: Tensor, k: int) -> dict[str, Tensor]:
         nonlocal nfe
@@ -582,7 +598,7 @@ def sample(
         return d.p_mean_variance(model, x, _timestep(k, x), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
                                  dynamic_threshold=dynamic_threshold)
 
-    solver = SAMPLERS[sampler](d, eta) if rtol is None else SAMPLERS[sampler](d, eta, rtol=rtol)
+    solver = _solver(sampler, d, eta, rtol, final_alpha_cumprod)
     record = _Trajectory(trajectory_every) if return_trajectory else None
     with tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress,
               leave=False) as bar:
@@ -608,20 +624,31 @@ def _solve(d: GaussianDiffusion, solver: Solver, x: Tensor, denoise: Denoise, dr
     return x
 
 
-def chain_timesteps(diffusion: GaussianDiffusion, sampler: str, steps: int | None,
-                    spacing: str | None = None) -> list[int]:
-    """The 0-based kept timesteps (ascending) that :func:`sample` visits for these arguments: those of
-    :func:`kept_timesteps` at :func:`default_steps` when ``steps`` is None."""
+def chain_timesteps(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None = None,
+                    timesteps: Sequence[int] | None = None) -> list[int]:
+    """The 0-based kept timesteps (ascending) that :func:`sample` visits for these arguments: ``timesteps``
+    if given, else those of :func:`kept_timesteps` (at :func:`default_steps` when ``steps`` is None)."""
+    if timesteps is not None:
+        return sorted(set(int(t) for t in timesteps))
     return kept_timesteps(diffusion, sampler, default_steps(sampler, diffusion.num_timesteps) if steps is None
                           else steps, spacing)
+
+
+def _solver(sampler: str, d: GaussianDiffusion, eta: float, rtol: float | None,
+            final_alpha_cumprod: float | None) -> Solver:
+    if final_alpha_cumprod is not None:
+        if sampler != "ddim":
+            raise UserError(f"a final alpha-bar is DDIM's; the {sampler} sampler ends at the data")
+        if not 0.0 < final_alpha_cumprod <= 1.0:
+            raise UserError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}")
+        return DDIM(d, eta, final_alpha_cumprod)
+    return SAMPLERS[sampler](d, eta) if rtol is None else SAMPLERS[sampler](d, eta, rtol=rtol)
 
 
 def _kept_chain(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None,
                 timesteps: Sequence[int] | None) -> GaussianDiffusion:
     """The process respaced to the timesteps the sampler visits (itself when it visits all T)."""
-    if timesteps is None:
-        timesteps = chain_timesteps(diffusion, sampler, steps, spacing)
-    kept = sorted(set(int(t) for t in timesteps))
+    kept = chain_timesteps(diffusion, sampler, steps, spacing, timesteps)
     return diffusion if kept == list(range(diffusion.num_timesteps)) else diffusion.respace(kept)
 
 

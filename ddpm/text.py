@@ -119,6 +119,10 @@ class PretrainedTextEncoder(TextEncoder):
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.hidden_size = self.pooled_size = hidden_size
+        #: The directories the model and the tokenizer were read from (:func:`load_text_encoder`), which
+        #: ``ddpm export`` copies; None for an encoder built in code.
+        self.model_dir: Path | None = None
+        self.tokenizer_dir: Path | None = None
 
     def train(self, mode: bool = True) -> PretrainedTextEncoder:
         """Frozen: stays in eval mode whatever ``mode``."""
@@ -310,4 +314,6 @@ def load_pretrained(kind: str, model_dir: Path, tokenizer_dir: Path,
         model = model_class.from_pretrained(model_dir, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"{model_dir}: cannot load the {kind} text model: {one_line(e)}") from e
-    return encoder_class(model, tokenizer, context_length)
+    encoder = encoder_class(model, tokenizer, context_length)
+    encoder.model_dir, encoder.tokenizer_dir = model_dir, tokenizer_dir
+    return encoder

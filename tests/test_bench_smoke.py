@@ -20,6 +20,19 @@ def test_unet_speed_runs_on_the_tiny_preset(capsys):
     assert "702,499 parameters in both" in capsys.readouterr().out
 
 
+def test_sd_unet_speed_runs_on_the_tiny_preset(capsys):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pytest.importorskip("diffusers", reason="the benchmark compares against diffusers")
+    from bench.sd_unet_speed import main
+
+    results = main(["--preset", "tiny", "--tokens", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    assert results["ours"] > 0 and results["diffusers"] > 0 and results["ratio"] > 0
+    assert results["max_abs_diff"] < 1e-4
+    out = capsys.readouterr().out
+    assert f"{results['params']:,} parameters in both; 8x8 latents, batch 1, 5 tokens, 1 threads" in out
+    assert "| tiny |" in out
+
+
 @pytest.mark.slow
 def test_train_throughput_runs_on_the_tiny_preset(capsys):
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -27,7 +27,10 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- test -->\s*```(?:bash|sh|console)\n(.*?)```", re.DOTALL)
 
 # The README's placeholders and their stand-ins (created by the fixture).
-PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32", "mnist_pairs/train", "digit.png", "mask.png")
+PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32", "mnist_pairs/train", "stable-diffusion-v1-5",
+                "digit.png", "mask.png")
+# The one that needs diffusers and transformers to be made (a tiny random Stable Diffusion pipeline).
+STABLE_DIFFUSION = "stable-diffusion-v1-5"
 
 
 def commands() -> list[str]:
@@ -107,6 +110,15 @@ def workdir(tmp_path_factory) -> Path:
     # An image and a mask of the tiny preset's size (8x8 RGB) for the image-to-image verbs; white keeps.
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(work / "digit.png")
     Image.fromarray(np.repeat(np.array([[255] * 4 + [0] * 4], np.uint8), 8, 0)).save(work / "mask.png")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import diffusers
+        import transformers
+    except ImportError:
+        return work
+    from test_workflow_stable_diffusion import SCHEDULERS, save_pipeline
+
+    save_pipeline((transformers, diffusers), work / STABLE_DIFFUSION, "sd1", SCHEDULERS["sd"])
     return work
 
 
@@ -126,6 +138,8 @@ def test_readme_commands_run(workdir):
     for command in commands():
         if command.startswith("python -m pytest"):
             continue  # this is the suite that is running
+        if STABLE_DIFFUSION in command and not (workdir / STABLE_DIFFUSION).is_dir():
+            continue  # no diffusers or transformers to make its stand-in
         argv = shrink(command)
         done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{command}\n-> {' '.join(argv)}\n{done.stderr[-2000:]}"

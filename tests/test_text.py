@@ -63,24 +63,29 @@ def clip_vocabulary(words):
     return vocab, merges
 
 
-@pytest.fixture(scope="module")
-def clip_dir(transformers, tmp_path_factory):
-    """A tiny random CLIPTextModel and its CLIPTokenizer (context 16) in one directory."""
-    directory = tmp_path_factory.mktemp("clip")
+def save_tiny_clip(transformers, directory, seed=0, **tokenizer_options):
+    """Write a tiny random CLIPTextModel (width 32) and its CLIPTokenizer (context 16, one token per
+    word of WORDS) into ``directory``; returns it."""
     vocab, merges = clip_vocabulary(WORDS)
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tokenizer = transformers.CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
-                                           model_max_length=CLIP_CONTEXT)
+                                           model_max_length=CLIP_CONTEXT, **tokenizer_options)
     assert [len(tokenizer(w).input_ids) for w in WORDS] == [3] * len(WORDS)  # <|startoftext|> word <|endoftext|>
     tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=WIDTH, intermediate_size=37,
                                          num_hidden_layers=2, num_attention_heads=4,
                                          max_position_embeddings=CLIP_CONTEXT, bos_token_id=0, eos_token_id=1,
                                          pad_token_id=1)
     transformers.CLIPTextModel(config).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def clip_dir(transformers, tmp_path_factory):
+    """A tiny random CLIPTextModel and its CLIPTokenizer (context 16) in one directory."""
+    return save_tiny_clip(transformers, tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")

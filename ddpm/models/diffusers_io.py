@@ -114,7 +114,11 @@ def read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
         return load_state_dict(path), path
     path = directory / PICKLE_NAME
     if not path.is_file():
-        raise UserError(f"{directory}: neither {SAFETENSORS_NAME} nor {PICKLE_NAME} found")
+        # A download of a variant only (diffusion_pytorch_model.fp16.safetensors), which diffusers
+        # loads with variant="fp16"; ddpm reads the full-precision file.
+        variants = sorted(p.name for p in directory.glob("diffusion_pytorch_model.*.safetensors"))
+        hint = f" (only the variant {variants[0]}: download {SAFETENSORS_NAME} too)" if variants else ""
+        raise UserError(f"{directory}: neither {SAFETENSORS_NAME} nor {PICKLE_NAME} found{hint}")
     try:
         # weights_only: the unpickler builds tensors and containers only and refuses any other
         # callable, so a malicious file cannot run code.
@@ -612,9 +616,30 @@ UNET2D_CONDITION = Layout("UNet2DConditionModel", "unet", unet2d_condition_confi
 # ---------------------------------------------------------------------------- the scheduler
 
 _PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+# None: the schedulers without a variance (DPMSolverMultistepScheduler's default), whose sampling
+# never reads one; our fixed_small is the paper's.
 _VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
-                   "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
+                   "fixed_large_log": "fixed_large", "learned_range": "learned_range", None: "fixed_small"}
 _SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+#: The diffusers schedulers of DDPM's discrete process (``beta_schedule`` over ``num_train_timesteps``
+#: steps, the network called at integer timesteps): Stable Diffusion's pipelines ship one of these, and
+#: diffusers' ``from_config`` swaps them freely. A config without ``_class_name`` is read as one.
+#: Others (flow matching, consistency models, continuous-time schedulers) are not this process.
+SCHEDULER_CLASSES = (
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+)
+# Fields that would change the training process itself, with the one value we accept (and
+# diffusers' default): custom betas, the zero-terminal-SNR rescaling (Lin et al. 2024), and the
+# continuous "timesteps" (0.25 log sigma) some Euler configs feed the network.
+_SCHEDULER_FIXED: Fixed = {
+    "trained_betas": ((None,), None),
+    "rescale_betas_zero_snr": ((False,), False),
+    "timestep_type": (("discrete",), "discrete"),
+}
 
 
 def find_scheduler_config(model_dir: Path) -> Path | None:
@@ -624,13 +649,22 @@ def find_scheduler_config(model_dir: Path) -> Path | None:
 
 
 def scheduler_from_diffusers(values: Mapping[str, Any], source: str | Path = "scheduler") -> dict[str, Any]:
-    """:class:`~ddpm.config.DiffusionConfig`'s fields for a diffusers scheduler config.
+    """:class:`~ddpm.config.DiffusionConfig`'s fields for a diffusers scheduler config (a class of
+    :data:`SCHEDULER_CLASSES`): the training process and what the network predicts.
 
     Only the schedules we implement are accepted: linear from 1e-4 to 0.02 over 1000 steps (DDPM),
     ``scaled_linear`` from 0.00085 to 0.012 (latent diffusion) and ``squaredcos_cap_v2`` (cosine);
-    for T ≠ 1000 the linear ends must be scaled by 1000 / T, as ours are.
+    for T ≠ 1000 the linear ends must be scaled by 1000 / T, as ours are. The sampling-only fields
+    are not read here; :func:`ddim_options_from_diffusers` reads those our DDIM honours.
     """
-    T = int(values.get("num_train_timesteps", 1000))
+    name = values.get("_class_name")
+    if name is not None and name not in SCHEDULER_CLASSES:
+        raise UserError(f"{source}: a {name}, not a scheduler of DDPM's discrete process "
+                        f"({', '.join(SCHEDULER_CLASSES)})")
+    _check_fixed(values, _SCHEDULER_FIXED, lambda message: UserError(f"{source}: {message}"))
+    T = values.get("num_train_timesteps", 1000)
+    if not _positive(T):
+        raise UserError(f"{source}: num_train_timesteps must be a positive integer, got {T!r}")
     theirs = values.get("beta_schedule", "linear")
     schedule = next((ours for ours, name in _SCHEDULES.items() if name == theirs), None)
     if schedule is None:
@@ -647,10 +681,65 @@ def scheduler_from_diffusers(values: Mapping[str, Any], source: str | Path = "sc
             raise UserError(f"{source}: only {ours}; got {ends[0]} to {ends[1]} for T={T}")
     prediction, variance = values.get("prediction_type", "epsilon"), values.get("variance_type", "fixed_small")
     mean_type = next((ours for ours, name in _PREDICTION_TYPES.items() if name == prediction), None)
-    var_type = _VARIANCE_TYPES.get(variance)
+    var_type = _VARIANCE_TYPES.get(variance) if isinstance(variance, (str, type(None))) else None
     if mean_type is None or var_type is None:
         raise UserError(f"{source}: prediction_type / variance_type {prediction!r} / {variance!r} is not supported")
     return {"timesteps": T, "schedule": schedule, "mean_type": mean_type, "var_type": var_type}
+
+
+@dataclass(frozen=True)
+class DDIMOptions:
+    """What diffusers' ``DDIMScheduler.from_config`` reads from a scheduler config beyond the process:
+    which timesteps N steps visit and where the last one lands. The defaults are DDIMScheduler's,
+    which a config without the field (a DDPMScheduler's) gets; Stable Diffusion's configs set
+    ``steps_offset = 1`` and ``set_alpha_to_one = False``.
+
+    Attributes:
+        timestep_spacing: ``leading`` (j·(T//N) + steps_offset), ``trailing`` (round(T − jT/N) − 1)
+            or ``linspace`` (round(j(T−1)/(N−1))).
+        steps_offset: added to every ``leading`` timestep.
+        set_alpha_to_one: the last step goes to ᾱ = 1 (x̂_0); otherwise to ᾱ of timestep 0, the
+            paper's x_1, which keeps √(1 − ᾱ_1) of noise.
+    """
+
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+
+    def timesteps(self, T: int, steps: int) -> list[int]:
+        """The 0-based timesteps of ``steps`` DDIM steps, increasing (``DDIMScheduler.set_timesteps``)."""
+        if not 1 <= steps <= T:
+            raise UserError(f"the number of sampling steps must be between 1 and T={T}, got {steps}")
+        # numpy's arithmetic (arange and linspace multiply j by the step), so that a tie rounds alike.
+        if self.timestep_spacing == "leading":
+            kept = [j * (T // steps) + self.steps_offset for j in range(steps)]
+        elif self.timestep_spacing == "trailing":
+            kept = [round(T - j * (T / steps)) - 1 for j in range(steps)]
+        else:
+            kept = [round(j * ((T - 1) / (steps - 1))) if steps > 1 else 0 for j in range(steps)]
+        if max(kept) >= T:
+            raise UserError(f"steps_offset {self.steps_offset} puts the first of {steps} DDIM steps at timestep "
+                            f"{max(kept)}, past T - 1 = {T - 1}; take fewer steps")
+        return sorted(kept)
+
+    def final_alpha_cumprod(self, alphas_cumprod: Tensor) -> float:
+        """ᾱ where the last step lands: 1, or ᾱ of timestep 0 (diffusers' ``final_alpha_cumprod``)."""
+        return 1.0 if self.set_alpha_to_one else float(alphas_cumprod[0])
+
+
+def ddim_options_from_diffusers(values: Mapping[str, Any], source: str | Path = "scheduler") -> DDIMOptions:
+    """The :class:`DDIMOptions` of a diffusers scheduler config; :class:`UserError` for values
+    DDIMScheduler refuses."""
+    options = DDIMOptions(values.get("timestep_spacing", "leading"), values.get("steps_offset", 0),
+                          values.get("set_alpha_to_one", True))
+    if options.timestep_spacing not in ("leading", "trailing", "linspace"):
+        raise UserError(f"{source}: timestep_spacing {options.timestep_spacing!r} is not leading, trailing or "
+                        "linspace")
+    if not is_int(options.steps_offset) or options.steps_offset < 0:
+        raise UserError(f"{source}: steps_offset must be an integer >= 0, got {options.steps_offset!r}")
+    if not isinstance(options.set_alpha_to_one, bool):
+        raise UserError(f"{source}: set_alpha_to_one must be true or false, got {options.set_alpha_to_one!r}")
+    return options
 
 
 def scheduler_to_diffusers(timesteps: int, schedule: str, mean_type: str, var_type: str,
