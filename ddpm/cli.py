@@ -1022,7 +1022,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     print(f"{len(images)} images encoded in {found.encode_nfe} network evaluations each and decoded in "
           f"{found.reconstruction.nfe:g}: reconstruction MSE {found.mse:.3g} per dimension on [0, 1]")
     written = [save_noise(found.latents, Path(args.out) / "latents.npy")]
-    written += write_results(args.out, images, found.reconstruction.images)[:1]
+    written += write_results(args.out, images, found.reconstruction.images, pngs=False)
     _print_paths(written)
     given = {"--sampler": args.sampler, "--steps": args.steps, "--spacing": args.spacing, "--label": args.label,
              "--guidance-scale": args.guidance_scale, "--dynamic-threshold": args.dynamic_threshold,

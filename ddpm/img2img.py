@@ -132,9 +132,9 @@ def pixel_shape(model: nn.Module, autoencoder: AutoencoderKL | None) -> tuple[in
 
 
 def write_results(out_dir: str | Path, inputs: Tensor, outputs: Tensor, num_samples: int = 1,
-                  shown: Sequence[tuple[Tensor, str]] = (), grid: bool = True) -> list[Path]:
-    """Write every output as ``images/NNNNNN.png`` and ``grid.png``: a column per input, the input on top,
-    then the rows of ``shown`` (e.g. the masked input), then one row per sample; return the paths."""
+                  shown: Sequence[tuple[Tensor, str]] = (), grid: bool = True, pngs: bool = True) -> list[Path]:
+    """Write ``grid.png`` (a column per input: the input on top, then the rows of ``shown``, e.g. the masked
+    input, then one row per sample) and every output as ``images/NNNNNN.png``; return the paths."""
     out_dir = Path(out_dir)
     written = []
     if grid:
@@ -142,5 +142,5 @@ def write_results(out_dir: str | Path, inputs: Tensor, outputs: Tensor, num_samp
         rows += [(outputs[j::num_samples], f"sample {j + 1}" if num_samples > 1 else "output")
                  for j in range(num_samples)]
         written.append(save_image(labelled_rows(rows), out_dir / "grid.png"))
-    return written + save_pngs(outputs, out_dir / "images")
+    return written + (save_pngs(outputs, out_dir / "images") if pngs else [])
 

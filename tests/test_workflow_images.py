@@ -254,3 +254,33 @@ def test_a_video_model_is_refused_by_the_image_verbs_in_one_line(command, files,
     code, out, err = run(command, files, tmp_path, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "video model" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # builds a tiny random Stable Diffusion pipeline with diffusers and transformers
+def test_a_stable_diffusion_directory_edits_inpaints_and_inverts_with_prompts(tmp_path, capsys):
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    from test_workflow_stable_diffusion import SCHEDULERS, save_pipeline
+
+    sd = save_pipeline((transformers, diffusers), tmp_path / "sd", "sd1", SCHEDULERS["sd"])
+    channels, height, width = load_model(sd).image_shape
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (height, width, channels), dtype=np.uint8)).save(tmp_path / "img.png")
+    mask = np.full((height, width), 255, np.uint8)
+    mask[:, width // 2:] = 0
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    files = {"sd": sd, "img": tmp_path / "img.png", "mask": tmp_path / "mask.png"}
+    prompt = '--prompt "a photo of a cat" --guidance-scale 3'
+    for command in (f"img2img {{sd}} --image {{img}} --strength 0.6 --sampler ddim --steps 5 {prompt} --out {{out}}",
+                    f"inpaint {{sd}} --image {{img}} --mask {{mask}} --method replacement --steps 3 {prompt} "
+                    "--out {out}",
+                    f"invert {{sd}} --image {{img}} --steps 3 {prompt} --out {{out}}"):
+        code, out, err = run(command, files, tmp_path, capsys)
+        assert code == 0, (command, err)
+        assert written(out), command
+    keep = torch.from_numpy(mask >= 128)
+    result = read_image(tmp_path / "out" / "images" / "000000.png")  # the inpainting's (invert writes no images)
+    assert torch.equal(result[:, keep], read_image(files["img"])[:, keep])
