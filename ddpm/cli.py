@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_img2img(sub, common)
     _add_invert(sub, common)
     _add_interpolate(sub, common)
+    _add_ui(sub, common)
     return parser
 
 
@@ -1082,6 +1083,54 @@ def _read_end(loaded: Any, name: str, value: str) -> Any:
     images = _read_images([value])[0]
     check_images(images, loaded.image_shape, f"{name} {value}")
     return images
+
+
+# ---------------------------------------------------------------------------- ui
+
+
+def _add_ui(sub: Any, common: argparse.ArgumentParser) -> None:
+    from ddpm.ui import DEFAULT_PORT
+
+    p = sub.add_parser(
+        "ui", parents=[common], help="a local web page: sample, watch the reverse process, explore the forward one",
+        description="Serve a page on this machine to draw samples from the models given (any sampler, NFE, seed, "
+                    "class or prompt, images streaming in), scrub through the reverse process (x_t and the "
+                    "predicted x_0 at every kept step) and explore the forward process q(x_t | x_0) with the "
+                    "schedule's alpha-bar, SNR and posterior variance. Works offline; needs the 'ui' extra.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(f"""\
+            examples:
+              ddpm ui runs/mnist                          # then open the address it prints
+              ddpm ui runs/mnist runs/cifar --data mnist.npz --port 8000
+              ddpm ui --data digits                       # the forward process only, no model
+              ddpm ui runs/mnist --listen                 # reachable from other machines (no password)
+
+            It listens on 127.0.0.1:{DEFAULT_PORT} unless told otherwise and answers only its own page
+            (Host and Origin are checked). The page shows the 'ddpm sample' command that draws the
+            same images. Ctrl-C stops it."""))
+    p.add_argument("models", nargs="*", metavar="RUN_OR_MODEL",
+                   help="run, checkpoint, saved-model or diffusers directories to sample from")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw training weights")
+    p.add_argument("--data", default=None,
+                   help="images for the forward-process view (folder, .npz, torchvision name or digits; the first 100)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free one)")
+    p.add_argument("--listen", nargs="?", const="0.0.0.0", default=None, metavar="ADDRESS",
+                   help="accept other machines: bind ADDRESS (default 0.0.0.0) instead of 127.0.0.1; anyone who "
+                        "reaches the port can use the page")
+    _bf16_argument(p, "bfloat16 autocast for sampling, decided once at the start")
+    p.set_defaults(handler=cmd_ui, command="ui")
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from ddpm.ui.server import serve
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("starlette", "uvicorn"):
+            raise
+        raise UserError("ddpm ui needs a web server that is not installed: pip install 'ddpm[ui]'") from None
+    serve(args.models, weights=args.weights, device=args.device, data=args.data, port=args.port, listen=args.listen,
+          quiet=args.quiet, bf16=_bf16(args))
+    return 0
 
 
 if __name__ == "__main__":

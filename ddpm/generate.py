@@ -225,6 +225,7 @@ def generate(
     autoencoder: AutoencoderKL | None = None,
     prepare: Prepare | None = None,
     chain: Callable[..., Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> Samples:
     """Draw ``num_images`` images from ``model`` (a network with ``sample_shape`` and ``num_classes``)
     under ``diffusion``.
@@ -238,19 +239,16 @@ def generate(
     classifier-free guidance. ``latents`` ``[num_images, *sample_shape]`` is x_T to start from (to
     reproduce an image). ``bf16`` is bfloat16 autocast (``None``: the device's measured default,
     :func:`ddpm.runtime.default_bf16`). ``settings`` defaults to :data:`ddpm.samplers.DEFAULT_SAMPLER`.
-    ``trajectory_every`` > 0 also records the first batch's chain every that many steps.
-    Image-to-image methods (:mod:`ddpm.img2img`, :mod:`ddpm.inpaint`, :mod:`ddpm.superres`) start or
-    steer each batch's chain with ``prepare`` (see :data:`Prepare`) and may run their own ``chain``, a
-    function called as :meth:`GaussianDiffusion.sample` is (the default).
+    ``trajectory_every`` > 0 also records the first batch's chain every that many steps. ``callback`` hears each
+    step (``"event": "step"``, :func:`ddpm.samplers.heard`'s keys) and batch (``"event": "batch"``, its
+    ``"images"``), with its ``"first"`` image and size ``"batch"``; an exception it raises stops the drawing.
+    Image-to-image methods steer each batch's chain with ``prepare`` (:data:`Prepare`) and may run their
+    own ``chain``, a function called as :meth:`GaussianDiffusion.sample` is (the default).
     """
     settings = _settings_for(settings or SamplerSettings(), autoencoder, diffusion.num_timesteps)
     condition = Condition(label, prompts, negative_prompt, guidance_scale)
-    shape = tuple(model.sample_shape)
-    _check_request(num_images, batch_size, latents, shape)
+    shape = _check_request(num_images, batch_size, latents, model, prepare)
     condition.check(model.num_classes, conditioning)
-    if getattr(getattr(model, "config", None), "low_res_channels", 0) and prepare is None:
-        raise UserError("this is a super-resolution model: it enlarges a base model's images rather than drawing "
-                        "its own ('ddpm sample BASE --upsampler SR', ddpm.superres.upsample)")
     device = torch.device(device)
     use_bf16 = resolve_bf16(bf16, device)
     counted, was_training = _CountingModel(model), model.training
@@ -265,10 +263,11 @@ def generate(
                 generators = image_generators(seed, first, n, device)
                 extra = _chain_arguments(settings, prepare, first, n, generators, device, latents, kwargs)
                 record = trajectory_every > 0 and first == 0
+                on_step, on_batch = _listeners(callback, first, n)
                 with autocast(device, use_bf16):
                     out = (chain or diffusion.sample)(
                         counted, (n, *shape), generator=generators, device=device, model_kwargs=kwargs,
-                        progress=progress and num_images <= n, return_trajectory=record,
+                        progress=progress and num_images <= n, return_trajectory=record, callback=on_step,
                         **({"trajectory_every": trajectory_every} if record else {}), **extra)
                 if record:
                     out, trajectory = out
@@ -276,6 +275,7 @@ def generate(
                     out = decode_latents(autoencoder, out)
                     trajectory = _decoded(autoencoder, trajectory) if record else trajectory
                 images.append(out.float().clamp(-1, 1).cpu())
+                on_batch(images[-1])
                 labels.append(y)
                 all_prompts += batch_prompts or []
                 batches += 1
@@ -310,12 +310,30 @@ def _settings_for(settings: SamplerSettings, autoencoder: AutoencoderKL | None, 
     return dataclasses.replace(settings, clip_denoised=False)
 
 
-def _check_request(num_images: int, batch_size: int, latents: Tensor | None, shape: tuple[int, ...]) -> None:
+def _listeners(callback: Callable[[dict[str, Any]], None] | None, first: int,
+               n: int) -> tuple[Callable[[dict[str, Any]], None] | None, Callable[[Tensor], None]]:
+    """:func:`generate`'s ``callback`` as the step callback of the batch of images ``first .. first + n − 1``
+    and as what hears its images."""
+    if callback is None:
+        return None, lambda images: None
+    where = {"first": first, "batch": n}
+    return (lambda step: callback({"event": "step", **where, **step}),
+            lambda images: callback({"event": "batch", **where, "images": images}))
+
+
+def _check_request(num_images: int, batch_size: int, latents: Tensor | None, model: nn.Module,
+                   prepare: Prepare | None) -> tuple[int, ...]:
+    """The model's sample shape, after one :class:`UserError` line for a request it cannot serve."""
+    shape = tuple(model.sample_shape)
     if num_images < 1 or batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
     if latents is not None and tuple(latents.shape) != (num_images, *shape):
         raise UserError(f"latents must be [{num_images}, {', '.join(map(str, shape))}] (x_T of every image), "
                         f"got {list(latents.shape)}")
+    if getattr(getattr(model, "config", None), "low_res_channels", 0) and prepare is None:
+        raise UserError("this is a super-resolution model: it enlarges a base model's images rather than drawing "
+                        "its own ('ddpm sample BASE --upsampler SR', ddpm.superres.upsample)")
+    return shape
 
 
 def _decoded(autoencoder: AutoencoderKL, trajectory: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -7,6 +7,10 @@ training, so ``ddpm sample`` starts without loading the training loop.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -35,16 +39,58 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def default_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 autocast pays on ``device`` at equal quality, as measured (bench/RESULTS.md).
+#: How ``auto`` decides bfloat16 on the CPU: ``auto`` (by capability and a short measurement),
+#: ``on`` or ``off``; from the environment variable of this name.
+CPU_BF16_ENV = "DDPM_CPU_BF16"
+#: The least measured speed-up for which ``auto`` turns bfloat16 on on the CPU.
+BF16_MIN_SPEEDUP = 1.1
 
-    On CUDA it does. On the CPUs measured so far it did not: where oneDNN lacks bfloat16
-    (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` False), bf16 convolutions fall back to
-    ``aten::_slow_conv2d_forward`` and autocast was several times slower at equal sample quality
-    (``python -m bench.cpu_bf16``, bench/RESULTS.md). So training and sampling default to float32 on
-    the CPU (and on MPS, which never autocasts).
+
+def default_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast pays on ``device`` at equal quality (what ``auto`` means).
+
+    On CUDA it does. On the CPU it depends on the machine: where this PyTorch's oneDNN has no
+    native bfloat16 (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` False), bf16 convolutions fall
+    back to ``aten::_slow_conv2d_forward`` and autocast was 5-21x slower; where it has (Intel AMX,
+    AVX-512 BF16) it was measured up to 1.8x faster (bench/RESULTS.md, ``python -m bench.cpu_bf16``).
+    So on the CPU ``auto`` is on only where oneDNN reports bfloat16 and :func:`cpu_bf16_speedup`
+    measures it at least :data:`BF16_MIN_SPEEDUP` times faster, once per process;
+    ``DDPM_CPU_BF16=on|off`` decides instead. MPS never autocasts.
     """
-    return device.type == "cuda"
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    choice = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
+    if choice not in ("auto", "on", "off"):
+        raise UserError(f"{CPU_BF16_ENV} must be auto, on or off, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    return cpu_has_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this PyTorch's oneDNN runs bfloat16 natively on this CPU."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def cpu_bf16_speedup(rounds: int = 5) -> float:
+    """float32 time / bfloat16-autocast time of a forward pass through three 3x3 convolutions at 64
+    channels, 16x16, batch 8 (the bulk of a U-Net's work), the median over paired rounds; once per
+    process (about a third of a second)."""
+    convs = nn.Sequential(*(nn.Conv2d(64, 64, 3, padding=1) for _ in range(3))).eval()
+    x = torch.randn(8, 64, 16, 16, generator=torch.Generator().manual_seed(0))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.no_grad():
+        for round_ in range(rounds + 1):
+            for bf16 in (False, True):
+                start = time.perf_counter()
+                with autocast(torch.device("cpu"), bf16):
+                    convs(x)
+                if round_:  # the first round warms both paths up
+                    times[bf16].append(time.perf_counter() - start)
+    return statistics.median(f / b for f, b in zip(times[False], times[True]))
 
 
 def resolve_bf16(bf16: bool | None, device: torch.device) -> bool:

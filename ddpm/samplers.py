@@ -550,6 +550,7 @@ def sample(
     dynamic_threshold: float | None = None,
     after_step: AfterStep | None = None,
     final_alpha_cumprod: float | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Draw samples x_0 ~ p_θ by solving the reverse process from x_T ~ N(0, I).
 
@@ -564,16 +565,14 @@ def sample(
         eta: DDIM's η in [0, 1] (0: deterministic; 1: DDPM's posterior variance); others take 0.
         spacing: which timesteps to keep, a name of :data:`~ddpm.schedules.SPACINGS` (default:
             :data:`DEFAULT_SPACING`); ``timesteps`` gives the kept steps explicitly instead.
-        generator: makes the draws (x_T and every z) reproducible; it must live on ``device``. A
-            sequence of generators, one per sample, draws sample i's x_T and noise from generator i
-            only, so that a seed per image gives the same image in any batch.
+        generator: makes the draws (x_T and every z) reproducible; it must live on ``device``. One
+            generator per sample draws sample i's x_T and noise from it alone (the same image in any batch).
         progress: show a progress bar over the steps.
         return_trajectory: also return ``{"timesteps": [n], "x_t": [n, *shape],
             "pred_x0": [n, *shape]}`` (on the CPU) every ``trajectory_every`` steps, the last
             step always included; ``timesteps`` are original 0-based timesteps, ``x_t`` the point
             where the network was evaluated (before a UniPC correction).
-        model_kwargs: passed to the model, e.g. ``{"y": labels, "guidance_scale": 3.0}``
-            (see :meth:`GaussianDiffusion.model_output`).
+        model_kwargs: passed to the model (:meth:`~GaussianDiffusion.model_output`), e.g. ``{"y": labels}``.
         clip_denoised: clip x̂_0 to [−1, 1]; the ODE solvers then integrate with the clipped x̂_0.
         dynamic_threshold: Imagen's dynamic thresholding of x̂_0 at this percentile in place of the clip.
         noise: x at the first kept step (x_T, or an img2img start) instead of a fresh draw.
@@ -582,6 +581,7 @@ def sample(
         rtol: dpm-adaptive's relative tolerance (default 0.05); it takes no ``steps``.
         stats: if given, filled with ``{"nfe": network evaluations spent}``.
         final_alpha_cumprod: DDIM's only: the ᾱ its last step lands at (default 1, x̂_0; see :class:`DDIM`).
+        callback: hears each step as the trajectory does (:func:`heard`); an exception it raises stops the chain.
 
     Returns x_0 [*shape] (and the trajectory if asked).
     """
@@ -600,22 +600,23 @@ def sample(
 
     solver = _solver(sampler, d, eta, rtol, final_alpha_cumprod)
     record = _Trajectory(trajectory_every) if return_trajectory else None
+    listeners = [f for f in (record, callback) if f is not None]
     with tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress,
               leave=False) as bar:
-        x = _solve(d, solver, x, denoise, draw, record, bar, after_step)
+        x = _solve(d, solver, x, denoise, draw, listeners, bar, after_step)
     if stats is not None:
         stats["nfe"] = nfe
     return x if record is None else (x, record.result())
 
 
 def _solve(d: GaussianDiffusion, solver: Solver, x: Tensor, denoise: Denoise, draw: Noise,
-           record: _Trajectory | None, bar: tqdm, after_step: AfterStep | None) -> Tensor:
+           listeners: Sequence[Callable[[dict[str, Any]], None]], bar: tqdm, after_step: AfterStep | None) -> Tensor:
     """The loop: kept steps k = K−1, ..., 0 (0-based), one network evaluation and one solver step each."""
     k, n = d.num_timesteps - 1, 0
     while k >= 0:
         p = denoise(x, k)
-        if record is not None:
-            record.add(n, k, d.timestep_map[k : k + 1], x, p["pred_x0"])
+        for listen in listeners:
+            listen(heard(d, n, k, x, p["pred_x0"]))
         x, n = solver.step(x, k, p, denoise, draw), n + 1
         bar.update(k - solver.next_step(k))
         k = solver.next_step(k)
@@ -632,6 +633,14 @@ def chain_timesteps(diffusion: GaussianDiffusion, sampler: str, steps: int | Non
         return sorted(set(int(t) for t in timesteps))
     return kept_timesteps(diffusion, sampler, default_steps(sampler, diffusion.num_timesteps) if steps is None
                           else steps, spacing)
+
+
+def heard(d: GaussianDiffusion, n: int, k: int, x_t: Tensor, pred_x0: Tensor) -> dict[str, Any]:
+    """What :func:`sample`'s trajectory and callback hear of step ``n`` of the chain ``d``: ``{"step": n,
+    "k": k, "total": K, "timestep": t, "x_t": x_t, "pred_x0": x̂_0}``, at kept step k (K − 1, ..., 0; 0 is
+    the last), original 0-based timestep t, x_t where the network was evaluated and its x̂_0 there."""
+    return {"step": n, "k": k, "total": d.num_timesteps, "timestep": int(d.timestep_map[k]), "x_t": x_t,
+            "pred_x0": pred_x0}
 
 
 def _solver(sampler: str, d: GaussianDiffusion, eta: float, rtol: float | None,
@@ -660,9 +669,10 @@ class _Trajectory:
         self.every = every
         self.parts: dict[str, list[Tensor]] = {"timesteps": [], "x_t": [], "pred_x0": []}
 
-    def add(self, n: int, k: int, timestep: Tensor, x_t: Tensor, pred_x0: Tensor) -> None:
-        if n % self.every == 0 or k == 0:
-            for key, value in (("timesteps", timestep.clone()), ("x_t", x_t.cpu()), ("pred_x0", pred_x0.cpu())):
+    def __call__(self, step: dict[str, Any]) -> None:
+        if step["step"] % self.every == 0 or step["k"] == 0:
+            timestep = torch.tensor([step["timestep"]], dtype=torch.long)
+            for key, value in (("timesteps", timestep), ("x_t", step["x_t"].cpu()), ("pred_x0", step["pred_x0"].cpu())):
                 self.parts[key].append(value)
 
     def result(self) -> dict[str, Tensor]:

@@ -54,7 +54,8 @@ def test_trajectory_and_range():
 
 @pytest.mark.parametrize("bf16,dtype", [(True, torch.bfloat16), (False, torch.float32), (None, torch.float32)])
 def test_bf16_means_autocast_on_the_cpu_too(bf16, dtype):
-    """bf16=True runs the network under bfloat16 autocast on the CPU; auto (None) is float32 there."""
+    """bf16=True runs the network under bfloat16 autocast on the CPU; auto (None) is float32 where the
+    rule says so (the suite pins it: DDPM_CPU_BF16=off)."""
     model, seen = tiny_model(), []
     model.conv_out.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     samples = generate(model, DIFFUSION, 2, SamplerSettings("ddim", 2), bf16=bf16, progress=False)
