@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,8 +57,9 @@ def default_bf16(device: torch.device) -> bool:
     back to ``aten::_slow_conv2d_forward`` and autocast was 5-21x slower; where it has (Intel AMX,
     AVX-512 BF16) it was measured up to 1.8x faster (bench/RESULTS.md, ``python -m bench.cpu_bf16``).
     So on the CPU ``auto`` is on only where oneDNN reports bfloat16 and :func:`cpu_bf16_speedup`
-    measures it at least :data:`BF16_MIN_SPEEDUP` times faster, once per process;
-    ``DDPM_CPU_BF16=on|off`` decides instead. MPS never autocasts.
+    measures it at least :data:`BF16_MIN_SPEEDUP` times faster. The measurement is taken once per
+    machine and kept (:func:`measured_cpu_bf16_speedup`), so that a seed gives the same images in
+    every process; ``DDPM_CPU_BF16=on|off`` decides instead. MPS never autocasts.
     """
     if device.type == "cuda":
         return True
@@ -66,7 +70,7 @@ def default_bf16(device: torch.device) -> bool:
         raise UserError(f"{CPU_BF16_ENV} must be auto, on or off, got {choice!r}")
     if choice != "auto":
         return choice == "on"
-    return cpu_has_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+    return cpu_has_bf16() and measured_cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
 
 
 def cpu_has_bf16() -> bool:
@@ -75,6 +79,31 @@ def cpu_has_bf16() -> bool:
 
 
 @functools.cache
+def measured_cpu_bf16_speedup() -> float:
+    """:func:`cpu_bf16_speedup` of this machine: read from ``$DDPM_CACHE_DIR`` (default
+    ``~/.cache/ddpm``) if it was measured before with this CPU and PyTorch, else measured and kept
+    there (where the cache cannot be written, for this process only)."""
+    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|torch {torch.__version__}"
+    path = Path(os.environ.get("DDPM_CACHE_DIR") or "~/.cache/ddpm").expanduser() / "cpu_bf16.json"
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(path.read_text(encoding="utf-8"))
+        if known.get("key") == key:
+            return float(known["speedup"])
+    speedup = cpu_bf16_speedup()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "speedup": speedup}), encoding="utf-8")
+    return speedup
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
 def cpu_bf16_speedup(rounds: int = 5) -> float:
     """float32 time / bfloat16-autocast time of a forward pass through three 3x3 convolutions at 64
     channels, 16x16, batch 8 (the bulk of a U-Net's work), the median over paired rounds; once per

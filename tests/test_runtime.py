@@ -20,7 +20,7 @@ def auto(monkeypatch):
 
     def answer(capable: bool, speedup: float) -> bool:
         monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: capable)
-        monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: measured.append(speedup) or speedup)
+        monkeypatch.setattr(runtime, "measured_cpu_bf16_speedup", lambda: measured.append(speedup) or speedup)
         return runtime.resolve_bf16(None, CPU)
 
     answer.measured = measured
@@ -48,7 +48,19 @@ def test_the_environment_decides_instead_and_explicit_choices_win(monkeypatch):
         runtime.resolve_bf16(None, CPU)
 
 
-def test_the_measurement_is_a_positive_ratio_taken_once():
-    runtime.cpu_bf16_speedup.cache_clear()
-    first = runtime.cpu_bf16_speedup()
-    assert first > 0 and runtime.cpu_bf16_speedup() == first  # cached for the process
+def test_the_measurement_is_taken_once_per_machine_and_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: calls.append(1) or 1.5)
+    runtime.measured_cpu_bf16_speedup.cache_clear()
+    assert runtime.measured_cpu_bf16_speedup() == 1.5 and len(calls) == 1
+    runtime.measured_cpu_bf16_speedup.cache_clear()  # a new process: read back, not measured again
+    assert runtime.measured_cpu_bf16_speedup() == 1.5 and len(calls) == 1
+    (tmp_path / "cpu_bf16.json").write_text('{"key": "another machine", "speedup": 9.0}')
+    runtime.measured_cpu_bf16_speedup.cache_clear()
+    assert runtime.measured_cpu_bf16_speedup() == 1.5 and len(calls) == 2
+    runtime.measured_cpu_bf16_speedup.cache_clear()
+
+
+def test_the_measurement_is_a_positive_ratio():
+    assert runtime.cpu_bf16_speedup(rounds=1) > 0
