@@ -38,16 +38,20 @@ def measure(preset: str, batch: int, repeats: int) -> list[object]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
+    sr = {}
+    if c.low_res_channels:  # a super-resolution stage also reads the image at half the side, and its level
+        sr = {"low_res": torch.randn(batch, c.low_res_channels, c.image_size // 2, c.image_size // 2, generator=g),
+              "noise_level": torch.rand(batch, generator=g)}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.mse_loss(model(x, t), x).backward()
+        F.mse_loss(model(x, t, **sr), x).backward()
         optimizer.step()
 
     def forward() -> None:
         with torch.no_grad():
-            model(x, t)
+            model(x, t, **sr)
 
     speeds = []
     for fn in (step, forward):

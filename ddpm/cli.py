@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import textwrap
 import types
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub, common)
     _add_data(sub, common)
     _add_demo(sub, common)
+    _add_inpaint(sub, common)
+    _add_img2img(sub, common)
+    _add_invert(sub, common)
+    _add_interpolate(sub, common)
     _add_ui(sub, common)
     return parser
 
@@ -394,6 +399,8 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
               ddpm sample runs/mnist --out out/paper --sampler ddpm              # Algorithm 2, 1000 steps
               ddpm sample ddpm-cifar10-32/ --out out/cifar --sampler ddim --steps 100
               ddpm sample runs/cond --out out/sevens --label 7 --guidance-scale 3
+              ddpm sample runs/mnist-14 --upsampler runs/mnist-sr --out out/cascade     # 14x14, then 14 -> 28
+              ddpm sample runs/mnist --latents out/inv/latents.npy --sampler ddim --out out/decoded
               ddpm sample stable-diffusion-v1-5/ --out out/sd --prompt "a photo of a cat" \\
                   --negative-prompt "blurry" --guidance-scale 7.5 --sampler ddim --steps 50 --num-images 4
               ddpm sample runs/video --out out/video --num-images 16 --mp4        # a video model: GIF, MP4, grid
@@ -408,8 +415,43 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     p.add_argument("--pngs", action="store_true", help="write every image as images/NNNNNN.png")
     p.add_argument("--npz", action="store_true", help="write samples.npz (uint8 NHWC arr_0, as FID tools take)")
+    _dynamic_threshold_argument(p)
+    p.add_argument("--latents", default=None, metavar="FILE.npy",
+                   help="start from these x_T (e.g. 'ddpm invert's latents.npy) instead of fresh noise; the number "
+                        "of images is the file's (decode with the sampler, steps and spacing that encoded them)")
+    cascade = p.add_argument_group("cascaded sampling (SR3 / Imagen)")
+    cascade.add_argument("--upsampler", default=None, metavar="SR_RUN",
+                         help="enlarge the model's images with this super-resolution model (a run, checkpoint or "
+                              "model directory with low_res_channels); grid.png is the enlarged images, "
+                              "base_grid.png the model's own")
+    cascade.add_argument("--upsampler-sampler", default=None, help="the super-resolution stage's solver (default: "
+                                                                  "--sampler)")
+    cascade.add_argument("--upsampler-steps", type=int, default=None, help="its NFE (default: --steps)")
+    cascade.add_argument("--noise-level", type=float, default=0.2,
+                         help="the augmentation level in [0, 1] the low-resolution images are noised to before the "
+                              "stage sees them (Imagen's noise-conditioning augmentation; default 0.2, as "
+                              "imagen-pytorch)")
     _video_arguments(p)
     p.set_defaults(handler=cmd_sample, command="sample")
+
+
+def _dynamic_threshold_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dynamic-threshold", type=float, nargs="?", const=0.995, default=None, metavar="P",
+                   help="Imagen's dynamic thresholding of the predicted x0 at percentile P (0.995 if P is left out) "
+                        "in place of clipping to [-1, 1] (pixel models)")
+
+
+def _sample_settings(args: argparse.Namespace, loaded: Any, sampler: str | None = None,
+                     steps: int | None = None) -> Any:
+    """:func:`_settings` for ``loaded`` with the dynamic threshold, and another sampler or NFE if given."""
+    from ddpm.generate import SamplerSettings
+
+    settings = SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol,
+                               dynamic_threshold=args.dynamic_threshold)
+    if sampler not in (None, settings.sampler):  # another solver: its own spacing, no eta
+        settings = dataclasses.replace(settings, sampler=sampler, eta=0.0, spacing=None, rtol=None)
+    settings = settings if steps is None else dataclasses.replace(settings, steps=steps)
+    return loaded.sampler_settings(settings)
 
 
 def _condition_arguments(p: argparse.ArgumentParser) -> None:
@@ -494,13 +536,50 @@ def cmd_sample(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.weights, device)
     print(describe_run(loaded))
     if _is_video(loaded, args):
+        if args.upsampler or args.latents or args.dynamic_threshold is not None:
+            raise UserError("--upsampler, --latents and --dynamic-threshold are for image models; this is a video "
+                            "model")
         return _sample_video(args, loaded, device)
-    samples = generate(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args, loaded),
-                       seed=args.seed,
-                       batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet,
-                       autoencoder=loaded.autoencoder, **_conditions(args, loaded))
+    if args.upsampler:
+        return _sample_cascade(args, loaded, device)
+    latents = None
+    if args.latents:
+        from ddpm.inversion import read_noise
+
+        latents = read_noise(args.latents, loaded.model.sample_shape)
+    samples = generate(loaded.model, loaded.diffusion.build(), args.num_images if latents is None else len(latents),
+                       _sample_settings(args, loaded), seed=args.seed, latents=latents, batch_size=args.batch_size,
+                       device=device, bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
+                       **_conditions(args, loaded))
     print(f"{len(samples.images)} images with {args.sampler}: {samples.nfe:g} network evaluations each")
     _print_paths(write_samples(samples, args.out, grid=not args.no_grid, pngs=args.pngs, npz=args.npz))
+    return 0
+
+
+def _sample_cascade(args: argparse.Namespace, base: Any, device: Any) -> int:
+    from ddpm.generate import grid_image, write_samples
+    from ddpm.images import save_image
+    from ddpm.loading import describe_run, load_model
+    from ddpm.superres import cascade
+
+    if args.latents:
+        raise UserError("--latents and --upsampler do not go together (x_T is the base model's alone)")
+    upsampler = load_model(args.upsampler, args.weights, device)
+    print(f"upsampler: {describe_run(upsampler)}")
+    conditions = _conditions(args, base)
+    small, large = cascade(base, upsampler, args.num_images, _sample_settings(args, base),
+                           _sample_settings(args, upsampler, args.upsampler_sampler, args.upsampler_steps),
+                           args.noise_level,
+                           seed=args.seed, label=args.label, guidance_scale=args.guidance_scale,
+                           prompts=conditions["prompts"], negative_prompt=args.negative_prompt,
+                           batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet)
+    sizes = ["x".join(map(str, samples.images.shape[2:])) for samples in (small, large)]
+    print(f"{len(large.images)} images: {small.nfe:g} network evaluations each at {sizes[0]}, then {large.nfe:g} at "
+          f"{sizes[1]} (augmentation level {args.noise_level:g})")
+    written = write_samples(large, args.out, grid=not args.no_grid, pngs=args.pngs, npz=args.npz)
+    if not args.no_grid:
+        written.append(save_image(grid_image(small.uint8()[:100]), Path(args.out) / "base_grid.png"))
+    _print_paths(written)
     return 0
 
 
@@ -829,6 +908,233 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, path in paths.items():
         print(f"  {name:<10} {path}")
     return 0
+
+
+# ---------------------------------------------------------------------------- images in, images out
+
+
+def _image_parser(sub: Any, common: argparse.ArgumentParser, verb: str, summary: str, description: str, examples: str,
+                  sampler: str | None = None, sampler_note: str | None = None) -> argparse.ArgumentParser:
+    """A verb that starts from images: the model, --out, the sampler (default ``sampler``, or chosen by the
+    verb when None, as ``sampler_note`` says), the condition (a label, or prompts)."""
+    p = sub.add_parser(verb, parents=[common], help=summary, description=description,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"examples:\n{textwrap.indent(textwrap.dedent(examples), '  ')}\n"
+                              f"--sampler defaults to {sampler_note or sampler} here. A latent model works on the "
+                              "image's latents and decodes at the end; --label (a class-conditional model) or "
+                              "--prompt (a text-conditional one) and --guidance-scale condition it.")
+    _model_arguments(p)
+    p.add_argument("--out", required=True, help="output directory")
+    _sampler_arguments(p, seed_help="random seed: output i of a seed is the same whatever --batch-size")
+    p.set_defaults(sampler=sampler)
+    _condition_arguments(p)
+    _dynamic_threshold_argument(p)
+    return p
+
+
+def _images_argument(p: argparse.ArgumentParser, name: str = "--image") -> None:
+    p.add_argument(name, nargs="+", required=True, metavar="IMG",
+                   help="image file(s) of the model's size and kind (grey or RGB), all of one size")
+
+
+def _model_for_images(args: argparse.Namespace, images: Any = None, what: str = "--image") -> tuple[Any, Any]:
+    """The model (described) and the device, with ``images`` (uint8 [N, C, H, W]) checked against it."""
+    from ddpm.img2img import check_image_model, check_images
+    from ddpm.loading import describe_run, load_model
+    from ddpm.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, args.weights, device)
+    check_image_model(loaded.image_shape, args.model)
+    if images is not None:
+        check_images(images, loaded.image_shape, what)
+    print(describe_run(loaded))
+    return loaded, device
+
+
+def _read_images(paths: Sequence[str]) -> tuple[Any, str]:
+    """The images of ``--image`` and how to name them in a message."""
+    from ddpm.images import read_images
+
+    return read_images(paths), _images_name(paths)
+
+
+def _images_name(paths: Sequence[str]) -> str:
+    return f"--image {paths[0]}" if len(paths) == 1 else "--image"
+
+
+def _common_kwargs(args: argparse.Namespace, loaded: Any, device: Any, seed: bool = True) -> dict[str, Any]:
+    """The keyword arguments every image-to-image function takes (``seed``: those that draw)."""
+    kwargs = {"batch_size": args.batch_size, "device": device, "bf16": _bf16(args), "progress": not args.quiet,
+              "autoencoder": loaded.autoencoder, **_conditions(args, loaded)}
+    return {**kwargs, "seed": args.seed} if seed else kwargs
+
+
+def _add_inpaint(sub: Any, common: argparse.ArgumentParser) -> None:
+    from ddpm.inpaint import JUMP_LENGTH, METHODS, REPAINT_STEPS, RESAMPLES
+
+    p = _image_parser(
+        sub, common, "inpaint", "fill in the masked part of images (RePaint, or replacement with any sampler)",
+        "Inpaint with a model trained for plain generation. The mask is diffusers' RePaint convention: white (1) "
+        "keeps a pixel, black (0) has it generated (grey >= 128 keeps). RePaint (Lugmayr et al. 2022) runs DDPM's "
+        f"ancestral steps on {REPAINT_STEPS} kept steps by default and goes back up {JUMP_LENGTH} steps every "
+        f"{JUMP_LENGTH}, {RESAMPLES} times (about 2,400 network evaluations); --method replacement puts the known "
+        "pixels back after every step of any sampler (cheap, but blind to them). With RePaint --steps is the number "
+        f"of kept DDPM steps (default {REPAINT_STEPS}, at most T), not the NFE. Writes grid.png (input, masked "
+        "input, results) and images/NNNNNN.png; prints the NFE spent.",
+        """\
+        ddpm inpaint runs/mnist --image digit.png --mask left_half.png --out out/inpaint
+        ddpm inpaint runs/mnist --image a.png b.png --mask mask.png --out out/inp --num-samples 4 --steps 100
+        ddpm inpaint runs/mnist --image digit.png --mask mask.png --method replacement --sampler dpm++2m --out out/r
+        """, sampler=None, sampler_note="ddpm for RePaint (its steps are DDPM's), dpm++2m-sde for replacement")
+    _images_argument(p)
+    p.add_argument("--mask", required=True, metavar="MASK", help="the mask image, of the images' size: white keeps")
+    p.add_argument("--method", default="repaint", choices=list(METHODS), help="repaint (default) or replacement")
+    p.add_argument("--jump-length", type=int, default=JUMP_LENGTH, help=f"RePaint's j (default {JUMP_LENGTH})")
+    p.add_argument("--resamples", type=int, default=RESAMPLES, help=f"RePaint's r (default {RESAMPLES}; 1: none)")
+    p.add_argument("--num-samples", type=int, default=1, help="completions of each image (default 1)")
+    p.set_defaults(handler=cmd_inpaint, command="inpaint")
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from ddpm.img2img import write_results
+    from ddpm.inpaint import inpaint, load_inputs, masked_preview
+    from ddpm.samplers import DEFAULT_SAMPLER
+
+    images, mask = load_inputs(args.image, args.mask)
+    loaded, device = _model_for_images(args, images, _images_name(args.image))
+    args.sampler = args.sampler or ("ddpm" if args.method == "repaint" else DEFAULT_SAMPLER)
+    samples = inpaint(loaded.model, loaded.diffusion.build(), images, mask, args.method,
+                      _sample_settings(args, loaded),
+                      jump_length=args.jump_length, resamples=args.resamples, num_samples=args.num_samples,
+                      **_common_kwargs(args, loaded, device))
+    how = (f"RePaint ({args.resamples} resamples, jumps of {args.jump_length})" if args.method == "repaint"
+           else f"replacement with {args.sampler}")
+    print(f"{len(samples.images)} inpainted images by {how}: {samples.nfe:g} network evaluations each")
+    _print_paths(write_results(args.out, images, samples.images, args.num_samples,
+                               [(masked_preview(images, mask), "masked")]))
+    return 0
+
+
+def _add_img2img(sub: Any, common: argparse.ArgumentParser) -> None:
+    from ddpm.samplers import DEFAULT_SAMPLER
+
+    p = _image_parser(
+        sub, common, "img2img", "edit images by noising them part-way and denoising (SDEdit)",
+        "SDEdit (Meng et al. 2022) with diffusers' strength: of the sampler's N steps the last int(N*S) are run, "
+        "from the image noised to the first of them. --strength 0 returns the image, 1 all but ignores it. "
+        "Writes grid.png (inputs, results) and images/NNNNNN.png.",
+        """\
+        ddpm img2img runs/mnist --image digit.png --strength 0.5 --out out/edit
+        ddpm img2img runs/cifar --image photo.png --strength 0.3 --num-samples 4 --sampler dpm++2m --out out/e
+        """, sampler=DEFAULT_SAMPLER)
+    _images_argument(p)
+    p.add_argument("--strength", type=float, required=True, help="S in [0, 1]: how much of the chain is run")
+    p.add_argument("--num-samples", type=int, default=1, help="edits of each image (default 1)")
+    p.set_defaults(handler=cmd_img2img, command="img2img")
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    from ddpm.img2img import check_strength, img2img, write_results
+
+    check_strength(args.strength)
+    images, what = _read_images(args.image)
+    loaded, device = _model_for_images(args, images, what)
+    samples = img2img(loaded.model, loaded.diffusion.build(), images, args.strength,
+                      _sample_settings(args, loaded),
+                      num_samples=args.num_samples, **_common_kwargs(args, loaded, device))
+    print(f"{len(samples.images)} images at strength {args.strength:g}: {samples.nfe:g} network evaluations each")
+    _print_paths(write_results(args.out, images, samples.images, args.num_samples))
+    return 0
+
+
+def _add_invert(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _image_parser(
+        sub, common, "invert", "encode images to their noise x_T (deterministic DDIM / DPM-Solver++) and back",
+        "Run the probability-flow ODE from the images up to x_T (DDIM, or --sampler dpm++2m) and write it as "
+        "latents.npy ([N, C, H, W] float32, the model's x_T); then decode it back with the same sampler, steps and "
+        "spacing and write grid.png (inputs above, reconstructions below) and the reconstruction's per-dimension "
+        "MSE on [0, 1]. 'ddpm sample RUN --latents latents.npy' with the same options decodes it again.",
+        """\
+        ddpm invert runs/mnist --image digit.png --out out/inv --steps 50
+        ddpm sample runs/mnist --latents out/inv/latents.npy --sampler ddim --steps 50 --out out/dec
+        ddpm invert runs/mnist --image a.png b.png --sampler dpm++2m --steps 20 --out out/inv2
+        """, sampler="ddim")
+    _images_argument(p)
+    p.set_defaults(handler=cmd_invert, command="invert")
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from ddpm.img2img import write_results
+    from ddpm.inversion import invert, save_noise
+
+    images, what = _read_images(args.image)
+    loaded, device = _model_for_images(args, images, what)
+    found = invert(loaded.model, loaded.diffusion.build(), images, _sample_settings(args, loaded),
+                   **_common_kwargs(args, loaded, device, seed=False))
+    print(f"{len(images)} images encoded in {found.encode_nfe} network evaluations each and decoded in "
+          f"{found.reconstruction.nfe:g}: reconstruction MSE {found.mse:.3g} per dimension on [0, 1]")
+    written = [save_noise(found.latents, Path(args.out) / "latents.npy")]
+    written += write_results(args.out, images, found.reconstruction.images, pngs=False)
+    _print_paths(written)
+    given = {"--sampler": args.sampler, "--steps": args.steps, "--spacing": args.spacing, "--label": args.label,
+             "--guidance-scale": args.guidance_scale, "--dynamic-threshold": args.dynamic_threshold,
+             "--negative-prompt": args.negative_prompt}
+    options = " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in given.items() if value is not None)
+    options += "".join(f" --prompt {shlex.quote(prompt)}" for prompt in _prompts(args) or [])
+    print(f"decode: ddpm sample {args.model} --latents {written[0]} {options} --out OUT")
+    return 0
+
+
+def _add_interpolate(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _image_parser(
+        sub, common, "interpolate", "images along the great circle between two noises (DDIM's slerp)",
+        "Interpolate between two x_T by spherical interpolation (DDIM appendix D.5) and decode every frame with "
+        "a deterministic solver. --a and --b are an image (inverted first, as 'ddpm invert') or a .npy of x_T. "
+        "Writes interpolation.png (the frames in a row) and interpolation.gif (there and back).",
+        """\
+        ddpm interpolate runs/mnist --a seven.png --b two.png --out out/interp --steps 50
+        ddpm interpolate runs/mnist --a out/inv/latents.npy --b noise.npy --frames 16 --out out/interp
+        """, sampler="ddim")
+    p.add_argument("--a", required=True, metavar="IMG|NOISE.npy", help="the first end: an image or a .npy of x_T")
+    p.add_argument("--b", required=True, metavar="IMG|NOISE.npy", help="the other end")
+    p.add_argument("--frames", type=int, default=10, help="frames, both ends included (default 10)")
+    p.set_defaults(handler=cmd_interpolate, command="interpolate")
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from ddpm.inversion import interpolate, invert, write_interpolation
+
+    if not isinstance(args.frames, int) or args.frames < 2:
+        raise UserError(f"--frames must be an integer >= 2 (both ends), got {args.frames}")
+    loaded, device = _model_for_images(args)
+    ends = [_read_end(loaded, name, value) for name, value in (("--a", args.a), ("--b", args.b))]  # both checked
+    for i, (name, value) in enumerate((("--a", args.a), ("--b", args.b))):
+        if ends[i].ndim == 4:  # an image: its x_T
+            found = invert(loaded.model, loaded.diffusion.build(), ends[i], _sample_settings(args, loaded),
+                           **_common_kwargs(args, loaded, device, seed=False))
+            print(f"{name}: {value} inverted (reconstruction MSE {found.mse:.3g})")
+            ends[i] = found.latents[0]
+    samples = interpolate(loaded.model, loaded.diffusion.build(), *ends, args.frames, _sample_settings(args, loaded),
+                          **_common_kwargs(args, loaded, device, seed=False))
+    print(f"{args.frames} frames decoded with {args.sampler}: {samples.nfe:g} network evaluations each")
+    _print_paths(write_interpolation(samples, args.out))
+    return 0
+
+
+def _read_end(loaded: Any, name: str, value: str) -> Any:
+    """One end of ``ddpm interpolate``: a .npy's x_T [*sample_shape], or an image [1, C, H, W] to invert."""
+    from ddpm.img2img import check_images
+    from ddpm.inversion import read_noise
+
+    if value.endswith(".npy"):
+        z = read_noise(value, loaded.model.sample_shape)
+        if len(z) != 1:
+            raise UserError(f"{name} {value} holds {len(z)} noises; give one")
+        return z[0]
+    images = _read_images([value])[0]
+    check_images(images, loaded.image_shape, f"{name} {value}")
+    return images
 
 
 # ---------------------------------------------------------------------------- ui

@@ -391,6 +391,12 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
 RUN_PRESETS["tiny-latent"] = {**RUN_PRESETS["tiny"], "model": "tiny-latent",
                               "diffusion": {"timesteps": 100, "schedule": "scaled_linear"}}
 
+# The base stages of the cascades (ddpm.superres.CASCADES): the mnist and cifar10 recipes at half the side
+# (the data are resized to it as they load). Their super-resolution stages (U-Net presets mnist-sr and
+# cifar10-sr) train with the condition ddpm.superres.SuperResolution.
+RUN_PRESETS["mnist-14"] = {**RUN_PRESETS["mnist"], "model": "mnist-14"}
+RUN_PRESETS["cifar10-16"] = {**RUN_PRESETS["cifar10"], "model": "cifar10-16"}
+
 
 def _glide(unet: str, text: str, **changes: Any) -> tuple[ConditionalUNetConfig, TextTransformerConfig]:
     """A conditional U-Net preset and a text transformer preset as GLIDE pairs them: the U-Net attends

@@ -14,6 +14,8 @@ References (cited by equation number in the docstrings):
 - [CFG] Ho, Salimans. Classifier-Free Diffusion Guidance. 2022.
 - [SDE] Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole. Score-Based Generative Modeling through
   Stochastic Differential Equations. ICLR 2021.
+- [Imagen] Saharia et al. Photorealistic Text-to-Image Diffusion Models with Deep Language
+  Understanding. NeurIPS 2022 (dynamic thresholding, section 2.3).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from ddpm import losses, samplers
 from ddpm.errors import UserError
+from ddpm.samplers import DYNAMIC_THRESHOLD
 from ddpm.schedules import respace_betas
 
 MEAN_TYPES = ("eps", "x0", "v")
@@ -35,6 +38,18 @@ VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 NULL_LABEL = -1
 
 Model = Callable[..., Tensor]
+
+def dynamic_thresholding(x0: Tensor, p: float = DYNAMIC_THRESHOLD) -> Tensor:
+    """Imagen's dynamic thresholding of x̂_0 ([Imagen] section 2.3), per sample of ``x0`` [B, ...].
+
+    s = max(1, quantile_p(|x̂_0|)) over each sample's values, and x̂_0 ← clip(x̂_0, −s, s) / s: a
+    prediction inside [−1, 1] is left alone, one that saturates is pulled inwards instead of being
+    clipped flat. The quantile interpolates linearly between order statistics (NumPy's percentile).
+    """
+    flat = x0.abs().flatten(1)
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # quantile needs a float type
+    s = torch.quantile(flat, p, dim=1).clamp(min=1.0).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 class GaussianDiffusion:
@@ -255,18 +270,21 @@ class GaussianDiffusion:
         t: Tensor,
         clip_denoised: bool = True,
         model_kwargs: dict[str, Any] | None = None,
+        dynamic_threshold: float | None = None,
     ) -> dict[str, Tensor]:
         """Mean and variance of p_θ(x_{t−1} | x_t), [DDPM] eq. 1 with μ_θ from eq. 11 / x̂_0.
 
         Returns a dict of tensors shaped like x_t: ``mean``, ``variance``, ``log_variance``,
-        ``pred_x0`` (x̂_0, clipped to [-1, 1] when ``clip_denoised``) and ``eps`` (the ε
-        consistent with that x̂_0), plus ``model_output`` (the raw output).
+        ``pred_x0`` (x̂_0, clipped to [-1, 1] when ``clip_denoised``, or dynamically thresholded at
+        the percentile ``dynamic_threshold``, which takes the place of the clip: :func:`dynamic_thresholding`)
+        and ``eps`` (the ε consistent with that x̂_0), plus ``model_output`` (the raw output).
         """
         out = self.model_output(model, x_t, t, model_kwargs)
-        return {**self.p_mean_variance_from_output(out, x_t, t, clip_denoised), "model_output": out}
+        return {**self.p_mean_variance_from_output(out, x_t, t, clip_denoised, dynamic_threshold), "model_output": out}
 
     def p_mean_variance_from_output(
-        self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = True
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = True,
+        dynamic_threshold: float | None = None,
     ) -> dict[str, Tensor]:
         """:meth:`p_mean_variance` for an already computed model output.
 
@@ -292,7 +310,9 @@ class GaussianDiffusion:
             name = "posterior_log_variance_clipped" if self.var_type == "fixed_small" else "fixed_large_log_variance"
             log_variance = self.coef(name, t, x_t).expand_as(x_t)
         pred_x0 = self.predict_x0(x_t, t, prediction)
-        if clip_denoised:
+        if dynamic_threshold is not None:
+            pred_x0 = dynamic_thresholding(pred_x0, dynamic_threshold)
+        elif clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return {

@@ -12,7 +12,7 @@ so a seed gives the same images whatever the batch size.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ from ddpm.images import auto_scale, labelled_rows, make_grid, save_image, save_n
 from ddpm.latent import decode_latents
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.runtime import autocast, derive_seed, resolve_bf16
-from ddpm.samplers import DEFAULT_SAMPLER, check_sampler_arguments, default_steps
+from ddpm.samplers import DEFAULT_SAMPLER, check_dynamic_threshold, check_sampler_arguments, default_steps
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class SamplerSettings:
             :data:`ddpm.samplers.DEFAULT_SPACING`).
         rtol: ``dpm-adaptive``'s relative tolerance (it picks its own steps).
         clip_denoised: clip x̂_0 to [-1, 1] (pixels; off for latents, which have no such range).
+        dynamic_threshold: Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995, Imagen's)
+            in place of the clip (:func:`ddpm.diffusion.dynamic_thresholding`; pixels only).
         timesteps: the 0-based timesteps to visit, given explicitly (instead of ``spacing``).
         final_alpha_cumprod: DDIM's: the ᾱ its last step lands at (None: 1, the data).
 
@@ -58,6 +60,7 @@ class SamplerSettings:
     spacing: str | None = None
     rtol: float | None = None
     clip_denoised: bool = True
+    dynamic_threshold: float | None = None
     timesteps: tuple[int, ...] | None = None
     final_alpha_cumprod: float | None = None
 
@@ -70,13 +73,14 @@ class SamplerSettings:
         if self.final_alpha_cumprod is not None and self.final_alpha_cumprod != 1.0:
             spacing += f", ending at alpha-bar {self.final_alpha_cumprod:.6g}"
         eta = f", eta {self.eta:g}" if self.eta else ""
+        threshold = f", dynamic threshold {self.dynamic_threshold:g}" if self.dynamic_threshold else ""
         steps = default_steps(self.sampler, T) if self.steps is None else self.steps
-        return f"{self.sampler}, {steps} NFE{spacing}{eta}"
+        return f"{self.sampler}, {steps} NFE{spacing}{eta}{threshold}"
 
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`GaussianDiffusion.sample` these settings fill in."""
         kwargs = {"sampler": self.sampler, "steps": self.steps, "eta": self.eta, "spacing": self.spacing,
-                  "clip_denoised": self.clip_denoised}
+                  "clip_denoised": self.clip_denoised, "dynamic_threshold": self.dynamic_threshold}
         if self.sampler == "dpm-adaptive":
             kwargs["rtol"] = self.rtol or DEFAULT_RTOL
         if self.timesteps is not None:
@@ -191,6 +195,14 @@ class Condition:
         return kwargs, y, prompts
 
 
+#: ``prepare(first, n, generators, device) -> dict``: what an image-to-image method changes in the chain of
+#: images ``first .. first + n - 1`` (their generators are ``generators``; anything drawn from them comes
+#: before the chain's own draws): keyword arguments of the chain, e.g. ``noise`` (x at the first kept step),
+#: ``timesteps``, ``after_step`` (:func:`ddpm.samplers.sample`), and ``model_kwargs`` added to the condition's
+#: (a super-resolution model's ``low_res``).
+Prepare = Callable[[int, int, list[torch.Generator], torch.device], Mapping[str, Any]]
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -211,6 +223,8 @@ def generate(
     progress: bool = True,
     trajectory_every: int = 0,
     autoencoder: AutoencoderKL | None = None,
+    prepare: Prepare | None = None,
+    chain: Callable[..., Any] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> Samples:
     """Draw ``num_images`` images from ``model`` (a network with ``sample_shape`` and ``num_classes``)
@@ -228,16 +242,13 @@ def generate(
     ``trajectory_every`` > 0 also records the first batch's chain every that many steps. ``callback`` hears each
     step (``"event": "step"``, :func:`ddpm.samplers.heard`'s keys) and batch (``"event": "batch"``, its
     ``"images"``), with its ``"first"`` image and size ``"batch"``; an exception it raises stops the drawing.
+    Image-to-image methods steer each batch's chain with ``prepare`` (:data:`Prepare`) and may run their
+    own ``chain``, a function called as :meth:`GaussianDiffusion.sample` is (the default).
     """
-    settings = settings or SamplerSettings()
-    if autoencoder is not None:
-        settings = dataclasses.replace(settings, clip_denoised=False)
+    settings = _settings_for(settings or SamplerSettings(), autoencoder, diffusion.num_timesteps)
     condition = Condition(label, prompts, negative_prompt, guidance_scale)
-    shape = tuple(model.sample_shape)
-    _check_request(num_images, batch_size, latents, shape)
+    shape = _check_request(num_images, batch_size, latents, model, prepare)
     condition.check(model.num_classes, conditioning)
-    check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta, settings.spacing,
-                            settings.rtol)
     device = torch.device(device)
     use_bf16 = resolve_bf16(bf16, device)
     counted, was_training = _CountingModel(model), model.training
@@ -249,14 +260,15 @@ def generate(
             for first in range(0, num_images, batch_size):
                 n = min(batch_size, num_images - first)
                 kwargs, y, batch_prompts = condition.batch(first, n, model.num_classes, conditioning, device)
+                generators = image_generators(seed, first, n, device)
+                extra = _chain_arguments(settings, prepare, first, n, generators, device, latents, kwargs)
                 record = trajectory_every > 0 and first == 0
                 on_step, on_batch = _listeners(callback, first, n)
                 with autocast(device, use_bf16):
-                    out = diffusion.sample(
-                        counted, (n, *shape), generator=image_generators(seed, first, n, device), device=device,
-                        model_kwargs=kwargs, progress=progress and num_images <= n, return_trajectory=record,
-                        noise=None if latents is None else latents[first:first + n].to(device), callback=on_step,
-                        **({"trajectory_every": trajectory_every} if record else {}), **settings.sample_kwargs())
+                    out = (chain or diffusion.sample)(
+                        counted, (n, *shape), generator=generators, device=device, model_kwargs=kwargs,
+                        progress=progress and num_images <= n, return_trajectory=record, callback=on_step,
+                        **({"trajectory_every": trajectory_every} if record else {}), **extra)
                 if record:
                     out, trajectory = out
                 if autoencoder is not None:
@@ -274,6 +286,30 @@ def generate(
                    all_prompts if conditioning is not None else None)
 
 
+def _chain_arguments(settings: SamplerSettings, prepare: Prepare | None, first: int, n: int,
+                     generators: list[torch.Generator], device: torch.device, latents: Tensor | None,
+                     model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of one batch's chain: the settings', then ``prepare``'s (its ``model_kwargs``
+    added to ``model_kwargs`` in place), and the batch's ``latents`` as x_T unless ``prepare`` gave one."""
+    extra = {**settings.sample_kwargs(), **(prepare(first, n, generators, device) if prepare else {})}
+    model_kwargs.update(extra.pop("model_kwargs", {}))
+    if latents is not None:
+        extra.setdefault("noise", latents[first:first + n].to(device))
+    return extra
+
+
+def _settings_for(settings: SamplerSettings, autoencoder: AutoencoderKL | None, T: int) -> SamplerSettings:
+    """``settings``, checked against a process of T steps, for a latent model (no clip: latents have no
+    [-1, 1] range) or as they are."""
+    check_sampler_arguments(T, settings.sampler, settings.steps, settings.eta, settings.spacing, settings.rtol)
+    check_dynamic_threshold(settings.dynamic_threshold)
+    if autoencoder is None:
+        return settings
+    if settings.dynamic_threshold is not None:
+        raise UserError("--dynamic-threshold is for pixel models: a latent model's x̂_0 has no [-1, 1] range")
+    return dataclasses.replace(settings, clip_denoised=False)
+
+
 def _listeners(callback: Callable[[dict[str, Any]], None] | None, first: int,
                n: int) -> tuple[Callable[[dict[str, Any]], None] | None, Callable[[Tensor], None]]:
     """:func:`generate`'s ``callback`` as the step callback of the batch of images ``first .. first + n − 1``
@@ -285,12 +321,19 @@ def _listeners(callback: Callable[[dict[str, Any]], None] | None, first: int,
             lambda images: callback({"event": "batch", **where, "images": images}))
 
 
-def _check_request(num_images: int, batch_size: int, latents: Tensor | None, shape: tuple[int, ...]) -> None:
+def _check_request(num_images: int, batch_size: int, latents: Tensor | None, model: nn.Module,
+                   prepare: Prepare | None) -> tuple[int, ...]:
+    """The model's sample shape, after one :class:`UserError` line for a request it cannot serve."""
+    shape = tuple(model.sample_shape)
     if num_images < 1 or batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
     if latents is not None and tuple(latents.shape) != (num_images, *shape):
         raise UserError(f"latents must be [{num_images}, {', '.join(map(str, shape))}] (x_T of every image), "
                         f"got {list(latents.shape)}")
+    if getattr(getattr(model, "config", None), "low_res_channels", 0) and prepare is None:
+        raise UserError("this is a super-resolution model: it enlarges a base model's images rather than drawing "
+                        "its own ('ddpm sample BASE --upsampler SR', ddpm.superres.upsample)")
+    return shape
 
 
 def _decoded(autoencoder: AutoencoderKL, trajectory: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -294,3 +294,42 @@ def save_mp4(frames: Sequence[Image.Image | np.ndarray], path: PathLike, fps: fl
     with atomic_write(path, durable=False) as f:
         f.write(data)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+_GREY = frozenset({"1", "L", "LA", "La", "F", "I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def read_image(path: PathLike) -> Tensor:
+    """One image file as uint8 ``[C, H, W]``, C = 1 for a grey image and 3 for a colour one, unresized.
+
+    As the data loader reads them (:mod:`ddpm.data`): 16-bit grey is scaled to 8 bits, transparency is
+    composited on white, a palette image becomes RGB. A missing or unreadable file is a :class:`UserError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from e
+    grey = img.mode in _GREY
+    if img.mode.startswith("I") or img.mode == "F":  # 16-bit (or 32-bit integer) grey: 65535 -> 255; float as is
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / (1 if img.mode == "F" else 257)), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    pixels = np.asarray(img.convert("L" if grey else "RGB"), dtype=np.uint8)
+    return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1).copy()).permute(2, 0, 1).contiguous()
+
+
+def read_images(paths: Sequence[PathLike]) -> Tensor:
+    """Image files of one size and kind as uint8 ``[N, C, H, W]`` (:func:`read_image`)."""
+    images = [read_image(p) for p in paths]
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        described = ", ".join(f"{p} is {im.shape[2]}x{im.shape[1]}x{im.shape[0]}" for p, im in zip(paths, images))
+        raise UserError(f"the images differ in size or channels ({described}); give images of one kind")
+    return torch.stack(images)

@@ -79,6 +79,16 @@ def decode_latents(autoencoder: AutoencoderKL, z: Tensor, batch_size: int = 256)
                       for part in z.split(batch_size)])
 
 
+@torch.no_grad()
+def encode_images(autoencoder: AutoencoderKL, x: Tensor, batch_size: int = 256) -> Tensor:
+    """Diffusion's latents ``[N, c, h, w]`` of images ``x`` ``[N, C, H, W]`` in [-1, 1]: the posterior mean
+    (the mode) ``times scaling_factor``, the inverse of :func:`decode_latents`, in batches of ``batch_size``."""
+    device = next(autoencoder.parameters()).device
+    scale = autoencoder.config.scaling_factor
+    return torch.cat([autoencoder.encode(part.float().to(device)).mode().float() * scale
+                      for part in x.split(batch_size)])
+
+
 class LatentData:
     """A training set encoded once: the posterior mean and standard deviation of every image (and
     of its mirror image, with ``flip``), from which each batch draws ``z = mean + std * eps``, scaled.

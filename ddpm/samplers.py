@@ -45,6 +45,8 @@ Denoise = Callable[[Tensor, int], dict[str, Tensor]]
 #: ``noise()``: a fresh standard-normal tensor shaped like x, drawn only when a solver needs one.
 Noise = Callable[[], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
+#: ``after_step(x, t) -> x``: called after each step with the original timestep x reached (−1: the data).
+AfterStep = Callable[[Tensor, int], Tensor]
 
 
 # ---------------------------------------------------------------------------- DDPM and DDIM
@@ -466,6 +468,17 @@ def network_evaluations(sampler: str, K: int) -> int:
     return _solver_class(sampler).evaluations(K)
 
 
+#: Imagen's percentile for dynamic thresholding (Saharia et al. 2022, section 2.3; imagen-pytorch's default):
+#: see :func:`ddpm.diffusion.dynamic_thresholding`.
+DYNAMIC_THRESHOLD = 0.995
+
+
+def check_dynamic_threshold(p: float | None) -> None:
+    """:class:`UserError` unless ``p`` is None or a percentile in (0, 1]."""
+    if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 < p <= 1.0):
+        raise UserError(f"the dynamic threshold is a percentile in (0, 1] (Imagen's: {DYNAMIC_THRESHOLD}), got {p!r}")
+
+
 def check_sampler_arguments(
     T: int, sampler: str, steps: int | None, eta: float, spacing: str | None = None, rtol: float | None = None
 ) -> None:
@@ -534,6 +547,8 @@ def sample(
     timesteps: Sequence[int] | None = None,
     rtol: float | None = None,
     stats: dict[str, int] | None = None,
+    dynamic_threshold: float | None = None,
+    after_step: AfterStep | None = None,
     final_alpha_cumprod: float | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
@@ -559,7 +574,10 @@ def sample(
             where the network was evaluated (before a UniPC correction).
         model_kwargs: passed to the model (:meth:`~GaussianDiffusion.model_output`), e.g. ``{"y": labels}``.
         clip_denoised: clip x̂_0 to [−1, 1]; the ODE solvers then integrate with the clipped x̂_0.
-        noise: x_T to start from instead of a fresh draw.
+        dynamic_threshold: Imagen's dynamic thresholding of x̂_0 at this percentile in place of the clip.
+        noise: x at the first kept step (x_T, or an img2img start) instead of a fresh draw.
+        after_step: :data:`AfterStep`, its return value replaces x after every step (e.g. inpainting's
+            replacement of the known pixels, :mod:`ddpm.inpaint`).
         rtol: dpm-adaptive's relative tolerance (default 0.05); it takes no ``steps``.
         stats: if given, filled with ``{"nfe": network evaluations spent}``.
         final_alpha_cumprod: DDIM's only: the ᾱ its last step lands at (default 1, x̂_0; see :class:`DDIM`).
@@ -568,6 +586,7 @@ def sample(
     Returns x_0 [*shape] (and the trajectory if asked).
     """
     check_sampler_arguments(diffusion.num_timesteps, sampler, steps, eta, spacing, rtol)
+    check_dynamic_threshold(dynamic_threshold)
     d = _kept_chain(diffusion, sampler, steps, spacing, timesteps)
     x = randn(shape, generator, device, dtype) if noise is None else noise.to(device or noise.device, dtype)
     nfe = 0
@@ -576,13 +595,24 @@ def sample(
     def denoise(x: Tensor, k: int) -> dict[str, Tensor]:
         nonlocal nfe
         nfe += 1
-        return d.p_mean_variance(model, x, _timestep(k, x), clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        return d.p_mean_variance(model, x, _timestep(k, x), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                 dynamic_threshold=dynamic_threshold)
 
     solver = _solver(sampler, d, eta, rtol, final_alpha_cumprod)
     record = _Trajectory(trajectory_every) if return_trajectory else None
     listeners = [f for f in (record, callback) if f is not None]
-    bar = tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress, leave=False)
-    k, n = d.num_timesteps - 1, 0  # the loop visits kept steps k = K−1, ..., 0 (0-based)
+    with tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress,
+              leave=False) as bar:
+        x = _solve(d, solver, x, denoise, draw, listeners, bar, after_step)
+    if stats is not None:
+        stats["nfe"] = nfe
+    return x if record is None else (x, record.result())
+
+
+def _solve(d: GaussianDiffusion, solver: Solver, x: Tensor, denoise: Denoise, draw: Noise,
+           listeners: Sequence[Callable[[dict[str, Any]], None]], bar: tqdm, after_step: AfterStep | None) -> Tensor:
+    """The loop: kept steps k = K−1, ..., 0 (0-based), one network evaluation and one solver step each."""
+    k, n = d.num_timesteps - 1, 0
     while k >= 0:
         p = denoise(x, k)
         for listen in listeners:
@@ -590,10 +620,19 @@ def sample(
         x, n = solver.step(x, k, p, denoise, draw), n + 1
         bar.update(k - solver.next_step(k))
         k = solver.next_step(k)
-    bar.close()
-    if stats is not None:
-        stats["nfe"] = nfe
-    return x if record is None else (x, record.result())
+        if after_step is not None:
+            x = after_step(x, -1 if k < 0 else int(d.timestep_map[k]))
+    return x
+
+
+def chain_timesteps(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None = None,
+                    timesteps: Sequence[int] | None = None) -> list[int]:
+    """The 0-based kept timesteps (ascending) that :func:`sample` visits for these arguments: ``timesteps``
+    if given, else those of :func:`kept_timesteps` (at :func:`default_steps` when ``steps`` is None)."""
+    if timesteps is not None:
+        return sorted(set(int(t) for t in timesteps))
+    return kept_timesteps(diffusion, sampler, default_steps(sampler, diffusion.num_timesteps) if steps is None
+                          else steps, spacing)
 
 
 def heard(d: GaussianDiffusion, n: int, k: int, x_t: Tensor, pred_x0: Tensor) -> dict[str, Any]:
@@ -618,11 +657,8 @@ def _solver(sampler: str, d: GaussianDiffusion, eta: float, rtol: float | None,
 def _kept_chain(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None,
                 timesteps: Sequence[int] | None) -> GaussianDiffusion:
     """The process respaced to the timesteps the sampler visits (itself when it visits all T)."""
-    T = diffusion.num_timesteps
-    if timesteps is None:
-        timesteps = kept_timesteps(diffusion, sampler, default_steps(sampler, T) if steps is None else steps, spacing)
-    kept = sorted(set(int(t) for t in timesteps))
-    return diffusion if kept == list(range(T)) else diffusion.respace(kept)
+    kept = chain_timesteps(diffusion, sampler, steps, spacing, timesteps)
+    return diffusion if kept == list(range(diffusion.num_timesteps)) else diffusion.respace(kept)
 
 
 class _Trajectory:

@@ -234,3 +234,56 @@ def test_data_stream_runs_on_tiny_data(tmp_path, capsys):
     assert results["decode"]["gpu_img_s"] > results["decode"]["cifar10_cpu_img_s"] > 0
     assert results["mnist"]["ratio"] > 0
     assert "| streamed shards |" in capsys.readouterr().out
+
+
+def test_inversion_bench_scores_every_sampler_and_step_count(tmp_path, fake_mnist, mnist_run):
+    import json
+
+    from bench.inversion import main
+
+    out = main([str(mnist_run), "--data", str(fake_mnist), "--out", str(tmp_path / "inv"), "--images", "4",
+                "--steps", "2,3", "--batch", "3", "--grid"])
+    assert [(p["sampler"], p["steps"], p["encode_nfe"], p["decode_nfe"]) for p in out["points"]] == [
+        ("ddim", 2, 1, 2), ("ddim", 3, 2, 3), ("dpm++2m", 2, 1, 2), ("dpm++2m", 3, 2, 3)]
+    assert all(0 <= p["mse"] < 1 and math.isfinite(p["mse_stderr"]) for p in out["points"])
+    assert json.loads((tmp_path / "inv" / "results.json").read_text())["images"] == 4
+    assert (tmp_path / "inv" / "reconstructions_inversion.png").is_file()
+
+
+@pytest.mark.slow
+def test_inpainting_bench_compares_repaint_with_replacement_at_equal_nfe(tmp_path, fake_mnist, mnist_run):
+    from bench.inpainting import main
+
+    out = main([str(mnist_run), "--data", str(fake_mnist), "--out", str(tmp_path / "inp"), "--images", "4",
+                "--methods", "repaint:4:2:2,replacement:dpm++2m:3", "--batch", "3"])
+    for kind in ("half", "centre"):
+        rows = out["masks"][kind]
+        # RePaint on 4 steps, jumps of 2, 2 resamples: 4 + 1 * 1 * 2 NFE; replacement then runs at as many.
+        assert {name: r["nfe"] for name, r in rows.items()} == {
+            "masked": 0, "RePaint 4 steps, j=2, r=2": 6, "replacement, ddpm at 6 NFE": 6,
+            "replacement, dpm++2m at 3 NFE": 3}
+        assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["fd"]) for r in rows.values())
+        assert (tmp_path / "inp" / f"inpainting_{kind}.png").is_file()
+
+
+@pytest.mark.slow
+def test_cascade_bench_measures_trained_runs(tmp_path, fake_mnist, mnist_run, jitter):
+    import shutil
+
+    from bench.cascade import main
+    from ddpm.cli import main as ddpm_main
+    from ddpm.models import UNet, get_preset
+
+    out = tmp_path / "cascade"
+    shutil.copytree(mnist_run, out / "pixel")
+    assert ddpm_main(["train", "--preset", "mnist-14", "--data", str(fake_mnist), "--out", str(out / "base"),
+                      "--quiet", "--train.steps", "2", "--train.sample_every", "0", "--train.sample_count", "2",
+                      "--train.sample_steps", "2"]) == 0
+    # The stage as train.py will save it; until it trains one, a jittered fresh stage stands in.
+    jitter(UNet(get_preset("mnist-sr")), scale=0.05).save_pretrained(out / "sr")
+    results = main(["eval", "--data", str(fake_mnist), "--out", str(out), "--samples", "6", "--nfe", "2",
+                    "--sr-nfe", "2", "--levels", "0.1", "--speed-images", "2", "--repeats", "1", "--threads", "2"])
+    assert (results["pixel_nfe"], results["base_nfe"], results["sr_nfe"]) == (2, 2, 2)
+    assert all(math.isfinite(results[k]) for k in ("pixel_fd", "cascade_fd", "bilinear_fd", "stage_on_real_fd"))
+    assert set(results["levels"]) == {"0.1"} and results["speedup"]["median"] > 0
+    assert (out / "samples_mnist_cascade.png").is_file() and (out / "eval.json").is_file()

@@ -69,11 +69,20 @@ def assert_same_outputs(ours, theirs, config: UNetConfig, batch=2, labels=None, 
     side = config.image_size
     x = torch.randn(batch, config.in_channels, side, side)
     t = torch.randint(0, 1000, (batch,))
+    sr, theirs_x = {}, x
+    if config.low_res_channels:
+        # SR3's input: the low-resolution image upsampled (by the caller, for diffusers) after x_t.
+        sr["low_res"] = torch.randn(batch, config.low_res_channels, side // 2, side // 2)
+        up = torch.nn.functional.interpolate(sr["low_res"], size=(side, side), mode="bilinear", align_corners=False)
+        theirs_x = torch.cat([x, up], dim=1)
+    if config.noise_level_embedding:
+        sr["noise_level"] = torch.rand(batch)
+        labels = sr["noise_level"] * 1000  # diffusers embeds class_labels like t (class_embed_type="timestep")
     with torch.no_grad():
-        got = ours.eval()(x, t, labels)
+        got = ours.eval()(x, t, None if sr.get("noise_level") is not None else labels, **sr)
         # diffusers has no null label: our -1 is its last row.
-        theirs_labels = None if labels is None else labels.where(labels >= 0, config.num_classes)
-        expected = theirs.eval()(x, t, class_labels=theirs_labels).sample
+        theirs_labels = labels if labels is None or sr else labels.where(labels >= 0, config.num_classes)
+        expected = theirs.eval()(theirs_x, t, class_labels=theirs_labels).sample
     assert got.shape == expected.shape == (batch, config.out_channels, side, side)
     torch.testing.assert_close(got, expected, rtol=0, atol=atol)
 
@@ -93,8 +102,10 @@ def test_google_cat256_config_is_the_lsun256_preset():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_config_round_trip(name):
+    # A super-resolution stage's augmentation level takes diffusers' one class embedding (see below).
+    classes = 0 if get_preset(name).noise_level_embedding else 10
     for config in (get_preset(name),
-                   dataclasses.replace(get_preset(name), num_classes=10, learned_sigma=True)):
+                   dataclasses.replace(get_preset(name), num_classes=classes, learned_sigma=True)):
         assert config_from_diffusers(json.loads(json.dumps(config_to_diffusers(config)))) == config
 
 
@@ -109,7 +120,7 @@ def test_config_round_trip(name):
         ("act_fn", "gelu"),
         ("resnet_time_scale_shift", "scale_shift"),
         ("time_embedding_type", "fourier"),
-        ("class_embed_type", "timestep"),
+        ("class_embed_type", "identity"),
         ("center_input_sample", True),
         ("mid_block_type", None),
         ("add_attention", False),
@@ -237,6 +248,9 @@ VARIANTS = {
     "bin": (SMALL, "bin"),
     "classes": ({**SMALL, "num_class_embeds": 5}, None),
     "learned sigma": ({**SMALL, "out_channels": 6}, None),
+    # SR3 / Imagen: x_t's 3 channels and a low-resolution image's 3 (inferred from out_channels), the
+    # augmentation level as a timestep-embedded class label.
+    "super-resolution": ({**SMALL, "in_channels": 6, "class_embed_type": "timestep"}, None),
     "four heads": ({**SMALL, "attention_head_dim": 16}, None),
     "eight groups": ({**SMALL, "norm_num_groups": 8}, None),
     "attention everywhere, grey": (
@@ -264,6 +278,9 @@ def test_diffusers_models_load_with_equal_outputs(diffusers, jitter, tmp_path, v
     ours = UNet.from_diffusers(tmp_path)
     labels = torch.tensor([3, -1]) if "num_class_embeds" in config else None
     assert_same_outputs(ours, theirs, ours.config, labels=labels)
+    if variant == "super-resolution":
+        c = ours.config
+        assert (c.in_channels, c.low_res_channels, c.noise_level_embedding) == (3, 3, True)
 
 
 EXPORTS = {
@@ -274,6 +291,11 @@ EXPORTS = {
     "two heads": dataclasses.replace(get_preset("tiny"), num_heads=2),
     "narrow, eight groups": dataclasses.replace(get_preset("tiny"), ch=16, norm_groups=8),
     "digits": get_preset("digits"),
+    "super-resolution": dataclasses.replace(get_preset("tiny"), low_res_channels=3, noise_level_embedding=True),
+    "super-resolution, learned sigma, grey low-res": dataclasses.replace(
+        get_preset("tiny"), low_res_channels=1, learned_sigma=True),
+    "super-resolution, as many low-res channels as x_t's, learned sigma": dataclasses.replace(
+        get_preset("tiny"), low_res_channels=3, learned_sigma=True, noise_level_embedding=True),
 }
 
 
@@ -287,6 +309,14 @@ def test_our_export_loads_in_diffusers_with_equal_outputs(diffusers, jitter, tmp
     assert not any(info.values()), info
     labels = torch.tensor([2, -1]) if config.num_classes else None
     assert_same_outputs(ours, theirs, config, labels=labels)
+    assert UNet.from_diffusers(tmp_path).config == config  # the low-res channels read back, however ambiguous
+
+
+def test_a_class_conditional_super_resolution_model_has_no_diffusers_layout():
+    # UNet2DModel has one class embedding: labels or, with class_embed_type="timestep", the augmentation level.
+    config = dataclasses.replace(get_preset("tiny"), num_classes=3, low_res_channels=3, noise_level_embedding=True)
+    with pytest.raises(UserError, match="class-conditional super-resolution"):
+        config_to_diffusers(config)
 
 
 @pytest.mark.parametrize("schedule,timesteps", [("linear", 1000), ("linear", 250), ("cosine", 1000),

@@ -94,6 +94,17 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (weird / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "block_out_channels": [32, 64],
                                                    "resnet_time_scale_shift": "scale_shift", "sample_size": 8}))
     f["weird_diffusers"] = weird
+    # Images for the image-to-image verbs (the run draws 8x8 RGB images).
+    for name, pixels in (("img", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),
+                         ("grey", rng.integers(0, 256, (8, 8), dtype=np.uint8)),
+                         ("small", rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)),
+                         ("mask", np.repeat(np.array([[255] * 4 + [0] * 4], np.uint8), 8, 0)),
+                         ("white", np.full((8, 8), 255, np.uint8)), ("black", np.zeros((8, 8), np.uint8)),
+                         ("small_mask", np.full((6, 8), 255, np.uint8))):
+        f[name] = root / f"{name}.png"
+        Image.fromarray(pixels).save(f[name])
+    f["bad_noise"] = root / "bad_noise.npy"
+    np.save(f["bad_noise"], np.zeros((2, 1, 8, 8), np.float32))
     return f
 
 
@@ -156,6 +167,26 @@ BAD_INPUTS = [
     ("sample {run} --out {out} --sampler ddim --eta 3", "eta"),
     ("eval {run} --data {root}/nowhere --out {out}", "no such file or folder"),
     ("eval {run} --data {good} --out {out} --samples {good} --fid --no-bpd", "torch-fidelity|arr_0"),
+    # images in, images out
+    ("inpaint {run} --image {img} --mask {small_mask} --out {out}", "must have one size"),
+    ("inpaint {run} --image {img} --mask {white} --out {out}", "nothing to inpaint"),
+    ("inpaint {run} --image {img} --mask {black} --out {out}", "that is sampling"),
+    ("inpaint {run} --image {grey} --mask {mask} --out {out}", r"grey image; the model draws colour \(RGB\) 8x8"),
+    ("inpaint {run} --image {img} --mask {mask} --sampler ddim --steps 2 --out {out}", "DDPM's ancestral"),
+    ("inpaint {run} --image {img} --mask {root}/nowhere.png --out {out}", "no such image file"),
+    ("img2img {run} --image {small} --strength 0.5 --out {out}", "is 6x6; the model draws 8x8 images"),
+    ("img2img {run} --image {img} --strength 1.5 --out {out}", r"--strength must lie in \[0, 1\]"),
+    ("img2img {run} --image {img} --strength=-0.1 --out {out}", r"--strength must lie in \[0, 1\]"),
+    ("img2img {run} --image {img} --strength 0.5 --sampler dpm-adaptive --out {out}", "dpm-adaptive"),
+    ("img2img {run} --image {img} {small} --strength 0.5 --out {out}", "differ in size"),
+    ("img2img {run} --image {good} --strength 0.5 --out {out}", "not a readable image"),
+    ("invert {run} --image {img} --sampler dpm++2m-sde --out {out}", "deterministic"),
+    ("interpolate {run} --a {img} --b {bad_noise} --out {out}", "the model's x_T is"),
+    ("interpolate {run} --a {img} --b {img} --frames 1 --out {out}", "--frames"),
+    ("sample {run} --upsampler {run} --out {out}", "super-resolution model"),
+    ("sample {run} --latents {bad_noise} --out {out}", "the model's x_T is"),
+    ("sample {run} --latents {good} --out {out}", "not a NumPy .npy"),
+    ("sample {run} --dynamic-threshold 2 --out {out}", "percentile"),
 ]
 
 
@@ -195,6 +226,10 @@ WRITERS = [
     "viz reverse {run} --steps 2 --num-images 2",
     "export {run}",
     "demo --steps 2 --sample-steps 2",
+    "inpaint {run} --image {img} --mask {mask} --steps 2 --resamples 1",
+    "img2img {run} --image {img} --strength 0.5 --steps 2",
+    "invert {run} --image {img} --steps 2",
+    "interpolate {run} --a {img} --b {img} --steps 2 --frames 2",
 ]
 
 

@@ -27,7 +27,8 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- test -->\s*```(?:bash|sh|console)\n(.*?)```", re.DOTALL)
 
 # The README's placeholders and their stand-ins (created by the fixture).
-PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32", "mnist_pairs/train", "stable-diffusion-v1-5")
+PLACEHOLDERS = ("path/to/images", "mnist.npz", "ddpm-cifar10-32", "mnist_pairs/train", "stable-diffusion-v1-5",
+                "digit.png", "mask.png")
 # The one that needs diffusers and transformers to be made (a tiny random Stable Diffusion pipeline).
 STABLE_DIFFUSION = "stable-diffusion-v1-5"
 
@@ -106,6 +107,9 @@ def workdir(tmp_path_factory) -> Path:
         Image.new("L", (16, 8), 20 * i).save(pairs / f"{i:06d}.png")
         rows.append({"file_name": f"{i:06d}.png", "text": ["a seven and a three", "a one and a two"][i % 2]})
     (pairs / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # An image and a mask of the tiny preset's size (8x8 RGB) for the image-to-image verbs; white keeps.
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(work / "digit.png")
+    Image.fromarray(np.repeat(np.array([[255] * 4 + [0] * 4], np.uint8), 8, 0)).save(work / "mask.png")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         import diffusers
@@ -122,7 +126,8 @@ def test_the_readme_has_tested_commands():
     cmds = commands()
     assert any(c.startswith("ddpm demo") for c in cmds)
     assert any(c.startswith("python -m pytest") for c in cmds)
-    for verb in ("train", "train-autoencoder", "sample", "eval", "viz", "export"):
+    for verb in ("train", "train-autoencoder", "sample", "eval", "viz", "export", "inpaint", "img2img", "invert",
+                 "interpolate"):
         assert any(c.startswith(f"ddpm {verb}") for c in cmds), verb
     assert any(c.startswith("torchrun") for c in cmds)
 

@@ -136,18 +136,21 @@ def test_the_page_is_served_with_its_scripts_and_a_strict_policy(client):
     assert "innerHTML" not in client.get("/static/app.js").text  # user text only ever as textContent
 
 
-def test_the_state_names_the_models_and_keeps_the_edit_tab_off(client):
+def test_the_state_names_the_models_and_turns_the_edit_tab_on(client):
     state = client.get("/api/state").json()
     assert [(m["name"], m["num_classes"], m["text"]) for m in state["models"]] == [
         ("plain", 0, False), ("classes", 3, False), ("text", 0, True)]
     assert state["models"][0]["default_steps"]["ddpm"] == 100 and state["models"][0]["default_steps"]["ddim"] == 20
-    assert state["edit"] == {"available": False, "functions": [], "module": None}
+    # Issue 21's functions are in the library: the tab says so.
+    assert state["edit"] == {"available": True, "functions": ["img2img", "inpaint"],
+                             "module": "ddpm.inpaint, ddpm.img2img"}
     assert state["images"] == {"data": 2, "source": "bars"}
     assert state["processes"][0] == "plain: linear, T = 100" and len(state["processes"]) == 6
 
 
 def test_the_edit_tab_turns_on_when_the_library_has_the_functions(monkeypatch):
-    assert edit_functions() == {}  # issue 21 has not landed here
+    assert sorted(edit_functions()) == ["img2img", "inpaint"]  # issue 21's, in ddpm.inpaint and ddpm.img2img
+    assert edit_functions(("no_such_module",)) == {}
     module = type(sys)("fake_edit")
     exec("def inpaint(*args):\n    pass", module.__dict__)
     monkeypatch.setitem(sys.modules, "fake_edit", module)

@@ -29,6 +29,10 @@ PARAM_COUNTS = {
     "cifar10-latent": 2_796_740,
     "tiny": 702_499,
     "tiny-latent": 665_636,
+    "mnist-14": 284_513,
+    "mnist-sr": 285_569,
+    "cifar10-16": 25_838_595,
+    "cifar10-sr": 9_036_227,
 }
 # Building a 114M-parameter model takes seconds: those presets are left to the slow set.
 PRESET_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if PARAM_COUNTS.get(n, 0) > 100_000_000 else n
@@ -52,7 +56,9 @@ def count_ddpm_parameters(c: UNetConfig) -> int:
     def attn(ch):
         return 2 * ch + 4 * dense(ch, ch)
 
-    n = dense(c.ch, 4 * c.ch) + dense(4 * c.ch, 4 * c.ch) + conv(c.in_channels, c.ch)
+    n = dense(c.ch, 4 * c.ch) + dense(4 * c.ch, 4 * c.ch) + conv(c.in_channels + c.low_res_channels, c.ch)
+    if c.noise_level_embedding:  # a second timestep MLP for the augmentation level (Imagen)
+        n += dense(c.ch, 4 * c.ch) + dense(4 * c.ch, 4 * c.ch)
     if c.num_classes:
         n += (c.num_classes + 1) * 4 * c.ch
     hs, h = [c.ch], c.ch
@@ -106,7 +112,7 @@ def test_preset_parameter_counts(name, preset_model):
 def test_parameter_count_with_options_matches_the_layer_by_layer_count():
     config = UNetConfig(image_size=16, in_channels=2, ch=64, ch_mult=(1, 2, 3),
                         num_res_blocks=3, attn_resolutions=(16, 4), learned_sigma=True,
-                        num_classes=5, num_heads=2)
+                        num_classes=5, num_heads=2, low_res_channels=3, noise_level_embedding=True)
     assert num_parameters(UNet(config)) == count_ddpm_parameters(config)
 
 
@@ -115,7 +121,7 @@ def test_parameter_count_with_options_matches_the_layer_by_layer_count():
 # A small input for each preset: the 256 models run at 32x32, the least their six levels divide
 # (the network is convolutional and keeps its attention levels), 1/64 of the cost.
 SIDES = {"cifar10": 32, "celebahq256": 32, "lsun256": 32, "mnist": 28, "digits": 8, "tiny": 8, "mnist-latent": 7,
-         "cifar10-latent": 8, "tiny-latent": 4}
+         "cifar10-latent": 8, "tiny-latent": 4, "mnist-14": 14, "mnist-sr": 28, "cifar10-16": 16, "cifar10-sr": 32}
 
 
 @pytest.mark.parametrize("name", PRESET_PARAMS)
@@ -125,11 +131,15 @@ def test_presets_shapes_and_determinism(name, preset_model):
     torch.manual_seed(0)
     x = torch.randn(2, config.in_channels, SIDES[name], SIDES[name])
     t = torch.tensor([0, 999])
+    sr = {}
+    if config.low_res_channels:  # a super-resolution stage: the image at half the side, and its level
+        sr = {"low_res": torch.randn(2, config.low_res_channels, SIDES[name] // 2, SIDES[name] // 2),
+              "noise_level": torch.tensor([0.2, 0.9])}
     with torch.no_grad():
-        out = model(x, t)
+        out = model(x, t, **sr)
         assert out.shape == x.shape
         assert torch.isfinite(out).all()
-        assert torch.equal(out, model(x, t))
+        assert torch.equal(out, model(x, t, **sr))
 
 
 @pytest.mark.parametrize("name", ["mnist", "digits", "tiny"])
@@ -270,6 +280,69 @@ def test_labels_for_an_unconditional_model_are_a_bug():
         UNet(get_preset("tiny"))(torch.randn(1, 3, 8, 8), torch.tensor([0]), torch.tensor([1]))
 
 
+def bilinear_2x(image: np.ndarray) -> np.ndarray:
+    """2x bilinear upsampling [C, h, w] -> [C, 2h, 2w] with half-pixel centres (align_corners=False),
+    written from the definition: output pixel i samples the input at (i + 0.5) / 2 - 0.5, clamped."""
+    c, h, w = image.shape
+
+    def weights(n):
+        pos = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, n - 1)
+        return lo, hi, pos - lo
+
+    (r0, r1, fr), (c0, c1, fc) = weights(h), weights(w)
+    rows = image[:, r0, :] * (1 - fr)[None, :, None] + image[:, r1, :] * fr[None, :, None]
+    return rows[:, :, c0] * (1 - fc) + rows[:, :, c1] * fc
+
+
+def test_a_super_resolution_unet_reads_the_low_res_image_upsampled_bilinearly(jitter):
+    config = dataclasses.replace(get_preset("tiny"), low_res_channels=3)
+    model = jitter(UNet(config)).double().eval()
+    assert model.conv_in.weight.shape == (32, 6, 3, 3)
+    seen = []
+    model.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([3, 70])
+    low_res = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        got = model(x, t, low_res=low_res)
+        up = torch.from_numpy(np.stack([bilinear_2x(im) for im in low_res.numpy()]))
+        torch.testing.assert_close(seen[0], torch.cat([x, up], 1), rtol=0, atol=1e-12)  # x_t first, as diffusers'
+        assert torch.equal(model(x, t, low_res=seen[0][:, 3:]), got)  # at x_t's size it is taken as it is
+
+
+def test_the_noise_level_is_embedded_like_a_timestep_of_1000_steps(jitter):
+    config = dataclasses.replace(get_preset("tiny"), noise_level_embedding=True)
+    model = jitter(UNet(config)).eval()
+    x, t = torch.randn(1, 3, 8, 8).expand(3, -1, -1, -1), torch.tensor([40])
+    with torch.no_grad():
+        out = model(x, t, noise_level=torch.tensor([0.0, 0.2, 0.2]))
+        assert not torch.allclose(out[0], out[1]) and torch.equal(out[1], out[2])
+        torch.testing.assert_close(model(x, t, noise_level=0.2), out[1:2].expand(3, -1, -1, -1))
+        emb = model.level_emb.dense1(torch.nn.functional.silu(model.level_emb.dense0(
+            timestep_embedding(torch.tensor([200.0]), config.ch))))
+        torch.testing.assert_close(model.level_emb(torch.tensor([0.2 * 1000])), emb)
+
+
+@pytest.mark.parametrize("change, kwargs, message", [
+    ({"low_res_channels": 3}, {}, "needs low_res"),
+    ({"low_res_channels": 3}, {"low_res": torch.zeros(1, 1, 4, 4)}, r"low_res \[1, 3, h, w\]"),
+    ({}, {"low_res": torch.zeros(1, 3, 4, 4)}, "without low_res_channels"),
+    ({"noise_level_embedding": True}, {}, "give noise_level"),
+    ({}, {"noise_level": 0.2}, "without noise_level_embedding"),
+])
+def test_super_resolution_inputs_that_do_not_fit_are_bugs(change, kwargs, message):
+    model = UNet(dataclasses.replace(get_preset("tiny"), **change))
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(1, 3, 8, 8), torch.tensor([0]), **kwargs)
+
+
+def test_configs_saved_before_super_resolution_load_unchanged():
+    old = {k: v for k, v in get_preset("tiny").to_dict().items() if k not in ("low_res_channels",
+                                                                               "noise_level_embedding")}
+    assert UNetConfig.from_dict(old) == get_preset("tiny")
+
+
 @pytest.mark.parametrize(
     "shape, message",
     [((1, 1, 8, 8), r"\[B, 3, H, W\]"), ((1, 3, 8, 7), "divisible by 2"), ((3, 8, 8), "B, 3")],
@@ -319,7 +392,8 @@ def test_config_rejects_unknown_keys():
 
 
 def test_unknown_preset_lists_the_valid_names():
-    names = "cifar10, celebahq256, lsun256, mnist, digits, mnist-latent, cifar10-latent, tiny"
+    names = ("cifar10, celebahq256, lsun256, mnist, digits, mnist-latent, cifar10-latent, mnist-14, mnist-sr, "
+             "cifar10-16, cifar10-sr, tiny")
     with pytest.raises(UserError, match=names):
         get_preset("imagenet")
 

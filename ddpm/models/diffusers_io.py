@@ -200,7 +200,6 @@ _UNET2D_FIXED: Fixed = {
     "norm_eps": ((NORM_EPS,), 1e-5),
     "resnet_time_scale_shift": (("default",), "default"),
     "add_attention": ((True,), True),
-    "class_embed_type": ((None,), None),
     "time_embedding_dim": ((None,), None),  # None means 4 * block_out_channels[0], DDPM's width.
 }
 # Fields translated into UNetConfig, with diffusers' defaults.
@@ -215,11 +214,16 @@ _UNET2D_MAPPED: dict[str, Any] = {
     "dropout": 0.0,
     "attention_head_dim": 8,
     "num_class_embeds": None,
+    "class_embed_type": None,  # "timestep": a super-resolution model's augmentation level (noise_level_embedding)
     "norm_num_groups": 32,
     "attn_norm_num_groups": None,  # None: the same as norm_num_groups.
     # Only used by the "learned" time embedding, which is rejected above.
     "num_train_timesteps": None,
 }
+#: A private field of our export (diffusers ignores config keys that start with "_"): the low-resolution
+#: image's channels of a super-resolution model, the last of ``in_channels``. Without it they are
+#: inferred: ``in_channels - out_channels`` when the model outputs fewer channels than it takes.
+LOW_RES_CHANNELS_KEY = "_ddpm_low_res_channels"
 _DOWN = {False: "DownBlock2D", True: "AttnDownBlock2D"}
 _UP = {False: "UpBlock2D", True: "AttnUpBlock2D"}
 
@@ -228,7 +232,9 @@ def unet2d_config_from_diffusers(values: Mapping[str, Any], source: str | Path =
     """:class:`~ddpm.models.unet.UNetConfig`'s fields for a ``UNet2DModel`` config in the DDPM layout.
 
     diffusers has no null label: a model with ``num_class_embeds = N`` becomes ``num_classes =
-    N - 1`` whose null label is row ``N - 1``; labels ``0 .. N-1`` pick the same rows in both.
+    N - 1`` whose null label is row ``N - 1``; labels ``0 .. N-1`` pick the same rows in both. A
+    super-resolution model (SR3's low-resolution channels after x_t's, Imagen's augmentation level as
+    ``class_embed_type="timestep"``) becomes ``low_res_channels`` and ``noise_level_embedding``.
     """
 
     def fail(message: str) -> UserError:
@@ -255,11 +261,12 @@ def unet2d_config_from_diffusers(values: Mapping[str, Any], source: str | Path =
     size = _square(v["sample_size"])
     if not isinstance(size, int):
         raise fail(f"sample_size {size!r} is not one square size")
-    in_channels, out_channels = v["in_channels"], v["out_channels"]
-    if out_channels not in (in_channels, 2 * in_channels):
-        raise fail(f"out_channels {out_channels} is neither in_channels {in_channels} nor twice it")
+    in_channels, low_res_channels = _split_input_channels(values, v["in_channels"], v["out_channels"], fail)
     num_classes = 0
-    if v["num_class_embeds"] is not None:
+    if v["class_embed_type"] not in (None, "timestep"):
+        raise fail(f"unsupported class_embed_type={v['class_embed_type']!r} (needs None, or 'timestep' for a "
+                   "super-resolution model's augmentation level)")
+    if v["num_class_embeds"] is not None and v["class_embed_type"] is None:
         if not _positive(v["num_class_embeds"]) or v["num_class_embeds"] < 2:
             raise fail(f"num_class_embeds={v['num_class_embeds']!r} leaves no class but the null")
         num_classes = v["num_class_embeds"] - 1
@@ -284,11 +291,30 @@ def unet2d_config_from_diffusers(values: Mapping[str, Any], source: str | Path =
         "num_res_blocks": v["layers_per_block"],
         "attn_resolutions": tuple(r for r, a in zip(resolutions, attention) if a),
         "dropout": v["dropout"],
-        "learned_sigma": out_channels == 2 * in_channels,
+        "learned_sigma": v["out_channels"] == 2 * in_channels,
         "num_classes": num_classes,
         "num_heads": heads.pop(),
         "norm_groups": groups,
+        "low_res_channels": low_res_channels,
+        "noise_level_embedding": v["class_embed_type"] == "timestep",
     }
+
+
+def _split_input_channels(values: Mapping[str, Any], total: Any, out_channels: Any,
+                          fail: Callable[[str], UserError]) -> tuple[int, int]:
+    """(x_t's channels, the low-resolution image's) of diffusers' ``in_channels``, by
+    :data:`LOW_RES_CHANNELS_KEY` or inferred from ``out_channels``."""
+    if not (_positive(total) and _positive(out_channels)):
+        raise fail(f"in_channels {total!r} and out_channels {out_channels!r} must be positive integers")
+    low_res = values.get(LOW_RES_CHANNELS_KEY)
+    if low_res is None:
+        low_res = total - out_channels if out_channels < total else 0
+    if not is_int(low_res) or not 0 <= low_res < total:
+        raise fail(f"{LOW_RES_CHANNELS_KEY}={low_res!r} is not a count of in_channels {total}")
+    channels = total - low_res
+    if out_channels not in (channels, 2 * channels):
+        raise fail(f"out_channels {out_channels} is neither the {channels} channels of x_t nor twice them")
+    return channels, low_res
 
 
 def unet2d_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
@@ -305,12 +331,17 @@ def unet2d_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     else:
         raise UserError(f"num_heads={config.num_heads} over widths {list(attended)} has no diffusers equivalent "
                         "(diffusers fixes the head width, not the number of heads)")
+    if config.num_classes and config.noise_level_embedding:
+        raise UserError("a class-conditional super-resolution U-Net (num_classes with noise_level_embedding) has no "
+                        "diffusers equivalent: UNet2DModel has one class embedding, labels or the augmentation level")
     levels = config.attention_levels
+    low_res = {LOW_RES_CHANNELS_KEY: config.low_res_channels} if config.low_res_channels else {}
     return {
         "_class_name": "UNet2DModel",
+        **low_res,
         **{key: accepted[0] for key, (accepted, _) in _UNET2D_FIXED.items()},
         "sample_size": config.image_size,
-        "in_channels": config.in_channels,
+        "in_channels": config.in_channels + config.low_res_channels,
         "out_channels": config.out_channels,
         "down_block_types": [_DOWN[a] for a in levels],
         "up_block_types": [_UP[a] for a in reversed(levels)],
@@ -319,6 +350,7 @@ def unet2d_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         "dropout": config.dropout,
         "attention_head_dim": head_dim,
         "num_class_embeds": config.num_classes + 1 if config.num_classes else None,
+        "class_embed_type": "timestep" if config.noise_level_embedding else None,
         "norm_num_groups": config.norm_groups,
         "attn_norm_num_groups": None,
         "num_train_timesteps": None,
@@ -350,6 +382,8 @@ def _unet2d_table(config: UNetConfig) -> list[tuple[str, tuple[str, ...]]]:
         ("temb.dense0", ("time_embedding.linear_1",)),
         ("temb.dense1", ("time_embedding.linear_2",)),
         ("class_emb", ("class_embedding",)),
+        ("level_emb.dense0", ("class_embedding.linear_1",)),
+        ("level_emb.dense1", ("class_embedding.linear_2",)),
     ]
     num_levels = len(config.ch_mult)
     for i, attended in enumerate(config.attention_levels):

@@ -15,7 +15,11 @@ matmul instead of three. :data:`ddpm.models.diffusers_io.UNET2D` maps these name
 
 Additions from later papers, all off by default: ``learned_sigma`` (Nichol and Dhariwal 2021,
 section 3.1: a second output block for the variance interpolation ``v``), class conditioning with a
-reserved null label (Ho and Salimans 2022, classifier-free guidance), and ``num_heads``.
+reserved null label (Ho and Salimans 2022, classifier-free guidance), ``num_heads``, and what a
+super-resolution stage of a cascade needs (SR3, Saharia et al. 2021; Imagen, Saharia et al. 2022):
+``low_res_channels`` (the low-resolution image, upsampled bilinearly to x_t's size and concatenated
+to it as input channels) and ``noise_level_embedding`` (the augmentation level of that image,
+embedded like a timestep and added to the time embedding; see :mod:`ddpm.superres`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ from ddpm.models.layers import (
     timestep_embedding,
 )
 
+#: The timestep a super-resolution model's augmentation level s in [0, 1] is embedded as: s * 1000, so
+#: that the levels span the frequencies of a 1000-step process's timesteps (Imagen embeds its
+#: continuous augmentation time like the diffusion time). In diffusers' layout the model takes it as
+#: ``class_labels`` (``class_embed_type="timestep"``).
+NOISE_LEVEL_SCALE = 1000.0
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -67,6 +77,13 @@ class UNetConfig:
             label (label ``-1`` or ``y=None``) for classifier-free guidance.
         num_heads: attention heads (DDPM uses one).
         norm_groups: GroupNorm groups (DDPM: 32). Fewer allow narrower CPU-sized models (ch=16).
+        low_res_channels: ``c > 0`` makes a super-resolution model: it takes a low-resolution image
+            ``low_res`` of ``c`` channels, upsamples it bilinearly to x_t's size and concatenates it
+            after x_t's ``in_channels`` (SR3; Imagen). ``in_channels`` stays x_t's.
+        noise_level_embedding: the model takes ``noise_level`` in [0, 1], the augmentation level of its
+            low-resolution input (Imagen's noise-conditioning augmentation), embedded as the timestep
+            ``NOISE_LEVEL_SCALE * level`` by a second sinusoidal embedding and MLP and added to the
+            time embedding (diffusers' ``class_embed_type="timestep"``).
     """
 
     #: The run configuration's name for this kind of network (``model.arch`` in config.json).
@@ -83,6 +100,8 @@ class UNetConfig:
     num_classes: int = 0
     num_heads: int = 1
     norm_groups: int = GROUPS
+    low_res_channels: int = 0
+    noise_level_embedding: bool = False
 
     def __post_init__(self) -> None:
         # Lists from JSON become tuples so that configs compare and hash as values.
@@ -93,10 +112,11 @@ class UNetConfig:
         self._validate()
 
     def _validate(self) -> None:
-        counts = ("image_size", "in_channels", "ch", "num_res_blocks", "num_classes", "num_heads", "norm_groups")
+        counts = ("image_size", "in_channels", "ch", "num_res_blocks", "num_classes", "num_heads", "norm_groups",
+                  "low_res_channels")
         for name in counts:
             value = getattr(self, name)
-            if not is_int(value) or value < (0 if name == "num_classes" else 1):
+            if not is_int(value) or value < (0 if name in ("num_classes", "low_res_channels") else 1):
                 raise UserError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
         for name in ("ch_mult", "attn_resolutions"):
             value = getattr(self, name)
@@ -108,10 +128,9 @@ class UNetConfig:
             raise UserError("UNetConfig.ch_mult must have at least one level")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise UserError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.learned_sigma, bool):
-            raise UserError(
-                f"UNetConfig.learned_sigma must be true or false, got {self.learned_sigma!r}"
-            )
+        for name in ("learned_sigma", "noise_level_embedding"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"UNetConfig.{name} must be true or false, got {getattr(self, name)!r}")
         factor = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % factor:
             raise UserError(
@@ -332,7 +351,9 @@ class UNet(SavedModel):
         self.class_emb = (
             nn.Embedding(config.num_classes + 1, temb_dim) if config.num_classes else None
         )
-        self.conv_in = conv3x3(config.in_channels, ch)
+        # A super-resolution model's augmentation level, embedded like t (Imagen); diffusers' class_embedding.
+        self.level_emb = TimeEmbedding(ch) if config.noise_level_embedding else None
+        self.conv_in = conv3x3(config.in_channels + config.low_res_channels, ch)
 
         # Widths of the skip connections, in the order the down path produces them.
         skips = [ch]
@@ -391,7 +412,8 @@ class UNet(SavedModel):
                 for weight in module.qkv.weight.chunk(3):
                     nn.init.xavier_uniform_(weight)
 
-    def forward(self, x_t: Tensor, t: Tensor | int | float, y: Tensor | None = None) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor | int | float, y: Tensor | None = None, low_res: Tensor | None = None,
+                noise_level: Tensor | float | None = None) -> Tensor:
         """Predict the noise (and, with ``learned_sigma``, ``v``) in ``x_t``.
 
         Args:
@@ -401,26 +423,40 @@ class UNet(SavedModel):
                 one scalar for the whole batch. They enter the sinusoidal embedding as they are.
             y: class labels ``[B]`` in ``[0, num_classes)``, ``-1`` for "no label"; ``None`` means
                 no label for every sample. Only for class-conditional models.
+            low_res: a super-resolution model's low-resolution images ``[B, low_res_channels, h, w]``
+                (any h, w), upsampled bilinearly to x_t's size; required when ``low_res_channels``.
+            noise_level: the augmentation level in [0, 1] of ``low_res`` ``[B]`` or a scalar; required
+                when ``noise_level_embedding``.
 
         Returns:
             ``[B, out_channels, H, W]``: epsilon, followed by ``v`` when ``learned_sigma``.
         """
         batch = self._check_input(x_t)
-        return self.trunk(x_t, self.embed_time(t, y, batch, x_t.device))
+        return self.trunk(self._with_low_res(x_t, low_res), self.embed_time(t, y, batch, x_t.device, noise_level))
 
-    def embed_time(self, t: Tensor | int | float, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+    def embed_time(self, t: Tensor | int | float, y: Tensor | None, batch: int, device: torch.device,
+                   noise_level: Tensor | float | None = None) -> Tensor:
         """``silu(temb)`` [batch, 4ch]: the timestep embedding plus, for a class-conditional model, the
-        label's, activated as every residual block takes it (DDPM's ``nonlinearity(temb)``)."""
+        label's and, for a super-resolution one, its augmentation level's (embedded as the timestep
+        ``NOISE_LEVEL_SCALE * noise_level``), activated as every residual block takes it (DDPM's
+        ``nonlinearity(temb)``)."""
         temb = self.temb(per_sample(t, batch, device, "t"))
         if self.class_emb is not None:
             temb = temb + self.class_emb(labels_with_null(y, batch, device, self.config.num_classes))
         elif y is not None:
             raise ValueError("y given to a U-Net without class conditioning (num_classes=0)")
+        if self.level_emb is not None:
+            if noise_level is None:
+                raise ValueError("this U-Net is conditioned on the augmentation level: give noise_level")
+            temb = temb + self.level_emb(per_sample(noise_level, batch, device, "noise_level") * NOISE_LEVEL_SCALE)
+        elif noise_level is not None:
+            raise ValueError("noise_level given to a U-Net without noise_level_embedding")
         return F.silu(temb)
 
     def trunk(self, x: Tensor, temb_act: Tensor, attend: Attend = apply_layer) -> Tensor:
-        """The network from ``conv_in`` to ``conv_out`` on ``x`` [N, in_channels, H, W] with the activated
-        time embedding [N, 4ch]; ``attend(layer, h)`` applies each attention layer (:data:`Attend`)."""
+        """The network from ``conv_in`` to ``conv_out`` on ``x`` [N, in_channels (+ low_res_channels), H, W]
+        with the activated time embedding [N, 4ch]; ``attend(layer, h)`` applies each attention layer
+        (:data:`Attend`)."""
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
@@ -452,3 +488,16 @@ class UNet(SavedModel):
             )
         return x_t.shape[0]
 
+    def _with_low_res(self, x_t: Tensor, low_res: Tensor | None) -> Tensor:
+        """``x_t`` with a super-resolution model's low-resolution input, upsampled bilinearly, as extra channels."""
+        c = self.config.low_res_channels
+        if not c:
+            if low_res is not None:
+                raise ValueError("low_res given to a U-Net without low_res_channels")
+            return x_t
+        if low_res is None or low_res.ndim != 4 or low_res.shape[:2] != (x_t.shape[0], c):
+            got = None if low_res is None else tuple(low_res.shape)
+            raise ValueError(f"this super-resolution U-Net needs low_res [{x_t.shape[0]}, {c}, h, w], got {got}")
+        if low_res.shape[2:] != x_t.shape[2:]:
+            low_res = F.interpolate(low_res.to(x_t.dtype), size=x_t.shape[2:], mode="bilinear", align_corners=False)
+        return torch.cat([x_t, low_res.to(x_t.dtype)], dim=1)

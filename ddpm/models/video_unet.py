@@ -60,6 +60,8 @@ class VideoUNetConfig(UNetConfig):
 
     def _validate(self) -> None:
         super()._validate()
+        if self.low_res_channels or self.noise_level_embedding:
+            raise UserError("a video U-Net takes no super-resolution inputs (low_res_channels, noise_level_embedding)")
         for name in ("frames", "num_buckets", "max_distance"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
