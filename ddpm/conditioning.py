@@ -34,6 +34,7 @@ from ddpm.models import ConditionalUNet, build_network
 from ddpm.models.text_encoder import TextEmbedding, TextEncoder
 from ddpm.models.text_to_image import TextToImage, check_fit, takes_pooled, unet_kwargs
 from ddpm.models.text_transformer import TextTransformer
+from ddpm.superres import SuperResolution
 from ddpm.text import load_text_encoder
 from ddpm.tokenizer import WordTokenizer
 
@@ -170,7 +171,10 @@ def training_condition(config: Any, captions: Captions | None = None) -> Trainin
     for a text-conditional run, else the class labels or nothing."""
     if captions is not None:
         return captions
-    return ClassLabels(config.train.label_dropout) if config.train.class_cond else unconditional
+    labels = ClassLabels(config.train.label_dropout) if config.train.class_cond else None
+    if getattr(config.model, "low_res_channels", 0):
+        return SuperResolution(config.train.low_res_factor, config.train.max_noise_level, labels)
+    return labels or unconditional
 
 
 # ---------------------------------------------------------------------------- a text-to-image run's parts

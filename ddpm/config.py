@@ -134,6 +134,9 @@ class TrainConfig:
         sample_prompts: a text-to-image run's prompts for those grids, one per line (default: the data's first
             distinct captions).
         sample_guidance_scale: classifier-free guidance scale of those grids (1: none).
+        low_res_factor: a super-resolution stage's factor: its inputs are the training images shrunk by it.
+        max_noise_level: a super-resolution stage's noise-conditioning augmentation (Imagen): each low-resolution
+            input is noised to a level drawn from [0, this] (1: Imagen's).
         ckpt_every: save a checkpoint every this many steps (and always at the end).
         keep_last: how many checkpoints to keep.
         time_limit: stop (with a checkpoint) once this many minutes have passed since the command started
@@ -171,6 +174,8 @@ class TrainConfig:
     sample_steps: int = DEFAULT_NFE
     sample_prompts: str = ""
     sample_guidance_scale: float = 1.0
+    low_res_factor: int = 2
+    max_noise_level: float = 1.0
     ckpt_every: int = 10_000
     keep_last: int = 3
     time_limit: float = 0.0
@@ -191,6 +196,9 @@ class TrainConfig:
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if not self.lr > 0:
             raise UserError(f"train.lr must be positive, got {self.lr}")
+        check_positive("train.low_res_factor", self.low_res_factor)
+        if not 0 <= self.max_noise_level <= 1:
+            raise UserError(f"train.max_noise_level must be in [0, 1], got {self.max_noise_level}")
         for name in ("grad_clip", "weight_decay", "time_limit"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -396,6 +404,8 @@ RUN_PRESETS["tiny-latent"] = {**RUN_PRESETS["tiny"], "model": "tiny-latent",
 # cifar10-sr) train with the condition ddpm.superres.SuperResolution.
 RUN_PRESETS["mnist-14"] = {**RUN_PRESETS["mnist"], "model": "mnist-14"}
 RUN_PRESETS["cifar10-16"] = {**RUN_PRESETS["cifar10"], "model": "cifar10-16"}
+RUN_PRESETS["mnist-sr"] = {**RUN_PRESETS["mnist"], "model": "mnist-sr"}  # 14 -> 28
+RUN_PRESETS["cifar10-sr"] = {**RUN_PRESETS["cifar10"], "model": "cifar10-sr"}  # 16 -> 32
 
 
 def _glide(unet: str, text: str, **changes: Any) -> tuple[ConditionalUNetConfig, TextTransformerConfig]:

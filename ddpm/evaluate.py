@@ -60,6 +60,9 @@ def evaluate_bpd(
         raise UserError(LATENT_BPD)
     if loaded.conditioning is not None:
         raise UserError(TEXT_BPD)
+    if getattr(loaded.model.config, "low_res_channels", 0):
+        raise UserError("bits/dim of a super-resolution stage would be the bound given each image's low-resolution "
+                        "version, which ddpm eval does not compute; sample it with ddpm sample BASE --upsampler RUN")
     channels, *size = loaded.model.sample_shape
     device = torch.device(device)
     data = load_images(source, tuple(size), channels, split=split, root=root, limit=limit, progress=progress)

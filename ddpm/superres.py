@@ -20,19 +20,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.conditioning import ClassLabels
 from ddpm.data import Batch
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
 from ddpm.generate import Conditioning, SamplerSettings, Samples, generate
+from ddpm.images import labelled_rows, save_image
 from ddpm.runtime import derive_seed
 from ddpm.samplers import Generators, randn
+
+if TYPE_CHECKING:
+    from ddpm.conditioning import ClassLabels
 
 #: The augmentation level a super-resolution stage samples at (imagen-pytorch's ``lowres_sample_noise_level``).
 SAMPLE_LEVEL = 0.2
@@ -234,3 +237,18 @@ def _check_sizes(low_res: Sequence[int], model: nn.Module) -> None:
                         f"{model.config.low_res_channels}-channel images to {height}x{width} by a whole factor")
     if not math.isclose(height / h, width / w):
         raise UserError(f"the base model's {h}x{w} images and the upsampler's {height}x{width} differ in aspect")
+
+
+@torch.no_grad()
+def superres_preview(ema: nn.Module, diffusion: GaussianDiffusion, config: Any, images: Tensor, labels: Tensor,
+                     device: torch.device, bf16: bool, path: Any) -> Any:
+    """A training run's preview of a super-resolution stage: training ``images`` [N, C, H, W] shrunk by
+    ``train.low_res_factor`` (top row, enlarged for the eye), what the EMA stage makes of them at the
+    sampling level, and the originals (bottom row)."""
+    cfg = config.train
+    low_res = degrade(images, cfg.low_res_factor)
+    samples = upsample(ema, diffusion, low_res, SamplerSettings(cfg.sample_sampler, cfg.sample_steps), seed=cfg.seed,
+                       labels=labels if ema.num_classes else None, batch_size=len(images), device=device, bf16=bf16,
+                       progress=False)
+    shown = F.interpolate(low_res, size=images.shape[-2:], mode="nearest")
+    return save_image(labelled_rows([(shown, "input"), (samples.images, "stage"), (images, "original")]), path)

@@ -74,6 +74,7 @@ from ddpm.runtime import autocast, derive_seed, num_parameters, resolve_bf16
 from ddpm.shards import ShardStream
 from ddpm.sources import TrainingImages, open_training_images
 from ddpm.streaming import StreamedBatches
+from ddpm.superres import superres_preview
 from ddpm.timestep_sampling import UniformSampler, make_timestep_sampler
 from ddpm.tokenizer import WordTokenizer
 from ddpm.video_data import VideoData, load_videos
@@ -242,6 +243,20 @@ def preview(ema: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, dev
     return save_image(labelled_rows([(samples.uint8()[i * per:(i + 1) * per], t) for i, t in enumerate(texts)]), path)
 
 
+def _preview(ema: nn.Module, diffusion: GaussianDiffusion, config: RunConfig, data: ImageData | LatentData | VideoData,
+             device: torch.device, path: Path, autoencoder: AutoencoderKL | None,
+             prompts: TextPrompts | None) -> Path:
+    """The run's preview picture: clips for a video model, enlarged training images for a
+    super-resolution stage, else :func:`preview`."""
+    bf16 = config.train.bf16
+    if isinstance(data, VideoData):
+        return video_preview(ema, diffusion, config, device, bf16, path)
+    if getattr(config.model, "low_res_channels", 0):
+        n = min(config.train.sample_count, len(data))
+        return superres_preview(ema, diffusion, config, data.to_float(slice(0, n)), data.labels[:n], device, bf16, path)
+    return preview(ema, diffusion, config, device, bf16, path, autoencoder, prompts, _captions(data))
+
+
 def preview_prompts(given: str, captions: Sequence[str], count: int = 8) -> list[str]:
     """The preview's prompts: the lines of ``given``, else the first ``count`` distinct captions."""
     lines = [line.strip() for line in given.splitlines() if line.strip()]
@@ -317,9 +332,7 @@ def train(
         if not procs.is_main:
             return None
         path = out_dir / "samples" / f"step_{step:08d}.png"
-        if isinstance(data, VideoData):
-            return video_preview(state.ema, diffusion, config, device, cfg.bf16, path)
-        return preview(state.ema, diffusion, config, device, cfg.bf16, path, autoencoder, prompts, _captions(data))
+        return _preview(state.ema, diffusion, config, data, device, path, autoencoder, prompts)
 
     def finish() -> dict[str, Any]:
         sync = {"ranks_max_param_diff": _ranks_max_param_diff(state.model, procs)} if cfg.check_sync else {}
@@ -444,6 +457,8 @@ def _load(config: RunConfig, autoencoder: AutoencoderKL | None, progress: bool) 
         return load_videos(d.source, frames=m.frames, size=m.image_size, channels=m.in_channels, split=d.split,
                            limit=d.limit or None, progress=progress)
     channels, *size = config.model.sample_shape
+    if autoencoder is not None and getattr(config.model, "low_res_channels", 0):
+        raise UserError("a super-resolution stage trains on pixels: drop --autoencoder")
     if autoencoder is not None:
         size = pixel_size(config.model.sample_shape, autoencoder.config, d.autoencoder)
         channels = autoencoder.config.in_channels

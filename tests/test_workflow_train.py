@@ -159,3 +159,31 @@ def test_two_process_ddp_keeps_the_ranks_in_sync(tmp_path, npz):
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 7))  # one writer
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["batch_size"] == 8  # the global batch: 4 per process
+
+
+@pytest.mark.slow
+def test_a_super_resolution_stage_trains_resumes_exactly_and_cascades(tmp_path, capsys):
+    """ddpm train on a stage (the tiny U-Net with a low-resolution input and its augmentation level):
+    the SR condition is drawn from the run's generators, so a resumed run repeats the uninterrupted one."""
+    from ddpm.cli import main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8))
+    stage = ["--model.low_res_channels", "3", "--model.noise_level_embedding", "true", "--train.sample_every", "0"]
+    common = ["--preset", "tiny", "--data", str(data), "--quiet", *stage]
+    assert main(["train", *common, "--out", str(tmp_path / "whole"), "--train.steps", "4"]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "parts"), "--train.steps", "2"]) == 0
+    assert main(["train", "--out", str(tmp_path / "parts"), "--resume", "--train.steps", "4", "--quiet"]) == 0
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("whole", "parts")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    assert (tmp_path / "whole" / "samples" / "step_00000004.png").is_file()  # input / stage / original rows
+    base = tmp_path / "base"
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(base), "--quiet", "--train.steps", "1",
+                 "--train.sample_every", "0", "--model.image_size", "4", "--model.ch_mult", "1",
+                 "--model.attn_resolutions", "4"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(base), "--upsampler", str(tmp_path / "whole"), "--out", str(tmp_path / "s"),
+                 "--num-images", "2", "--steps", "2", "--quiet"]) == 0
+    assert "at 4x4, then" in capsys.readouterr().out and (tmp_path / "s" / "grid.png").is_file()
