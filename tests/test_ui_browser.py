@@ -163,7 +163,7 @@ def wait_for_image(page, selector: str, part: str) -> None:
 def test_the_page_draws_what_ddpm_sample_draws_and_scrubs_the_chain(page, server, tmp_path):
     page.goto(server.url)
     page.wait_for_selector("body[data-ready]")
-    assert page.is_hidden("#edit-tab") and page.is_hidden("#prompt")  # no editing yet; not a text model
+    assert page.is_visible("#edit-tab") and page.is_hidden("#prompt")  # inpaint and img2img exist; not a text model
     page.fill("#seed", "5")
     page.fill("#num-images", "4")
     page.fill("#batch-size", "4")
