@@ -363,22 +363,41 @@ def _bf16_argument(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _solver_arguments(p: argparse.ArgumentParser) -> None:
-    from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, SAMPLERS
+    from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_BY_NFE, FINAL_STEPS, SAMPLERS
     from ddpm.schedules import SPACINGS
 
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS),
-                   help=f"the reverse-process solver (default {DEFAULT_SAMPLER}): ddpm is the paper's Algorithm 2 "
-                        "(ancestral, all T steps by default), ddim is DDIM, dpm++2m / dpm++3m DPM-Solver++ multistep, "
-                        "dpm++2m-sde its stochastic variant, unipc UniPC (order 3), heun Karras et al.'s Heun, "
-                        "dpm-adaptive picks its own steps from --rtol")
+    by_nfe = ", ".join(f"{nfe}: {name}" for nfe, name in DEFAULT_SAMPLER_BY_NFE.items())
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help=f"the reverse-process solver (default: by the NFE asked, {by_nfe}; {DEFAULT_SAMPLER} at the "
+                        f"default {DEFAULT_NFE}): ddpm is the paper's Algorithm 2 (ancestral, all T steps by "
+                        "default), ddim is DDIM, dpm++2m / dpm++3m DPM-Solver++ multistep, dpm++2m-sde / dpm++3m-sde "
+                        "their stochastic variants, unipc / unipc-bh1 UniPC with B(h) = e^h - 1 / h, heun Karras et "
+                        "al.'s Heun, dpm-adaptive picks its own steps from --rtol")
     p.add_argument("--steps", type=int, default=None,
                    help=f"network evaluations (NFE) per image (default: all T for ddpm, {DEFAULT_NFE} for the "
                         "others; heun spends 2K-1 for K steps)")
     p.add_argument("--spacing", default=None, choices=list(SPACINGS),
                    help="which timesteps the chain visits (default: the sampler's own: uniform for ddpm, leading "
-                        "for ddim, trailing for dpm++2m-sde, logsnr for dpm++2m, dpm++3m and unipc, karras for heun)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM (ddim only)")
+                        "for ddim, trailing for the SDE solvers, logsnr for dpm++2m, dpm++3m and unipc, karras for "
+                        "heun)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="ddim's eta (default 0, deterministic; 1 like DDPM) or the SDE solvers' noise amount (default "
+                        "1, the reverse SDE; 0 is their ODE, dpm++2m / dpm++3m)")
+    p.add_argument("--order", type=int, default=None, choices=[1, 2, 3], help="UniPC's order (default 3)")
+    p.add_argument("--final-step", default="denoise", choices=list(FINAL_STEPS),
+                   help="the last step: denoise returns the last evaluation's predicted x0 (default); sigma-min "
+                        "steps to timestep 0's noise level instead, without evaluating there (ddim and the "
+                        "multistep solvers)")
+    p.add_argument("--lower-order-final", default=True, action=argparse.BooleanOptionalAction,
+                   help="the multistep solvers' last steps at lower order: the one before last at most second "
+                        "order, the last first order (default on)")
     p.add_argument("--rtol", type=float, default=None, help="dpm-adaptive's relative tolerance (default 0.05)")
+
+
+def _solver_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The solver options of ``args`` but the sampler and its NFE, as :class:`ddpm.generate.SamplerSettings` fields."""
+    return {"eta": args.eta, "spacing": args.spacing, "rtol": args.rtol, "order": args.order,
+            "lower_order_final": args.lower_order_final, "final_step": args.final_step}
 
 
 def _bf16(args: argparse.Namespace) -> bool | None:
@@ -443,14 +462,15 @@ def _dynamic_threshold_argument(p: argparse.ArgumentParser) -> None:
 
 def _sample_settings(args: argparse.Namespace, loaded: Any, sampler: str | None = None,
                      steps: int | None = None) -> Any:
-    """:func:`_settings` for ``loaded`` with the dynamic threshold, and another sampler or NFE if given."""
+    """:func:`_settings` for ``loaded`` with the dynamic threshold, and another sampler or NFE if given
+    (without --sampler, the sampler for that NFE)."""
     from ddpm.generate import SamplerSettings
+    from ddpm.samplers import default_sampler
 
-    settings = SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol,
-                               dynamic_threshold=args.dynamic_threshold)
-    if sampler not in (None, settings.sampler):  # another solver: its own spacing, no eta
-        settings = dataclasses.replace(settings, sampler=sampler, eta=0.0, spacing=None, rtol=None)
-    settings = settings if steps is None else dataclasses.replace(settings, steps=steps)
+    steps = args.steps if steps is None else steps
+    own = sampler not in (None, args.sampler or default_sampler(args.steps))  # another solver: its own options
+    settings = SamplerSettings(sampler or args.sampler, steps, dynamic_threshold=args.dynamic_threshold,
+                               **({} if own else _solver_options(args)))
     return loaded.sampler_settings(settings)
 
 
@@ -509,11 +529,12 @@ def _sample_video(args: argparse.Namespace, loaded: Any, device: Any) -> int:
     channels, _, height, width = loaded.model.sample_shape
     first = None if args.first_frames is None else read_first_frames(args.first_frames, args.num_first_frames,
                                                                       channels, (height, width))
-    samples = generate_video(loaded.model, loaded.diffusion.build(), args.num_images, _settings(args, loaded),
+    settings = _settings(args, loaded)
+    samples = generate_video(loaded.model, loaded.diffusion.build(), args.num_images, settings,
                              seed=args.seed, frames=args.frames, first_frames=first, method=args.conditioning,
                              guidance_weight=args.guidance_weight, context=args.context, label=args.label,
                              batch_size=args.batch_size, device=device, bf16=_bf16(args), progress=not args.quiet)
-    print(f"{len(samples.videos)} clips of {samples.videos.shape[2]} frames with {args.sampler}: "
+    print(f"{len(samples.videos)} clips of {samples.videos.shape[2]} frames with {settings.sampler}: "
           f"{samples.nfe:g} network evaluations each")
     _print_paths(write_videos(samples, args.out, gif=not args.no_gif, mp4=args.mp4, grid=not args.no_grid,
                               npz=args.npz, fps=args.fps))
@@ -524,7 +545,7 @@ def _settings(args: argparse.Namespace, loaded: Any) -> Any:
     """The sampler options, with the DDIM of the loaded model's diffusers scheduler config if it has one."""
     from ddpm.generate import SamplerSettings
 
-    return loaded.sampler_settings(SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.rtol))
+    return loaded.sampler_settings(SamplerSettings(args.sampler, args.steps, **_solver_options(args)))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -547,11 +568,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from ddpm.inversion import read_noise
 
         latents = read_noise(args.latents, loaded.model.sample_shape)
+    settings = _sample_settings(args, loaded)
     samples = generate(loaded.model, loaded.diffusion.build(), args.num_images if latents is None else len(latents),
-                       _sample_settings(args, loaded), seed=args.seed, latents=latents, batch_size=args.batch_size,
+                       settings, seed=args.seed, latents=latents, batch_size=args.batch_size,
                        device=device, bf16=_bf16(args), progress=not args.quiet, autoencoder=loaded.autoencoder,
                        **_conditions(args, loaded))
-    print(f"{len(samples.images)} images with {args.sampler}: {samples.nfe:g} network evaluations each")
+    print(f"{len(samples.images)} images with {settings.sampler}: {samples.nfe:g} network evaluations each")
     _print_paths(write_samples(samples, args.out, grid=not args.no_grid, pngs=args.pngs, npz=args.npz))
     return 0
 

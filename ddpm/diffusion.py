@@ -384,18 +384,18 @@ class GaussianDiffusion:
         self,
         model: Model,
         shape: Sequence[int],
-        sampler: str = samplers.DEFAULT_SAMPLER,
+        sampler: str | None = None,
         steps: int | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         progress: bool = False,
         return_trajectory: bool = False,
         spacing: str | None = None,
         **kwargs: Any,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """Draw samples from p_θ; see :func:`ddpm.samplers.sample` for the options (``sampler``,
-        by default :data:`ddpm.samplers.DEFAULT_SAMPLER`; ``steps`` = NFE; ``spacing``;
-        per-sample generators, ...)."""
+        """Draw samples from p_θ; see :func:`ddpm.samplers.sample` for the options (``sampler``, by
+        default the one for the NFE asked, :func:`ddpm.samplers.default_sampler`, at 20 NFE
+        :data:`ddpm.samplers.DEFAULT_SAMPLER`; ``steps`` = NFE; ``eta``; ``spacing``; per-sample generators, ...)."""
         return samplers.sample(
             self, model, shape, sampler=sampler, steps=steps, eta=eta, spacing=spacing, generator=generator,
             progress=progress, return_trajectory=return_trajectory, **kwargs,

@@ -28,19 +28,21 @@ from ddpm.images import auto_scale, labelled_rows, make_grid, save_image, save_n
 from ddpm.latent import decode_latents
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.runtime import autocast, derive_seed, resolve_bf16
-from ddpm.samplers import DEFAULT_SAMPLER, check_dynamic_threshold, check_sampler_arguments, default_steps
+from ddpm.samplers import check_dynamic_threshold, check_sampler_arguments, default_sampler, default_steps
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to run the reverse process.
 
-    The defaults are :data:`ddpm.samplers.DEFAULT_SAMPLER` at its default NFE.
+    The defaults are :data:`ddpm.samplers.DEFAULT_SAMPLER` at its default NFE; with ``steps`` and no
+    ``sampler``, the sampler for that NFE (:func:`ddpm.samplers.default_sampler`, filled in on creation).
 
     Attributes:
-        sampler: a name from :data:`ddpm.samplers.SAMPLERS`.
+        sampler: a name from :data:`ddpm.samplers.SAMPLERS` (``None``: the one for ``steps``).
         steps: network evaluations (``None``: :func:`ddpm.samplers.default_steps`, all T for ``ddpm``).
-        eta: DDIM's η (0: deterministic).
+        eta: DDIM's η (0: deterministic) or the SDE solvers' noise amount (1: the reverse SDE, 0: their ODE);
+            ``None``: the sampler's own (:data:`ddpm.samplers.DEFAULT_ETA`).
         spacing: which timesteps the chain visits (``None``: the sampler's default,
             :data:`ddpm.samplers.DEFAULT_SPACING`).
         rtol: ``dpm-adaptive``'s relative tolerance (it picks its own steps).
@@ -48,21 +50,34 @@ class SamplerSettings:
         dynamic_threshold: Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995, Imagen's)
             in place of the clip (:func:`ddpm.diffusion.dynamic_thresholding`; pixels only).
         timesteps: the 0-based timesteps to visit, given explicitly (instead of ``spacing``).
-        final_alpha_cumprod: DDIM's: the ᾱ its last step lands at (None: 1, the data).
+        final_alpha_cumprod: the ᾱ the last step lands at (None: 1, the data; DDIM and the multistep solvers).
+        order: UniPC's order, 1 to 3 (``None``: 3).
+        lower_order_final: the multistep solvers' lower orders at their last steps
+            (:class:`ddpm.samplers.Multistep`).
+        final_step: ``"denoise"`` (x̂_0 of the last evaluation) or ``"sigma-min"``
+            (:data:`ddpm.samplers.FINAL_STEPS`).
 
-    A diffusers model's scheduler config fills the last two in for DDIM
+    A diffusers model's scheduler config fills ``timesteps`` and ``final_alpha_cumprod`` in for DDIM
     (:meth:`ddpm.loading.LoadedModel.sampler_settings`).
     """
 
-    sampler: str = DEFAULT_SAMPLER
+    sampler: str | None = None
     steps: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     spacing: str | None = None
     rtol: float | None = None
     clip_denoised: bool = True
     dynamic_threshold: float | None = None
     timesteps: tuple[int, ...] | None = None
     final_alpha_cumprod: float | None = None
+    order: int | None = None
+    lower_order_final: bool = True
+    final_step: str = "denoise"
+
+    def __post_init__(self) -> None:
+        if self.sampler is None:
+            nfe = len(self.timesteps) if self.steps is None and self.timesteps is not None else self.steps
+            object.__setattr__(self, "sampler", default_sampler(nfe))
 
     def describe(self, T: int) -> str:
         if self.sampler == "dpm-adaptive":
@@ -72,10 +87,12 @@ class SamplerSettings:
             spacing = f", timesteps {self.timesteps[-1]} to {self.timesteps[0]}"
         if self.final_alpha_cumprod is not None and self.final_alpha_cumprod != 1.0:
             spacing += f", ending at alpha-bar {self.final_alpha_cumprod:.6g}"
-        eta = f", eta {self.eta:g}" if self.eta else ""
-        threshold = f", dynamic threshold {self.dynamic_threshold:g}" if self.dynamic_threshold else ""
+        options = [f"eta {self.eta:g}" if self.eta else "", f"order {self.order}" if self.order else "",
+                   "" if self.lower_order_final else "no lower-order final steps",
+                   "" if self.final_step == "denoise" else f"final step {self.final_step}",
+                   f"dynamic threshold {self.dynamic_threshold:g}" if self.dynamic_threshold else ""]
         steps = default_steps(self.sampler, T) if self.steps is None else self.steps
-        return f"{self.sampler}, {steps} NFE{spacing}{eta}{threshold}"
+        return ", ".join([f"{self.sampler}, {steps} NFE{spacing}", *filter(None, options)])
 
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`GaussianDiffusion.sample` these settings fill in."""
@@ -83,11 +100,15 @@ class SamplerSettings:
                   "clip_denoised": self.clip_denoised, "dynamic_threshold": self.dynamic_threshold}
         if self.sampler == "dpm-adaptive":
             kwargs["rtol"] = self.rtol or DEFAULT_RTOL
-        if self.timesteps is not None:
-            kwargs["timesteps"] = self.timesteps
-        if self.final_alpha_cumprod is not None:
-            kwargs["final_alpha_cumprod"] = self.final_alpha_cumprod
-        return kwargs
+        extra = {"timesteps": self.timesteps, "final_alpha_cumprod": self.final_alpha_cumprod, "order": self.order,
+                 "lower_order_final": None if self.lower_order_final else False,
+                 "final_step": None if self.final_step == "denoise" else self.final_step}
+        return {**kwargs, **{key: value for key, value in extra.items() if value is not None}}
+
+    def check(self, T: int) -> None:
+        """:class:`UserError` unless these settings are valid for a process of T steps."""
+        check_sampler_arguments(T, self.sampler, self.steps, self.eta, self.spacing, self.rtol, self.order,
+                                self.lower_order_final, self.final_step)
 
 
 #: dpm-adaptive's tolerance when none is given.
@@ -301,7 +322,7 @@ def _chain_arguments(settings: SamplerSettings, prepare: Prepare | None, first: 
 def _settings_for(settings: SamplerSettings, autoencoder: AutoencoderKL | None, T: int) -> SamplerSettings:
     """``settings``, checked against a process of T steps, for a latent model (no clip: latents have no
     [-1, 1] range) or as they are."""
-    check_sampler_arguments(T, settings.sampler, settings.steps, settings.eta, settings.spacing, settings.rtol)
+    settings.check(T)
     check_dynamic_threshold(settings.dynamic_threshold)
     if autoencoder is None:
         return settings

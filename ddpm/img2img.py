@@ -70,7 +70,8 @@ def strength_timesteps(diffusion: GaussianDiffusion, settings: SamplerSettings, 
     check_strength(strength)
     if settings.sampler == "dpm-adaptive":
         raise UserError("img2img runs part of a fixed chain; dpm-adaptive picks its own steps: choose another sampler")
-    kept = chain_timesteps(diffusion, settings.sampler, settings.steps, settings.spacing, settings.timesteps)
+    kept = chain_timesteps(diffusion, settings.sampler, settings.steps, settings.spacing, settings.timesteps,
+                           settings.final_step)
     return kept[: int(len(kept) * strength)]
 
 

@@ -43,12 +43,12 @@ from ddpm.images import PathLike, as_float_images, auto_scale, make_grid, save_g
 from ddpm.img2img import check_images, pixel_shape, to_model_space
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.runtime import autocast, resolve_bf16
-from ddpm.samplers import Solver, chain_timesteps, check_sampler_arguments
+from ddpm.samplers import Solver, chain_timesteps
 
 #: The solvers that encode: first order (DDIM) and DPM-Solver++(2M).
 INVERSION_SAMPLERS = {"ddim": 1, "dpm++2m": 2}
 #: The solvers that decode deterministically (with eta 0).
-DETERMINISTIC_SAMPLERS = ("ddim", "dpm++2m", "dpm++3m", "unipc", "heun")
+DETERMINISTIC_SAMPLERS = ("ddim", "dpm++2m", "dpm++3m", "unipc", "unipc-bh1", "heun")
 
 
 def check_inversion_settings(settings: SamplerSettings, decode_only: bool = False) -> None:
@@ -58,6 +58,9 @@ def check_inversion_settings(settings: SamplerSettings, decode_only: bool = Fals
         got = settings.sampler + (f" with eta {settings.eta:g}" if settings.eta else "")
         raise UserError(f"a deterministic map between images and noise needs --sampler {' or '.join(allowed)} "
                         f"(with eta 0), got {got}")
+    if settings.final_step != "denoise":
+        raise UserError("inversion starts from the images themselves: its chain ends at the data (--final-step "
+                        f"denoise), got {settings.final_step}")
 
 
 @torch.no_grad()
@@ -136,7 +139,7 @@ def invert(
     model inverts the image's latents (:func:`ddpm.img2img.to_model_space`)."""
     settings = settings or SamplerSettings("ddim")
     check_inversion_settings(settings)
-    check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta, settings.spacing)
+    settings.check(diffusion.num_timesteps)
     check_images(images, pixel_shape(model, autoencoder))
     condition = Condition(label, prompts, negative_prompt, guidance_scale)
     condition.check(model.num_classes, conditioning)

@@ -31,7 +31,7 @@ from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, Samples, generate, image_generators
 from ddpm.loading import LoadedModel, load_model
 from ddpm.runtime import resolve_device
-from ddpm.samplers import DEFAULT_SAMPLER, randn
+from ddpm.samplers import randn
 
 
 @dataclass
@@ -62,13 +62,13 @@ class Pipeline:
         negative_prompt: str | None = None,
         num_images: int = 1,
         *,
-        sampler: str = DEFAULT_SAMPLER,
+        sampler: str | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int = 0,
         latents: Tensor | np.ndarray | None = None,
         label: int | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         spacing: str | None = None,
         batch_size: int = 16,
         bf16: bool | None = None,
@@ -82,7 +82,8 @@ class Pipeline:
         empty prompt) is the unconditional half of classifier-free guidance at ``guidance_scale``
         (None or 1: none; Stable Diffusion uses 7.5). A class-conditional model takes ``label``
         (None: the classes in turn), an unconditional one neither; both draw ``num_images`` in all.
-        ``sampler``, ``steps`` (NFE), ``eta``, ``spacing``: as ``ddpm sample`` (:data:`ddpm.samplers.SAMPLERS`).
+        ``sampler``, ``steps`` (NFE), ``eta``, ``spacing``: as ``ddpm sample`` (:data:`ddpm.samplers.SAMPLERS`;
+        ``sampler`` None: the one for the NFE, :func:`ddpm.samplers.default_sampler`).
         ``latents`` ``[N, *latent_shape]`` is x_T; ``seed`` draws it otherwise, and any noise of a
         stochastic sampler. A mistake (a prompt for an unconditional model, a label out of range,
         latents of the wrong shape) is one :class:`~ddpm.errors.UserError`.

@@ -101,10 +101,13 @@ class Solver:
 
     ``step(x, k, p, denoise, noise)`` gets x at kept step k and the network's prediction ``p`` there,
     and returns x at step k − 1 (at k = 0: the sample). ``evaluations(K)`` is its NFE on K steps.
+    The last step lands at the data (ᾱ = 1), or at ᾱ = ``final_alpha_cumprod`` < 1 for the solvers
+    that take one (:data:`FINAL_STEP_SAMPLERS`).
     """
 
-    def __init__(self, d: GaussianDiffusion, eta: float = 0.0) -> None:
+    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, final_alpha_cumprod: float | None = None) -> None:
         self.d, self.eta = d, eta
+        self.final = None if final_alpha_cumprod is None or final_alpha_cumprod == 1.0 else final_alpha_cumprod
 
     def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
         raise NotImplementedError
@@ -123,10 +126,12 @@ class Solver:
         return k - 1
 
     def alpha_sigma(self, k: int) -> tuple[float, float]:
-        """(α, σ) = (√ᾱ, √(1 − ᾱ)) at kept step k, in float64; k = −1 is the data, (1, 0)."""
+        """(α, σ) = (√ᾱ, √(1 − ᾱ)) at kept step k, in float64; k = −1 is where the last step lands: the
+        data, (1, 0), or ᾱ = ``final_alpha_cumprod``."""
         if k < 0:
-            return 1.0, 0.0
-        acp = self.d.alphas_cumprod[k].item()
+            acp = 1.0 if self.final is None else self.final
+        else:
+            acp = self.d.alphas_cumprod[k].item()
         return math.sqrt(acp), math.sqrt(1.0 - acp)
 
     def log_snr(self, k: int) -> float:
@@ -151,57 +156,84 @@ class DDIM(Solver):
     paper's x_1, not x_0 (:class:`ddpm.models.diffusers_io.DDIMOptions`).
     """
 
-    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, final_alpha_cumprod: float | None = None) -> None:
-        super().__init__(d, eta)
-        self.final = None if final_alpha_cumprod is None or final_alpha_cumprod == 1.0 else final_alpha_cumprod
-
     def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
         last = k == 0
         z = noise() if self.eta > 0 and (not last or self.final is not None) else torch.zeros_like(x)
         return ddim_step(self.d, p, x, _timestep(k, x), z, self.eta, self.final if last else None)
 
 
-# ---------------------------------------------------------------------------- DPM-Solver++
+# ---------------------------------------------------------------------------- multistep solvers
 
 
-class DPMSolverPP(Solver):
-    """DPM-Solver++ multistep with data prediction, [DPM++] Algorithm 2 (2M) and its third order (3M).
+class Multistep(Solver):
+    """A multistep solver: it keeps (λ, x̂_0) of its last ``order`` evaluations and steps at the highest
+    order that this history allows.
 
-    The PF-ODE's exact solution from s to t (h = λ_t − λ_s; [DPM++] section 4, data prediction) is
-    x_t = (σ_t/σ_s) x_s + σ_t ∫_{λ_s}^{λ_t} e^λ x̂_0(λ) dλ. Order 1 takes x̂_0 constant (DDIM);
-    2M takes D = (1 + 1/(2r)) x̂_0(s) − 1/(2r) x̂_0(s') from the previous step s' (r = h'/h);
-    3M expands x̂_0 to second order in λ through the last three points and integrates exactly.
-    The first steps use lower orders (no history yet), the step before last at most order 2, and
-    the last step, to λ = ∞, is first order: it returns x̂_0 at t_0.
+    The first step has no history, so the order ramps up, 1, 2, ..., ``order`` (as every multistep
+    method starts). With ``lower_order_final`` (the default; diffusers' option of that name) the order
+    at kept step k is also at most k + 1: the step before last is at most second order and the last
+    first order. A last step to the data (λ = ∞, ``final_step="denoise"``) is first order whatever
+    the option: there the update is x̂_0 itself.
     """
 
-    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, order: int = 2) -> None:
-        super().__init__(d, eta)
-        self.order = order
+    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, order: int = 2, lower_order_final: bool = True,
+                 final_alpha_cumprod: float | None = None) -> None:
+        super().__init__(d, eta, final_alpha_cumprod)
+        self.order, self.lower_order_final = order, lower_order_final
         self.history: list[tuple[float, Tensor]] = []  # (λ, x̂_0), newest last
 
+    def remember(self, k: int, x0: Tensor) -> None:
+        self.history = [*self.history, (self.log_snr(k), x0)][-self.order:]
+
+    def step_order(self, k: int) -> int:
+        """The order of the step from kept step k, after ``remember`` at k."""
+        return min(self.order, len(self.history), k + 1 if self.lower_order_final else self.order)
+
+
+class DPMSolverPP(Multistep):
+    """DPM-Solver++ multistep with data prediction, [DPM++] Algorithm 2 (2M) and its third order (3M);
+    with a noise amount ``eta`` = η > 0, their SDE variants (SDE-DPM-Solver++(2M), [DPM++] section 5).
+
+    The reverse SDEs dy = −(1 + η)/2 g² ∇_y log p_t dt + √η g dw̄ in y = x/α all have the model's
+    marginals (η = 0: the PF-ODE; η = 1: the reverse SDE of [SDE]; k-diffusion's ``eta``). With
+    c = 1 + η and h = λ_t − λ_s, their linear part and their noise are exact from s to t:
+    x_t = (σ_t/σ_s) e^{−ηh} x_s + α_t c ∫_0^h e^{−c(h−u)} x̂_0(λ_s + u) du + σ_t √(1 − e^{−2ηh}) z.
+    Order 1 takes x̂_0 constant, a weight J_0 = 1 − e^{−ch} (DDIM at η = 0); 2M replaces x̂_0 by
+    D = x̂_0(s) + (x̂_0(s) − x̂_0(s')) / (2r) from the previous step s' (r = h'/h; the midpoint rule
+    of [DPM++] Algorithm 2); 3M expands x̂_0 to second order in λ through the last three points and
+    integrates each term exactly, J_1 = h − J_0/c and J_2 = h²/2 − h/c + J_0/c². The orders ramp up
+    and come down as :class:`Multistep` says; a last step to the data returns x̂_0.
+    """
+
     def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
-        lam_s, x0 = self.log_snr(k), p["pred_x0"]
-        self.history = [*self.history, (lam_s, x0)][-self.order:]
+        x0 = p["pred_x0"]
+        self.remember(k, x0)
         alpha_t, sigma_t = self.alpha_sigma(k - 1)
         if sigma_t == 0.0:
             return x0  # h = ∞: e^{−h} = 0, the update is x̂_0 itself
-        h = math.log(alpha_t / sigma_t) - lam_s
-        order = min(self.order, len(self.history), k + 1)
-        decay = (sigma_t / self.alpha_sigma(k)[1]) * x  # (σ_t/σ_s) x_s
+        h = math.log(alpha_t / sigma_t) - self.history[-1][0]
+        c, order = 1.0 + self.eta, self.step_order(k)
+        decay = sigma_t / self.alpha_sigma(k)[1] * math.exp(-self.eta * h)  # (σ_t/σ_s) e^{−ηh}
+        j0 = -math.expm1(-c * h)  # 1 − e^{−ch}
         if order == 1:
-            return decay - alpha_t * math.expm1(-h) * x0
-        if order == 2:
-            (lam_1, x0_1), _ = self.history[-2:]
+            x_t = decay * x + alpha_t * j0 * x0
+        elif order == 2:
+            x_t = decay * x + alpha_t * j0 * self.midpoint(h)
+        else:
+            d1, d2 = _lambda_derivatives(self.history)
+            j1, j2 = h - j0 / c, h * h / 2 - h / c + j0 / (c * c)
+            x_t = decay * x + alpha_t * (j0 * x0 + j1 * d1 + j2 * d2)
+        if self.eta == 0.0:
+            return x_t
+        return x_t + sigma_t * math.sqrt(-math.expm1(-2 * self.eta * h)) * noise()
+
+    def midpoint(self, h: float) -> Tensor:
+        """2M's D = x̂_0(s) + (x̂_0(s) − x̂_0(s')) / (2r), r = (λ_s − λ_s')/h ([DPM++] Algorithm 2)."""
+        (lam_1, x0_1), (lam_s, x0) = self.history[-2:]
+        if self.eta == 0.0:  # two spellings of one D: each solver's own, so that seeds reproduce bit for bit
             r = (lam_s - lam_1) / h
-            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_1  # [DPM++] Algorithm 2
-            return decay - alpha_t * math.expm1(-h) * D
-        d1, d2 = _lambda_derivatives(self.history)
-        # I_n = ∫_0^h e^{u−h} u^n/n! du for n = 0, 1, 2 (= h^{n+1} φ_{n+1}(−h) in φ-function terms).
-        i0 = -math.expm1(-h)
-        i1 = h + math.expm1(-h)
-        i2 = h * h / 2 - h - math.expm1(-h)
-        return decay + alpha_t * (i0 * x0 + i1 * d1 + i2 * d2)
+            return (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_1
+        return x0 + (x0 - x0_1) * h / (2 * (lam_s - lam_1))
 
 
 def _lambda_derivatives(history: list[tuple[float, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -216,72 +248,46 @@ def _lambda_derivatives(history: list[tuple[float, Tensor]]) -> tuple[Tensor, Te
     return f01 + (l0 - l1) * f012, 2 * f012
 
 
-class DPMSolverPPSDE(DPMSolverPP):
-    """SDE-DPM-Solver++(2M): the reverse SDE, not the ODE, solved like [DPM++]'s ODE in λ (diffusers'
-    ``sde-dpmsolver++`` with the midpoint rule).
-
-    Its exact linear part gives x_t = (σ_t/σ_s) e^{−h} x_s + α_t (1 − e^{−2h}) x̂_0 + σ_t √(1 − e^{−2h}) z,
-    and the second-order (midpoint) correction adds α_t (1 − e^{−2h}) D_1 / 2 with
-    D_1 = (x̂_0(s) − x̂_0(s')) / r. It samples the model's distribution; the last step returns x̂_0.
-    """
-
-    def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
-        lam_s, x0 = self.log_snr(k), p["pred_x0"]
-        self.history = [*self.history, (lam_s, x0)][-self.order:]
-        alpha_t, sigma_t = self.alpha_sigma(k - 1)
-        if sigma_t == 0.0:
-            return x0
-        h = math.log(alpha_t / sigma_t) - lam_s
-        D = x0
-        if len(self.history) == 2:
-            (lam_1, x0_1), _ = self.history
-            D = x0 + (x0 - x0_1) * h / (2 * (lam_s - lam_1))
-        one_minus = -math.expm1(-2 * h)  # 1 − e^{−2h}
-        decay = sigma_t / self.alpha_sigma(k)[1] * math.exp(-h)
-        return decay * x + alpha_t * one_minus * D + sigma_t * math.sqrt(one_minus) * noise()
-
-
-# ---------------------------------------------------------------------------- UniPC
-
-
-class UniPC(Solver):
-    """UniPC with B(h) = e^h − 1 (bh2) and data prediction, [UniPC] section 3 (UniC, UniP).
+class UniPC(Multistep):
+    """UniPC with data prediction, [UniPC] section 3 (UniC, UniP): B(h) = e^h − 1 (``bh2``, the
+    ``unipc`` sampler) or B(h) = h (``bh1``, ``unipc-bh1``), of ``order`` p = 1, 2 or 3 (default 3).
 
     Each step predicts with UniP-p from the last p points, then, once the network has been called
     at the predicted point (the next step's evaluation, so no extra NFE), corrects that point with
     UniC-p, which raises the order by one; the model output kept in the history is the one at the
-    uncorrected point. The order ramps up over the first steps, is at most k + 1 at step k (so 2
-    before last), the last step (to λ = ∞) returns x̂_0, and no corrector follows it.
+    uncorrected point. The orders ramp up and come down as :class:`Multistep` says (diffusers'
+    ``UniPCMultistepScheduler`` applies ``lower_order_final`` at every number of steps); a last step
+    to the data returns x̂_0, and no corrector follows the last step.
     """
 
-    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, order: int = 3) -> None:
-        super().__init__(d, eta)
-        self.order = order
-        self.history: list[tuple[float, Tensor]] = []
+    def __init__(self, d: GaussianDiffusion, eta: float = 0.0, order: int = 3, variant: str = "bh2",
+                 lower_order_final: bool = True, final_alpha_cumprod: float | None = None) -> None:
+        super().__init__(d, eta, order, lower_order_final, final_alpha_cumprod)
+        self.variant = variant
         self.last: tuple[Tensor, int, int] | None = None  # (x_s, k of s, order) of the last prediction
 
     def step(self, x: Tensor, k: int, p: dict[str, Tensor], denoise: Denoise, noise: Noise) -> Tensor:
         x0 = p["pred_x0"]
-        if k == 0:
+        if self.alpha_sigma(k - 1)[1] == 0.0:
             return x0  # to λ = ∞: x̂_0, whatever a correction of x would have been
         if self.last is not None:  # UniC: x was predicted; correct it with the model output at x
             x_s, k_s, order = self.last
             x = self.update(x_s, k_s, k, self.history[-order:], x0_t=x0)
-        self.history = [*self.history, (self.log_snr(k), x0)][-self.order:]
-        order = min(self.order, len(self.history), k + 1)
+        self.remember(k, x0)
+        order = self.step_order(k)
         self.last = (x, k, order)
         return self.update(x, k, k - 1, self.history[-order:])
 
     def update(
         self, x: Tensor, k_s: int, k_t: int, points: list[tuple[float, Tensor]], x0_t: Tensor | None = None
     ) -> Tensor:
-        """UniP (``x0_t`` None) or UniC from s = t_{k_s} to t = t_{k_t} ([UniPC] section 3, B(h) = e^h − 1).
+        """UniP (``x0_t`` None) or UniC from s = t_{k_s} to t = t_{k_t} ([UniPC] section 3).
 
         ``points`` are (λ, x̂_0) with s last. With r_m = (λ_m − λ_s)/h and D_m = (x̂_0(m) − x̂_0(s)) / r_m,
-        x_t = (σ_t/σ_s) x_s + α_t (1 − e^{−h}) x̂_0(s) + α_t (1 − e^{−h}) Σ_m ρ_m D_m,
-        where ρ solves Σ_m ρ_m r_m^{i−1} = b_i = i! z φ_{i+1}(z) / (e^z − 1), z = −h, i = 1..p (the order
-        conditions of [UniPC] with B = e^z − 1), φ_1(z) = (e^z − 1)/z, φ_{i+1}(z) = (φ_i(z) − 1/i!)/z.
-        The corrector adds the point t itself (r = 1, D = x̂_0(t) − x̂_0(s)). With a single D (the
+        x_t = (σ_t/σ_s) x_s + α_t (1 − e^{−h}) x̂_0(s) − α_t B(z) Σ_m ρ_m D_m, z = −h,
+        where ρ solves Σ_m ρ_m r_m^{i−1} = b_i = i! z φ_{i+1}(z) / B(z), i = 1..p (the order conditions
+        of [UniPC]), φ_1(z) = (e^z − 1)/z, φ_{i+1}(z) = (φ_i(z) − 1/i!)/z, and B(z) = e^z − 1 (bh2) or z
+        (bh1). The corrector adds the point t itself (r = 1, D = x̂_0(t) − x̂_0(s)). With a single D (the
         predictor of order 2, the corrector of order 1) ρ = ½, b_1's limit as h → 0, as in UniPC's
         reference code and diffusers.
         """
@@ -295,17 +301,23 @@ class UniPC(Solver):
         x_t = (sigma_t / self.alpha_sigma(k_s)[1]) * x - alpha_t * math.expm1(-h) * x0_s
         if not D:
             return x_t
-        rho = [0.5] if len(D) == 1 else _unipc_rho(r, h)
-        return x_t - alpha_t * math.expm1(-h) * sum(rho_m * D_m for rho_m, D_m in zip(rho, D, strict=True))
+        rho = [0.5] if len(D) == 1 else _unipc_rho(r, h, self.variant)
+        B = _unipc_B(-h, self.variant)
+        return x_t - alpha_t * B * sum(rho_m * D_m for rho_m, D_m in zip(rho, D, strict=True))
 
 
-def _unipc_rho(r: list[float], h: float) -> list[float]:
-    """Solve [UniPC]'s order conditions R ρ = b with R_{i,m} = r_m^{i−1} and bh2's b (see UniPC.update)."""
+def _unipc_B(z: float, variant: str) -> float:
+    """[UniPC]'s B(z) at z = −h: e^z − 1 for ``bh2``, z for ``bh1``."""
+    return math.expm1(z) if variant == "bh2" else z
+
+
+def _unipc_rho(r: list[float], h: float, variant: str = "bh2") -> list[float]:
+    """Solve [UniPC]'s order conditions R ρ = b with R_{i,m} = r_m^{i−1} and the variant's b (UniPC.update)."""
     z, n = -h, len(r)  # data prediction integrates e^{−h}
     phi, fact, b = math.expm1(z) / z, 1.0, []
     for i in range(1, n + 1):
         phi = (phi - 1.0 / fact) / z  # φ_{i+1}(z)
-        b.append(fact * z * phi / math.expm1(z))  # i! · z φ_{i+1}(z) / B, B = e^z − 1
+        b.append(fact * z * phi / _unipc_B(z, variant))  # i! · z φ_{i+1}(z) / B(z)
         fact *= i + 1
     R = torch.tensor([[rm ** (i - 1) for rm in r] for i in range(1, n + 1)], dtype=torch.float64)
     return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
@@ -406,14 +418,17 @@ class DPMAdaptive(Solver):
 
 # ---------------------------------------------------------------------------- registries
 
-#: Every solver by its name: a constructor ``(d, eta) -> Solver``.
+#: Every solver by its name: a constructor ``(d, eta, **options) -> Solver``. ``dpm++2m`` and ``dpm++2m-sde``
+#: (and the 3M pair) are one solver; the name sets the noise amount η (:data:`DEFAULT_ETA`).
 SAMPLERS: dict[str, Callable[..., Solver]] = {
     "ddpm": DDPM,
     "ddim": DDIM,
     "dpm++2m": partial(DPMSolverPP, order=2),
     "dpm++3m": partial(DPMSolverPP, order=3),
-    "dpm++2m-sde": DPMSolverPPSDE,
-    "unipc": partial(UniPC, order=3),
+    "dpm++2m-sde": partial(DPMSolverPP, order=2),
+    "dpm++3m-sde": partial(DPMSolverPP, order=3),
+    "unipc": partial(UniPC, variant="bh2"),
+    "unipc-bh1": partial(UniPC, variant="bh1"),
     "heun": Heun,
     "dpm-adaptive": DPMAdaptive,
 }
@@ -426,17 +441,40 @@ SAMPLERS: dict[str, Callable[..., Solver]] = {
 #: logsnr 1.5; ``leading``, which skips T−1, is no candidate: test_heun_at_its_default_spacing).
 #: dpm++2m-sde is the exception: on a trained MNIST model (``python -m bench.solvers``, FD of 1,000
 #: samples, bench/RESULTS.md) ``trailing`` beat ``logsnr`` at 5 and 10 NFE (85.3 vs 142.9, 27.4 vs 38.3)
-#: and tied at 20 (25.0 vs 23.5); on the Gaussian toy its moments barely separate the two.
+#: and tied at 20 (25.0 vs 23.5); on the Gaussian toy its moments barely separate the two. dpm++3m-sde
+#: follows it until a measurement says otherwise.
 DEFAULT_SPACING: dict[str, str] = {
     "ddpm": "uniform",
     "ddim": "leading",
     "dpm++2m": "logsnr",
     "dpm++3m": "logsnr",
     "dpm++2m-sde": "trailing",
+    "dpm++3m-sde": "trailing",
     "unipc": "logsnr",
+    "unipc-bh1": "logsnr",
     "heun": "karras",  # at 20 NFE 0.11, 2.4x DDIM's 0.046; at 80 NFE 0.0047 (DDIM 0.012)
     "dpm-adaptive": "uniform",  # it keeps every timestep and picks its own steps among them
 }
+
+#: The solvers that take ``eta`` and its default: DDIM's η in [0, 1] (0: deterministic, 1: DDPM's posterior
+#: variance) and the SDE solvers' noise amount (1: the reverse SDE, as they always sampled; 0: exactly their
+#: ODE, dpm++2m / dpm++3m; :class:`DPMSolverPP`). DDPM's variance is the model's; it ignores ``eta``.
+DEFAULT_ETA: dict[str, float] = {"ddpm": 0.0, "ddim": 0.0, "dpm++2m-sde": 1.0, "dpm++3m-sde": 1.0}
+
+#: The multistep solvers (:class:`Multistep`): ``lower_order_final`` is theirs.
+MULTISTEP = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "unipc-bh1")
+
+#: The solvers whose ``order`` is an option, and the orders they take (UniPC; DPM-Solver++'s is in its name).
+ORDERS: dict[str, tuple[int, ...]] = {"unipc": (1, 2, 3), "unipc-bh1": (1, 2, 3)}
+
+#: What the last step does. ``denoise`` (the default, as every solver always did): it goes to the data and
+#: returns x̂_0 of the last evaluation (k-diffusion's and diffusers' ``final_sigmas_type="zero"``).
+#: ``sigma-min``: it is a step of the solver to timestep 0's noise level, landing there without evaluating
+#: (diffusers' ``final_sigmas_type="sigma_min"``); see :func:`chain_timesteps`.
+FINAL_STEPS = ("denoise", "sigma-min")
+
+#: The solvers whose last step may land short of the data (``final_step``, ``final_alpha_cumprod``).
+FINAL_STEP_SAMPLERS = ("ddim", *MULTISTEP)
 
 #: What every entry point samples with when not told (``ddpm sample``, the training previews,
 #: :meth:`GaussianDiffusion.sample`, :class:`ddpm.generate.SamplerSettings`): the solver and NFE
@@ -445,6 +483,28 @@ DEFAULT_SPACING: dict[str, str] = {
 DEFAULT_SAMPLER = "dpm++2m-sde"
 DEFAULT_NFE = 20
 
+#: The solver for the NFE asked, when no sampler is given (:func:`default_sampler`; ``ddpm sample --steps N``,
+#: :func:`sample`, :class:`ddpm.generate.SamplerSettings`): the entry of the largest NFE here not above N
+#: (the smallest entry's below them). 20 NFE is :data:`DEFAULT_SAMPLER`, measured; the entries below 20 are
+#: today's default too until the lead sets them from issue 25's measurement (``python -m bench.solvers`` at
+#: 5, 7, 10 and 15 NFE, bench/RESULTS.md).
+DEFAULT_SAMPLER_BY_NFE: dict[int, str] = {
+    5: DEFAULT_SAMPLER,
+    7: DEFAULT_SAMPLER,
+    10: DEFAULT_SAMPLER,
+    15: DEFAULT_SAMPLER,
+    DEFAULT_NFE: DEFAULT_SAMPLER,
+}
+
+
+def default_sampler(nfe: int | None) -> str:
+    """The sampler for ``nfe`` network evaluations when none is given (:data:`DEFAULT_SAMPLER_BY_NFE`);
+    ``None`` (the default NFE): :data:`DEFAULT_SAMPLER`."""
+    if nfe is None:
+        return DEFAULT_SAMPLER
+    below = [n for n in DEFAULT_SAMPLER_BY_NFE if n <= nfe]
+    return DEFAULT_SAMPLER_BY_NFE[max(below) if below else min(DEFAULT_SAMPLER_BY_NFE)]
+
 
 def default_steps(sampler: str, T: int) -> int | None:
     """The NFE ``sampler`` spends when not told: all T for ``ddpm`` (Algorithm 2), none for
@@ -452,10 +512,6 @@ def default_steps(sampler: str, T: int) -> int | None:
     if sampler == "ddpm":
         return T
     return None if sampler == "dpm-adaptive" else min(DEFAULT_NFE, T)
-
-
-#: Solvers whose only noise is x_T; ``eta`` means nothing to them.
-_ETA_SAMPLERS = ("ddpm", "ddim")
 
 
 def _solver_class(sampler: str) -> type[Solver]:
@@ -480,17 +536,20 @@ def check_dynamic_threshold(p: float | None) -> None:
 
 
 def check_sampler_arguments(
-    T: int, sampler: str, steps: int | None, eta: float, spacing: str | None = None, rtol: float | None = None
+    T: int, sampler: str, steps: int | None, eta: float | None, spacing: str | None = None, rtol: float | None = None,
+    order: int | None = None, lower_order_final: bool = True, final_step: str = "denoise",
 ) -> None:
     """Raise :class:`UserError` unless ``sampler``, ``steps`` (1..T or None; None for dpm-adaptive),
-    ``eta`` (in [0, 1], and 0 for the ODE/SDE solvers), ``spacing`` (a name of :data:`SPACINGS` or
-    None) and ``rtol`` (dpm-adaptive's, > 0) are valid."""
+    ``eta`` (None, or in [0, 1] and 0 but for :data:`DEFAULT_ETA`'s solvers), ``spacing`` (a name of
+    :data:`SPACINGS` or None), ``rtol`` (dpm-adaptive's, > 0), ``order`` (:data:`ORDERS`),
+    ``lower_order_final`` (:data:`MULTISTEP`'s) and ``final_step`` (:data:`FINAL_STEPS`) are valid."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 0.0 <= eta <= 1.0:
+    if eta is not None and not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must lie in [0, 1], got {eta}")
-    if eta != 0.0 and sampler not in _ETA_SAMPLERS:
-        raise UserError(f"eta is DDIM's; the {sampler} sampler takes none (got eta={eta})")
+    if eta and sampler not in DEFAULT_ETA:
+        raise UserError(f"eta is DDIM's and the SDE solvers' ({', '.join(DEFAULT_ETA)}); the {sampler} sampler "
+                        f"takes none (got eta={eta})")
     if steps is not None and not 1 <= steps <= T:
         raise UserError(f"the number of sampling steps must be between 1 and T={T}, got {steps}")
     if sampler == "dpm-adaptive" and (steps is not None or spacing is not None):
@@ -499,6 +558,21 @@ def check_sampler_arguments(
         raise UserError(f"rtol is dpm-adaptive's and must be > 0 (got sampler {sampler!r}, rtol={rtol})")
     if spacing is not None and spacing not in SPACINGS:
         raise UserError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    _check_solver_options(sampler, order, lower_order_final, final_step)
+
+
+def _check_solver_options(sampler: str, order: int | None, lower_order_final: bool, final_step: str) -> None:
+    if order is not None and order not in ORDERS.get(sampler, ()):
+        raise UserError(f"order is UniPC's, 1, 2 or 3 (DPM-Solver++'s is in its name: dpm++2m, dpm++3m); got "
+                        f"order={order!r} for the {sampler} sampler")
+    if not isinstance(lower_order_final, bool) or (not lower_order_final and sampler not in MULTISTEP):
+        raise UserError(f"lower_order_final (true or false) is the multistep solvers' ({', '.join(MULTISTEP)}); "
+                        f"got {lower_order_final!r} for the {sampler} sampler")
+    if final_step not in FINAL_STEPS:
+        raise UserError(f"unknown final step {final_step!r}; choose one of {', '.join(FINAL_STEPS)}")
+    if final_step != "denoise" and sampler not in FINAL_STEP_SAMPLERS:
+        raise UserError(f"the final step {final_step!r} is for {', '.join(FINAL_STEP_SAMPLERS)}; the {sampler} "
+                        "sampler ends with x̂_0 (denoise)")
 
 
 def kept_timesteps(
@@ -531,9 +605,9 @@ def sample(
     diffusion: GaussianDiffusion,
     model: Model,
     shape: Sequence[int],
-    sampler: str = DEFAULT_SAMPLER,
+    sampler: str | None = None,
     steps: int | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     spacing: str | None = None,
     generator: Generators = None,
     progress: bool = False,
@@ -551,18 +625,24 @@ def sample(
     after_step: AfterStep | None = None,
     final_alpha_cumprod: float | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    order: int | None = None,
+    lower_order_final: bool = True,
+    final_step: str = "denoise",
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Draw samples x_0 ~ p_θ by solving the reverse process from x_T ~ N(0, I).
 
     Args:
-        sampler: a name of :data:`SAMPLERS`: ``"ddpm"`` ([DDPM] Algorithm 2), ``"ddim"`` ([DDIM]
-            eq. 12), ``"dpm++2m"``, ``"dpm++3m"``, ``"dpm++2m-sde"`` ([DPM++]; the default,
-            :data:`DEFAULT_SAMPLER`), ``"unipc"`` ([UniPC], order 3), ``"heun"`` ([EDM]
-            Algorithm 1) or ``"dpm-adaptive"`` (its own steps from ``rtol``, :class:`DPMAdaptive`).
+        sampler: a name of :data:`SAMPLERS`: ``"ddpm"`` ([DDPM] Algorithm 2), ``"ddim"`` ([DDIM] eq. 12),
+            ``"dpm++2m"``, ``"dpm++3m"``, ``"dpm++2m-sde"``, ``"dpm++3m-sde"`` ([DPM++]), ``"unipc"``,
+            ``"unipc-bh1"`` ([UniPC]), ``"heun"`` ([EDM] Algorithm 1) or ``"dpm-adaptive"`` (its own steps
+            from ``rtol``); ``None``: the one for the NFE asked, :func:`default_sampler`.
         steps: the number of network evaluations (NFE); ``None``: :func:`default_steps` (all T
             for ``ddpm``, :data:`DEFAULT_NFE` for the others). Every solver but Heun evaluates
             once per kept timestep; Heun keeps ⌊(steps+1)/2⌋ and spends 2K − 1.
-        eta: DDIM's η in [0, 1] (0: deterministic; 1: DDPM's posterior variance); others take 0.
+        eta: DDIM's η in [0, 1] (0: deterministic; 1: DDPM's posterior variance) or the SDE solvers' noise
+            amount (1: the reverse SDE; 0: their ODE); ``None``: :data:`DEFAULT_ETA`; others take none.
+        order, lower_order_final: UniPC's order (1–3; default 3) and the multistep solvers' lower orders at
+            the last steps (:class:`Multistep`); ``final_step``: :data:`FINAL_STEPS` (:func:`chain_timesteps`).
         spacing: which timesteps to keep, a name of :data:`~ddpm.schedules.SPACINGS` (default:
             :data:`DEFAULT_SPACING`); ``timesteps`` gives the kept steps explicitly instead.
         generator: makes the draws (x_T and every z) reproducible; it must live on ``device``. One
@@ -580,59 +660,80 @@ def sample(
             replacement of the known pixels, :mod:`ddpm.inpaint`).
         rtol: dpm-adaptive's relative tolerance (default 0.05); it takes no ``steps``.
         stats: if given, filled with ``{"nfe": network evaluations spent}``.
-        final_alpha_cumprod: DDIM's only: the ᾱ its last step lands at (default 1, x̂_0; see :class:`DDIM`).
+        final_alpha_cumprod: the ᾱ the last step lands at (default 1, x̂_0; see :class:`DDIM`).
         callback: hears each step as the trajectory does (:func:`heard`); an exception it raises stops the chain.
 
     Returns x_0 [*shape] (and the trajectory if asked).
     """
-    check_sampler_arguments(diffusion.num_timesteps, sampler, steps, eta, spacing, rtol)
     check_dynamic_threshold(dynamic_threshold)
-    d = _kept_chain(diffusion, sampler, steps, spacing, timesteps)
+    sampler, d, solver = _chain_and_solver(diffusion, sampler, steps, spacing, timesteps, final_step, eta, rtol,
+                                           final_alpha_cumprod, order, lower_order_final)
     x = randn(shape, generator, device, dtype) if noise is None else noise.to(device or noise.device, dtype)
-    nfe = 0
     draw = partial(randn, x.shape, generator, x.device, x.dtype)  # fresh noise shaped like x, for a solver
-
-    def denoise(x: Tensor, k: int) -> dict[str, Tensor]:
-        nonlocal nfe
-        nfe += 1
-        return d.p_mean_variance(model, x, _timestep(k, x), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                 dynamic_threshold=dynamic_threshold)
-
-    solver = _solver(sampler, d, eta, rtol, final_alpha_cumprod)
+    denoise = _Network(d, model, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                       dynamic_threshold=dynamic_threshold)
     record = _Trajectory(trajectory_every) if return_trajectory else None
     listeners = [f for f in (record, callback) if f is not None]
-    with tqdm(total=d.num_timesteps, desc=f"{sampler} sampling", unit="step", disable=not progress,
-              leave=False) as bar:
-        x = _solve(d, solver, x, denoise, draw, listeners, bar, after_step)
+    bar = {"desc": f"{sampler} sampling", "disable": not progress}
+    x = _solve(d, solver, x, denoise, draw, listeners, bar, after_step, 0 if final_step == "sigma-min" else -1)
     if stats is not None:
-        stats["nfe"] = nfe
+        stats["nfe"] = denoise.nfe
     return x if record is None else (x, record.result())
 
 
+class _Network:
+    """:func:`sample`'s ``denoise``: the chain's ``p_mean_variance`` at kept step k, counting the calls."""
+
+    def __init__(self, d: GaussianDiffusion, model: Model, **kwargs: Any) -> None:
+        self.d, self.model, self.kwargs, self.nfe = d, model, kwargs, 0
+
+    def __call__(self, x: Tensor, k: int) -> dict[str, Tensor]:
+        self.nfe += 1
+        return self.d.p_mean_variance(self.model, x, _timestep(k, x), **self.kwargs)
+
+
 def _solve(d: GaussianDiffusion, solver: Solver, x: Tensor, denoise: Denoise, draw: Noise,
-           listeners: Sequence[Callable[[dict[str, Any]], None]], bar: tqdm, after_step: AfterStep | None) -> Tensor:
-    """The loop: kept steps k = K−1, ..., 0 (0-based), one network evaluation and one solver step each."""
+           listeners: Sequence[Callable[[dict[str, Any]], None]], bar: dict[str, Any], after_step: AfterStep | None,
+           end: int) -> Tensor:
+    """The loop: kept steps k = K−1, ..., 0 (0-based), one network evaluation and one solver step each; the
+    last lands at original timestep ``end`` (−1: the data), which ``after_step`` hears."""
     k, n = d.num_timesteps - 1, 0
-    while k >= 0:
-        p = denoise(x, k)
-        for listen in listeners:
-            listen(heard(d, n, k, x, p["pred_x0"]))
-        x, n = solver.step(x, k, p, denoise, draw), n + 1
-        bar.update(k - solver.next_step(k))
-        k = solver.next_step(k)
-        if after_step is not None:
-            x = after_step(x, -1 if k < 0 else int(d.timestep_map[k]))
+    with tqdm(total=d.num_timesteps, unit="step", leave=False, **bar) as progress:
+        while k >= 0:
+            p = denoise(x, k)
+            for listen in listeners:
+                listen(heard(d, n, k, x, p["pred_x0"]))
+            x, n = solver.step(x, k, p, denoise, draw), n + 1
+            progress.update(k - solver.next_step(k))
+            k = solver.next_step(k)
+            if after_step is not None:
+                x = after_step(x, end if k < 0 else int(d.timestep_map[k]))
     return x
 
 
 def chain_timesteps(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None = None,
-                    timesteps: Sequence[int] | None = None) -> list[int]:
-    """The 0-based kept timesteps (ascending) that :func:`sample` visits for these arguments: ``timesteps``
-    if given, else those of :func:`kept_timesteps` (at :func:`default_steps` when ``steps`` is None)."""
+                    timesteps: Sequence[int] | None = None, final_step: str = "denoise") -> list[int]:
+    """The 0-based kept timesteps (ascending) at which :func:`sample` evaluates the network for these
+    arguments: ``timesteps`` if given, else those of :func:`kept_timesteps` (at :func:`default_steps`
+    when ``steps`` is None).
+
+    With ``final_step="sigma-min"`` the chain lands on timestep 0 without evaluating there: 0 is dropped
+    from ``timesteps``, and a spacing that keeps 0 is taken for one point more and its 0 dropped, so that
+    the ``steps`` evaluations lie above it (``trailing`` and ``leading``'s own points, say, stay as they are).
+    """
     if timesteps is not None:
-        return sorted(set(int(t) for t in timesteps))
-    return kept_timesteps(diffusion, sampler, default_steps(sampler, diffusion.num_timesteps) if steps is None
-                          else steps, spacing)
+        kept = sorted(set(int(t) for t in timesteps))
+    else:
+        T = diffusion.num_timesteps
+        steps = default_steps(sampler, T) if steps is None else steps
+        kept = kept_timesteps(diffusion, sampler, steps, spacing)
+        if final_step == "sigma-min" and kept[0] == 0 and steps is not None and steps < T:
+            kept = kept_timesteps(diffusion, sampler, steps + 1, spacing)
+    if final_step == "sigma-min" and kept[0] == 0:
+        kept = kept[1:]
+        if not kept:
+            raise UserError("final step 'sigma-min' lands on timestep 0, and the chain has no other to evaluate")
+    return kept
 
 
 def heard(d: GaussianDiffusion, n: int, k: int, x_t: Tensor, pred_x0: Tensor) -> dict[str, Any]:
@@ -643,21 +744,43 @@ def heard(d: GaussianDiffusion, n: int, k: int, x_t: Tensor, pred_x0: Tensor) ->
             "pred_x0": pred_x0}
 
 
-def _solver(sampler: str, d: GaussianDiffusion, eta: float, rtol: float | None,
-            final_alpha_cumprod: float | None) -> Solver:
+def _chain_and_solver(diffusion: GaussianDiffusion, sampler: str | None, steps: int | None, spacing: str | None,
+                      timesteps: Sequence[int] | None, final_step: str, eta: float | None, rtol: float | None,
+                      final_alpha_cumprod: float | None, order: int | None,
+                      lower_order_final: bool) -> tuple[str, GaussianDiffusion, Solver]:
+    """:func:`sample`'s sampler (``None``: :func:`default_sampler`), checked, its chain (the process respaced
+    to the kept timesteps) and its solver there."""
+    sampler = sampler or default_sampler(len(timesteps) if steps is None and timesteps is not None else steps)
+    check_sampler_arguments(diffusion.num_timesteps, sampler, steps, eta, spacing, rtol, order, lower_order_final,
+                            final_step)
+    d = _kept_chain(diffusion, sampler, steps, spacing, timesteps, final_step)
+    if final_step == "sigma-min":
+        if final_alpha_cumprod is not None:
+            raise UserError("give final_step='sigma-min' or a final alpha-bar, not both")
+        final_alpha_cumprod = diffusion.alphas_cumprod[0].item()  # timestep 0's: σ_min
+    return sampler, d, _solver(sampler, d, eta, rtol, final_alpha_cumprod, order, lower_order_final)
+
+
+def _solver(sampler: str, d: GaussianDiffusion, eta: float | None, rtol: float | None,
+            final_alpha_cumprod: float | None, order: int | None, lower_order_final: bool) -> Solver:
+    """The solver ``sampler`` on the chain ``d``, with the options it takes."""
+    options: dict[str, Any] = {"rtol": rtol, "order": order, "final_alpha_cumprod": final_alpha_cumprod}
     if final_alpha_cumprod is not None:
-        if sampler != "ddim":
-            raise UserError(f"a final alpha-bar is DDIM's; the {sampler} sampler ends at the data")
+        if sampler not in FINAL_STEP_SAMPLERS:
+            raise UserError(f"a final alpha-bar is for {', '.join(FINAL_STEP_SAMPLERS)}; the {sampler} sampler "
+                            "ends at the data")
         if not 0.0 < final_alpha_cumprod <= 1.0:
             raise UserError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}")
-        return DDIM(d, eta, final_alpha_cumprod)
-    return SAMPLERS[sampler](d, eta) if rtol is None else SAMPLERS[sampler](d, eta, rtol=rtol)
+    if sampler in MULTISTEP:
+        options["lower_order_final"] = lower_order_final
+    eta = DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
+    return SAMPLERS[sampler](d, eta, **{key: value for key, value in options.items() if value is not None})
 
 
 def _kept_chain(diffusion: GaussianDiffusion, sampler: str, steps: int | None, spacing: str | None,
-                timesteps: Sequence[int] | None) -> GaussianDiffusion:
+                timesteps: Sequence[int] | None, final_step: str) -> GaussianDiffusion:
     """The process respaced to the timesteps the sampler visits (itself when it visits all T)."""
-    kept = chain_timesteps(diffusion, sampler, steps, spacing, timesteps)
+    kept = chain_timesteps(diffusion, sampler, steps, spacing, timesteps, final_step)
     return diffusion if kept == list(range(diffusion.num_timesteps)) else diffusion.respace(kept)
 
 

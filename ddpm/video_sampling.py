@@ -42,7 +42,7 @@ from ddpm.errors import UserError
 from ddpm.generate import SamplerSettings, class_labels, image_generators
 from ddpm.images import save_gif, save_image, save_mp4, to_uint8, video_frame_grid, video_frames
 from ddpm.runtime import autocast, resolve_bf16
-from ddpm.samplers import Generators, check_sampler_arguments, randn
+from ddpm.samplers import Generators, randn
 from ddpm.video_data import fit_frame, read_video, video_array
 from ddpm.viz import reverse_process_gif, reverse_process_grid
 
@@ -190,8 +190,7 @@ def generate_video(model: nn.Module, diffusion: GaussianDiffusion, num_videos: i
         raise UserError("--num-images and --batch-size must be at least 1")
     if label is not None and not 0 <= label < max(model.num_classes, 1):
         raise UserError(f"--label {label} needs a class-conditional model with that class")
-    check_sampler_arguments(diffusion.num_timesteps, settings.sampler, settings.steps, settings.eta, settings.spacing,
-                            settings.rtol)
+    settings.check(diffusion.num_timesteps)
     device = torch.device(device)
     use_bf16, was_training = resolve_bf16(bf16, device), model.training
     model.eval()

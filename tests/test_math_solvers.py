@@ -303,7 +303,8 @@ def test_classifier_free_guidance_is_the_guided_model(sampler):
     assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpm++2m-sde", 0.0), ("unipc", 0.0)])
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpm++2m-sde", None), ("dpm++3m-sde", 0.5),
+                                         ("unipc", 0.0)])
 def test_a_seed_per_sample_gives_the_same_samples_in_any_batch(sampler, eta):
     """With one generator per sample, a batch of 4 equals a batch of 1 followed by a batch of 3."""
     d = GaussianDiffusion(linear_betas(1000))

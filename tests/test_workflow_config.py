@@ -73,23 +73,33 @@ def test_every_field_is_documented(section):
 
 def test_one_default_sampler_everywhere():
     """The previews, SamplerSettings, GaussianDiffusion.sample and the command line all default to
-    ddpm.samplers.DEFAULT_SAMPLER at its default NFE."""
-    import inspect
+    ddpm.samplers.DEFAULT_SAMPLER at its default NFE (the others through DEFAULT_SAMPLER_BY_NFE, whose entry
+    at DEFAULT_NFE it is; test_the_nfe_picks_the_default_sampler)."""
+    import torch
 
     from ddpm.cli import build_parser
     from ddpm.config import TrainConfig
     from ddpm.diffusion import GaussianDiffusion
     from ddpm.generate import SamplerSettings
-    from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, sample
+    from ddpm.samplers import DEFAULT_NFE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_BY_NFE, default_sampler
+    from ddpm.schedules import linear_betas
 
+    args = build_parser().parse_args(["sample", "run", "--out", "o"])
     defaults = {
         "train previews": (TrainConfig().sample_sampler, TrainConfig().sample_steps),
         "SamplerSettings": (SamplerSettings().sampler, DEFAULT_NFE),
-        "GaussianDiffusion.sample": (inspect.signature(GaussianDiffusion.sample).parameters["sampler"].default,
-                                     DEFAULT_NFE),
-        "samplers.sample": (inspect.signature(sample).parameters["sampler"].default, DEFAULT_NFE),
-        "ddpm sample": (build_parser().parse_args(["sample", "run", "--out", "o"]).sampler, DEFAULT_NFE),
+        "ddpm sample": (SamplerSettings(args.sampler, args.steps).sampler, DEFAULT_NFE),
+        "the table": (DEFAULT_SAMPLER_BY_NFE[DEFAULT_NFE], DEFAULT_NFE),
+        "default_sampler": (default_sampler(None), DEFAULT_NFE),
     }
     assert set(defaults.values()) == {(DEFAULT_SAMPLER, DEFAULT_NFE)}, defaults
+    d = GaussianDiffusion(linear_betas(100))
+
+    def model(x, t):
+        return torch.tanh(x + 0.01 * t.reshape(-1, 1).to(x.dtype))
+
+    plain = d.sample(model, (3, 1), generator=torch.Generator().manual_seed(0))
+    told = d.sample(model, (3, 1), sampler=DEFAULT_SAMPLER, steps=DEFAULT_NFE, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain, told)  # GaussianDiffusion.sample and samplers.sample
     for name in ("mnist", "digits", "mnist-latent", "cifar10"):
         assert get_config(name).train.sample_steps == DEFAULT_NFE, name
