@@ -165,6 +165,10 @@ BAD_INPUTS = [
     ("sample {run} --out {out} --label 2", "unconditional"),
     ("sample {run} --out {out} --steps 5000", "sampling steps"),
     ("sample {run} --out {out} --sampler ddim --eta 3", "eta"),
+    ("sample {run} --out {out} --sampler dpm++2m --eta 0.5", "the SDE solvers'"),
+    ("sample {run} --out {out} --sampler dpm++2m --order 2", "order is UniPC's"),
+    ("sample {run} --out {out} --sampler heun --final-step sigma-min", "the final step 'sigma-min' is for"),
+    ("sample {run} --out {out} --sampler ddpm --no-lower-order-final", "multistep solvers'"),
     ("eval {run} --data {root}/nowhere --out {out}", "no such file or folder"),
     ("eval {run} --data {good} --out {out} --samples {good} --fid --no-bpd", "torch-fidelity|arr_0"),
     # images in, images out

@@ -27,8 +27,8 @@ from ddpm.schedules import LAMBDA_MIN, SPACINGS, log_snr
 
 M, S = 0.1, 0.3
 Z = 5.0  # standard errors allowed for a statistical check (a false alarm about once in 10⁶ runs)
-ODE_SOLVERS = ["ddim", "dpm++2m", "dpm++3m", "unipc", "heun"]
-NEW_SOLVERS = ["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "heun"]
+ODE_SOLVERS = ["ddim", "dpm++2m", "dpm++3m", "unipc", "unipc-bh1", "heun"]
+NEW_SOLVERS = ["dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "unipc-bh1", "heun"]
 
 
 def gaussian_model(alphas_cumprod, mean_type="eps", m=M, s=S):
@@ -48,29 +48,66 @@ def uniform_lambda_process(N, lam_min=-5.0, lam_max=4.6):
     return GaussianDiffusion(1 - acp / torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]]))
 
 
-def discretisation_error(sampler, N):
+def discretisation_error(sampler, N, **options):
     """Max error over samples of ``sampler`` on N uniform-λ steps against the exact discretised answer."""
     d = uniform_lambda_process(N)
     acp = d.alphas_cumprod
     x_T = torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = d.sample(gaussian_model(acp), x_T.shape, sampler=sampler, timesteps=range(N), noise=x_T,
-                 dtype=torch.float64, clip_denoised=False)
+                 dtype=torch.float64, clip_denoised=False, **options)
     a0 = acp[0].item()
     exact = M + math.sqrt(a0) * S * S / math.sqrt(a0 * S * S + 1 - a0) * z_of(x_T, acp[-1].item())
     return (x - exact).abs().max().item()
 
 
-@pytest.mark.parametrize("sampler,order", [("ddim", 1), ("dpm++2m", 2), ("dpm++3m", 3), ("heun", 2), ("unipc", 3)])
-def test_ode_solvers_converge_at_their_order(sampler, order):
+def fitted_order(errors, Ns=(16, 32, 64, 128)):
+    return -np.polyfit(np.log(Ns), np.log(errors), 1)[0]
+
+
+@pytest.mark.parametrize("sampler,options,order,exact", [
+    ("ddim", {}, 1, True), ("dpm++2m", {}, 2, True), ("dpm++3m", {}, 3, False), ("heun", {}, 2, True),
+    ("dpm++3m", {"lower_order_final": False}, 3, False),
+    ("unipc", {"order": 1}, 2, True), ("unipc", {"order": 2}, 3, True), ("unipc", {}, 3, False),
+    ("unipc-bh1", {"order": 1}, 2, True), ("unipc-bh1", {"order": 2}, 3, True), ("unipc-bh1", {}, 3, False),
+])
+def test_ode_solvers_converge_at_their_order(sampler, options, order, exact):
     """Error ∝ h^p: the fitted log-log slope is at least p − 0.3, and at most p + 0.3 for the
-    methods whose order is exactly p (DDIM is DPM-Solver-1, 2M and Heun are second order).
-    UniPC-3 with its corrector is nominally of order 4, held back by its low-order first and last
-    steps; 3M's slope is still above 3 at these N (pre-asymptotic), so only the floor is tested."""
-    Ns = np.array([16, 32, 64, 128])
-    errors = np.array([discretisation_error(sampler, N) for N in Ns])
-    slope = -np.polyfit(np.log(Ns), np.log(errors), 1)[0]
+    methods whose order is exactly p (DDIM is DPM-Solver-1, 2M and Heun are second order, UniPC-p with
+    its corrector is of order p + 1: measured 2.01 and 2.99 for bh2, 2.20 and 3.18 for bh1). UniPC-3,
+    nominally of order 4, is held back by its low-order first and last steps (3.20 bh2, 3.08 bh1); 3M's
+    slope is still above 3 at these N (pre-asymptotic: 3.98 without the lower-order final steps), so
+    only the floor is tested."""
+    errors = np.array([discretisation_error(sampler, N, **options) for N in (16, 32, 64, 128)])
+    slope = fitted_order(errors)
     assert slope > order - 0.3, (slope, errors)
-    if sampler in ("ddim", "dpm++2m", "heun"):
+    if exact:
+        assert slope < order + 0.3, (slope, errors)
+
+
+def landing_error(sampler, N, **options):
+    """Max error of ``sampler`` with ``final_step="sigma-min"`` on N uniform-λ steps, evaluated at all but
+    timestep 0, against the PF-ODE's exact x at timestep 0: α_0 m + √(α_0² s² + σ_0²) z."""
+    d = uniform_lambda_process(N)
+    acp = d.alphas_cumprod
+    x_T = torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = d.sample(gaussian_model(acp), x_T.shape, sampler=sampler, timesteps=range(1, N), noise=x_T,
+                 dtype=torch.float64, clip_denoised=False, final_step="sigma-min", **options)
+    a0 = acp[0].item()
+    return (x - (math.sqrt(a0) * M + math.sqrt(a0 * S * S + 1 - a0) * z_of(x_T, acp[-1].item()))).abs().max().item()
+
+
+@pytest.mark.parametrize("sampler,options,order,exact", [
+    ("ddim", {}, 1, True), ("dpm++2m", {}, 2, True), ("dpm++2m", {"lower_order_final": False}, 2, True),
+    ("dpm++3m", {"lower_order_final": False}, 3, False), ("unipc-bh1", {"order": 2}, 3, True),
+])
+def test_a_last_step_to_sigma_min_lands_on_the_ode_at_timestep_0(sampler, options, order, exact):
+    """With ``final_step="sigma-min"`` the last step is a solver step to timestep 0 (no evaluation there):
+    the chain converges to the ODE's closed-form x at timestep 0 (not to x̂_0) at the solver's order.
+    Measured slopes: 0.99, 1.90, 1.96, 3.98, 3.20."""
+    errors = np.array([landing_error(sampler, N, **options) for N in (16, 32, 64, 128)])
+    slope = fitted_order(errors)
+    assert slope > order - 0.3, (slope, errors)
+    if exact:
         assert slope < order + 0.3, (slope, errors)
 
 
@@ -94,43 +131,95 @@ def linear_process():
     return d, gaussian_model(d.alphas_cumprod)
 
 
+DPM, UNIPC = diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler
+
+
+def at_sigma_min(sched):
+    """Ours landing where diffusers' ``final_sigmas_type="sigma_min"`` does: at its float32 ᾱ of timestep 0.
+    (Its σ_min is 0.0100013 against 0.0100005 from the float64 ᾱ: 1 − ᾱ_0 = 1e-4 keeps four digits in
+    float32. ``final_step="sigma-min"`` is this landing at the float64 ᾱ_0: test_sigma_min_lands_on_timestep_0.)
+    diffusers' DPMSolverMultistepScheduler applies ``lower_order_final`` below 15 steps only."""
+    return {"final_alpha_cumprod": sched.alphas_cumprod[0].item(), "lower_order_final": len(sched.timesteps) < 15}
+
+
 @pytest.mark.parametrize("steps", [10, 20])
-@pytest.mark.parametrize("sampler,scheduler", [
-    ("dpm++2m", lambda: diffusers.DPMSolverMultistepScheduler(solver_order=2, algorithm_type="dpmsolver++")),
-    ("unipc", lambda: diffusers.UniPCMultistepScheduler(solver_order=3)),
-])
-def test_agrees_with_diffusers_on_the_same_timesteps(sampler, scheduler, steps):
-    """DPM-Solver++(2M) and UniPC-3 (bh2, data prediction) are diffusers' algorithms step for step:
-    same timesteps, same lower orders at the ends, the final step to σ = 0. diffusers computes in
-    float32 from float32 betas, so they agree to float32 rounding, not exactly."""
+@pytest.mark.parametrize("sampler,options,scheduler", [
+    ("dpm++2m", lambda sched: {}, lambda: DPM(solver_order=2, algorithm_type="dpmsolver++")),
+    ("dpm++2m", at_sigma_min, lambda: DPM(solver_order=2, final_sigmas_type="sigma_min")),
+    ("unipc", lambda sched: {}, lambda: UNIPC(solver_order=3)),
+    ("unipc", lambda sched: {"order": 2}, lambda: UNIPC()),  # diffusers' default UniPC: bh2, order 2
+    ("unipc", lambda sched: {"order": 1}, lambda: UNIPC(solver_order=1)),
+    ("unipc-bh1", lambda sched: {**at_sigma_min(sched), "lower_order_final": True},
+     lambda: UNIPC(solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min")),
+], ids=["dpm++2m", "dpm++2m-sigma-min", "unipc-3", "unipc-2", "unipc-1", "unipc-bh1-3-sigma-min"])
+def test_agrees_with_diffusers_on_the_same_timesteps(sampler, options, scheduler, steps):
+    """DPM-Solver++(2M) and UniPC (bh2 of order 1 to 3, bh1; data prediction) are diffusers' algorithms
+    step for step: same timesteps, same lower orders at the ends, the final step to σ = 0 or to σ_min.
+    diffusers computes in float32 from float32 betas, so they agree to float32 rounding, not exactly
+    (UniPC in float64 agrees to 1e-13: test_unipc_is_diffusers_unipc_in_float64)."""
     d, model = linear_process()
     sched = scheduler()
     sched.set_timesteps(steps)
     x_T = torch.randn(256, 1, generator=torch.Generator().manual_seed(1))
     ours = d.sample(model, x_T.shape, sampler=sampler, timesteps=sched.timesteps.tolist(), noise=x_T,
-                    clip_denoised=False)
+                    clip_denoised=False, **options(sched))
     theirs = run_diffusers(sched, model, x_T)
     assert (ours - theirs).abs().max().item() < 2e-5
 
 
-def test_third_order_differs_from_diffusers_only_by_its_second_derivative_weight(monkeypatch):
+def unipc_cases():
+    """Every variant, order, final step and lower_order_final but those where diffusers fails: a last step to
+    σ = 0 (λ = ∞) that is not first order, bh1's B(h) = h being −∞ there (NaN, 0 · ∞) and the predictor of
+    order 2 or 3 dividing by h = ∞ (inf, a singular system). Ours returns x̂_0 there, the step's limit."""
+    return [(variant, order, final, lower) for variant in ("bh1", "bh2") for order in (1, 2, 3)
+            for final in ("denoise", "sigma-min") for lower in (True, False)
+            if final == "sigma-min" or (variant == "bh2" and (lower or order == 1))]
+
+
+@pytest.mark.parametrize("variant,order,final_step,lower_order_final", unipc_cases())
+def test_unipc_is_diffusers_unipc_in_float64(variant, order, final_step, lower_order_final):
+    """diffusers' UniPCMultistepScheduler computes in the dtype of its σ's and of the sample, so with its σ's
+    recomputed in float64 from our ᾱ it is ours to float64 rounding (measured at most 4.5e-14) on 5, 10
+    and 20 steps: bh1 and bh2, orders 1 to 3, with and without lower-order final steps, to σ = 0 or σ_min."""
+    d, model = linear_process()
+    acp = d.alphas_cumprod
+    x_T = torch.randn(64, 1, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    for steps in (5, 10, 20):
+        sched = UNIPC(solver_order=order, solver_type=variant, lower_order_final=lower_order_final,
+                      final_sigmas_type="zero" if final_step == "denoise" else "sigma_min")
+        sched.set_timesteps(steps)
+        t = sched.timesteps
+        last = torch.zeros(1, dtype=torch.float64) if final_step == "denoise" else ((1 - acp[:1]) / acp[:1]).sqrt()
+        sched.sigmas = torch.cat([((1 - acp[t]) / acp[t]).sqrt(), last])
+        ours = d.sample(model, x_T.shape, sampler="unipc" if variant == "bh2" else "unipc-bh1", order=order,
+                        timesteps=t.tolist(), noise=x_T, dtype=torch.float64, clip_denoised=False,
+                        lower_order_final=lower_order_final, final_step=final_step)
+        assert (ours - run_diffusers(sched, model, x_T)).abs().max().item() < 1e-11, steps
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_third_order_differs_from_diffusers_only_by_its_second_derivative_weight(monkeypatch, steps):
     """diffusers' DPM-Solver++(3M) is ours with d²x̂_0/dλ² weighted by half (see docs/theory.md,
     section 10): halving our second derivative reproduces it to float32 rounding, and our own 3M is
-    the one that converges at order 3 (test_ode_solvers_converge_at_their_order)."""
+    the one that converges at order 3 (test_ode_solvers_converge_at_their_order). At 20 steps diffusers
+    takes the step before last at order 3 (its lower_order_final applies below 15 steps only): ours with
+    ``lower_order_final=False``; ours with it (the default) is another solver there (measured 9e-3 apart)."""
     d, model = linear_process()
-    sched = diffusers.DPMSolverMultistepScheduler(solver_order=3, algorithm_type="dpmsolver++")
-    sched.set_timesteps(10)
+    sched = DPM(solver_order=3, algorithm_type="dpmsolver++")
+    sched.set_timesteps(steps)
     x_T = torch.randn(256, 1, generator=torch.Generator().manual_seed(14))
     theirs = run_diffusers(sched, model, x_T)
 
-    def ours():
+    def ours(lower_order_final=steps < 15):
         return d.sample(model, x_T.shape, sampler="dpm++3m", timesteps=sched.timesteps.tolist(), noise=x_T,
-                        clip_denoised=False)
+                        clip_denoised=False, lower_order_final=lower_order_final)
 
-    assert (ours() - theirs).abs().max().item() > 1e-4  # 6e-4 measured, 30 times the rounding
+    assert (ours() - theirs).abs().max().item() > 1e-4  # 6e-4 measured at 10 steps, 30 times the rounding
     derivatives = samplers._lambda_derivatives
     monkeypatch.setattr(samplers, "_lambda_derivatives", lambda h: (derivatives(h)[0], derivatives(h)[1] / 2))
     assert (ours() - theirs).abs().max().item() < 2e-5
+    if steps >= 15:
+        assert (ours(lower_order_final=True) - theirs).abs().max().item() > 1e-3
 
 
 def test_sde_solver_agrees_with_diffusers_given_the_same_noise():
@@ -147,6 +236,182 @@ def test_sde_solver_agrees_with_diffusers_given_the_same_noise():
     noises = [torch.randn(shape, generator=g) for _ in range(14)] + [torch.zeros(shape)]
     theirs = run_diffusers(sched, model, x_T, noises)
     assert (ours - theirs).abs().max().item() < 2e-5
+
+
+def sde_noise(shape, steps, seed, dtype=torch.float64):
+    """The draws of a chain of ``steps`` kept steps with this seed: x_T, then a z for every step but the last."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype), [torch.randn(shape, generator=g, dtype=dtype)
+                                                          for _ in range(steps - 1)]
+
+
+def third_order_sde_step(monkeypatch, weight):
+    """Make dpm++3m(-sde)'s d²x̂_0/dλ² term weigh ``weight(h, c)`` × J_2(h, c) (c = 1 + η) instead of J_2."""
+    step, derivatives, now = samplers.DPMSolverPP.step, samplers._lambda_derivatives, {}
+
+    def weighted_step(self, x, k, p, denoise, noise):
+        alpha_t, sigma_t = self.alpha_sigma(k - 1)
+        if sigma_t > 0:
+            now["h"], now["c"] = math.log(alpha_t / sigma_t) - self.log_snr(k), 1 + self.eta
+        return step(self, x, k, p, denoise, noise)
+
+    def weighted(history):
+        d1, d2 = derivatives(history)
+        return d1, d2 * weight(now["h"], now["c"])
+
+    monkeypatch.setattr(samplers.DPMSolverPP, "step", weighted_step)
+    monkeypatch.setattr(samplers, "_lambda_derivatives", weighted)
+
+
+def k_diffusion_dpmpp_sde(model, acp, timesteps, x_T, noises, eta, order):
+    """k-diffusion's ``sample_dpmpp_2m_sde`` (its default midpoint rule) and ``sample_dpmpp_3m_sde``
+    (crowsonkb/k-diffusion, k_diffusion/sampling.py) transcribed in their own variables: σ̃ = σ/α (with 0
+    appended), x̃ = x/α, t = −log σ̃, around our ε-model as k-diffusion's DiscreteEpsDDPMDenoiser wraps one.
+    ``timesteps`` descending; ``noises[i]`` is the draw of step i."""
+    sig = [math.sqrt((1 - acp[t]) / acp[t]) for t in timesteps] + [0.0]
+
+    def denoised(x, i):
+        return x - sig[i] * model(x / math.sqrt(sig[i] ** 2 + 1), torch.full((x.shape[0],), timesteps[i]))
+
+    x, old, older, h_1, h_2 = x_T * math.sqrt(sig[0] ** 2 + 1), None, None, None, None
+    for i in range(len(timesteps)):
+        den = denoised(x, i)
+        if sig[i + 1] == 0:
+            x = den
+        else:
+            h = math.log(sig[i]) - math.log(sig[i + 1])
+            if order == 2:
+                x = sig[i + 1] / sig[i] * math.exp(-eta * h) * x - math.expm1(-h - eta * h) * den
+                if old is not None:
+                    x = x - 0.5 * math.expm1(-h - eta * h) * (h / h_1) * (den - old)
+            else:
+                h_eta = h * (eta + 1)
+                x = math.exp(-h_eta) * x - math.expm1(-h_eta) * den
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                if h_2 is not None:
+                    r0, r1 = h_1 / h, h_2 / h
+                    d1_0, d1_1 = (den - old) / r0, (old - older) / r1
+                    d1, d2 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1), (d1_0 - d1_1) / (r0 + r1)
+                    x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+                elif h_1 is not None:
+                    x = x + phi_2 * (den - old) / (h_1 / h)
+            if eta:
+                x = x + noises[i] * sig[i + 1] * math.sqrt(-math.expm1(-2 * h * eta))
+            h_1, h_2 = h, h_1
+        old, older = den, old
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("order", [2, 3])
+def test_sde_solvers_are_k_diffusions_at_every_noise_amount(monkeypatch, order, eta):
+    """dpm++2m-sde at any η is k-diffusion's sample_dpmpp_2m_sde(eta=η) to float64 rounding, given the same
+    draws. dpm++3m-sde is k-diffusion's sample_dpmpp_3m_sde but for three documented choices (docs/theory.md,
+    section 10): k-diffusion weights d²x̂_0/dλ² by half (as diffusers' and DPM-Solver's 3M do, and our 3M
+    does not: the half weight is second order), takes its second-order steps with the linear term of
+    x̂_0 integrated exactly (ours and diffusers': the midpoint rule of [DPM++] Algorithm 2, so that η = 0
+    is exactly dpm++3m) and has no lower-order final steps. Made k-diffusion's, ours reproduces it."""
+    d, model = linear_process()
+    steps = 12
+    kept = samplers.kept_timesteps(d, "dpm++2m-sde", steps, "logsnr")[::-1]
+    x_T, noises = sde_noise((64, 1), steps, seed=2)
+    theirs = k_diffusion_dpmpp_sde(model, d.alphas_cumprod.tolist(), kept, x_T, noises, eta, order)
+    if order == 3:
+        third_order_sde_step(monkeypatch, lambda h, c: 0.5)
+
+        def exact_linear_term(self, h):  # x̂_0(s) + (J_1/J_0) (x̂_0(s) − x̂_0(s')) / (λ_s − λ_s')
+            (lam_1, x0_1), (lam_s, x0) = self.history[-2:]
+            c = 1 + self.eta
+            j0 = -math.expm1(-c * h)
+            return x0 + ((h - j0 / c) / j0) * (x0 - x0_1) / (lam_s - lam_1)
+
+        monkeypatch.setattr(samplers.DPMSolverPP, "midpoint", exact_linear_term)
+    ours = d.sample(model, x_T.shape, sampler=f"dpm++{order}m-sde", eta=eta, timesteps=kept, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2), clip_denoised=False, lower_order_final=order == 2)
+    assert (ours - theirs).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("sde,ode", [("dpm++2m-sde", "dpm++2m"), ("dpm++3m-sde", "dpm++3m")])
+def test_sde_solvers_at_eta_0_are_their_odes(sde, ode):
+    """η = 0 is the PF-ODE: the SDE solver then is its ODE solver exactly (bit for bit, and no noise drawn)."""
+    d = GaussianDiffusion(linear_betas(1000))
+    runs = {}
+    for name in (sde, ode):
+        g = torch.Generator().manual_seed(16)
+        runs[name] = d.sample(wiggly_model, (3, 1, 2, 2), sampler=name, steps=9, spacing="trailing", generator=g,
+                              **({"eta": 0.0} if name == sde else {})), g.get_state()
+    assert torch.equal(runs[sde][0], runs[ode][0]) and torch.equal(runs[sde][1], runs[ode][1])
+    g = torch.Generator().manual_seed(16)
+    assert not torch.equal(runs[ode][0], d.sample(wiggly_model, (3, 1, 2, 2), sampler=sde, steps=9, eta=0.1,
+                                                  spacing="trailing", generator=g))
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_sde_third_order_differs_from_diffusers_only_by_its_second_derivative_weight(monkeypatch, steps):
+    """diffusers' ``sde-dpmsolver++`` of order 3 (0.42.1) weights D_2 = h² f[s0,s1,s2] by
+    (1 − e^{−2h} − 2h)/(2h)² − ½, which tends to −1 as h → 0 (the ODE's counterpart, and k-diffusion's
+    (1 − e^{−2h} − 2h)/(2h)² + ½, tend to 0): so its third order carries a first-order error. Ours with
+    that weight (on d²x̂_0/dλ² = 2 f[s0,s1,s2]: the weight × h²/2) reproduces it to float32 rounding,
+    given the same draws; ours as it is is another solver (measured 0.027 and 0.40 apart)."""
+    d, model = linear_process()
+    sched = DPM(solver_order=3, algorithm_type="sde-dpmsolver++")
+    sched.set_timesteps(steps)
+    x_T, noises = sde_noise((256, 1), steps, seed=2, dtype=torch.float32)
+    theirs = run_diffusers(sched, model, x_T, [*noises, torch.zeros(256, 1)])
+
+    def ours():
+        return d.sample(model, x_T.shape, sampler="dpm++3m-sde", timesteps=sched.timesteps.tolist(),
+                        generator=torch.Generator().manual_seed(2), clip_denoised=False, lower_order_final=steps < 15)
+
+    assert (ours() - theirs).abs().max().item() > 1e-2
+
+    def diffusers_weight(h, c):
+        j0 = -math.expm1(-c * h)
+        return ((1 - math.exp(-2 * h) - 2 * h) / (2 * h) ** 2 - 0.5) * h * h / 2 / (h * h / 2 - h / c + j0 / (c * c))
+
+    third_order_sde_step(monkeypatch, diffusers_weight)
+    assert (ours() - theirs).abs().max().item() < 2e-5
+
+
+def exact_law(d, model, sampler, steps, monkeypatch, **options):
+    """The (mean, std) of the chain's output on the exact model, started from the model's own
+    q(x_T) = N(α_T m, α_T² s² + σ_T²) rather than N(0, 1), whose mismatch an SDE of small η forgets only in
+    part. The chain is affine in x_T and in its draws z_1, z_2, ..., so a batch whose row 0 has every input
+    0 (x_T at its mean), row 1 x_T one standard deviation up and row 1 + j z_j = 1 gives, exactly, the
+    output's mean (row 0) and the coefficients of its unit inputs (the rest minus row 0), whose root sum of
+    squares is its standard deviation: no Monte-Carlo error."""
+    kept = samplers.chain_timesteps(d, sampler, steps, options.get("spacing"))
+    a_T = d.alphas_cumprod[kept[-1]].item()
+    rows = steps + 2
+    x_T = torch.full((rows, 1), math.sqrt(a_T) * M, dtype=torch.float64)
+    x_T[1] += math.sqrt(a_T * S * S + 1 - a_T)
+    draws = iter(torch.eye(rows, dtype=torch.float64)[:, j:j + 1] for j in range(2, rows))
+    monkeypatch.setattr(samplers, "randn", lambda *args: next(draws))
+    out = d.sample(model, x_T.shape, sampler=sampler, steps=steps, noise=x_T, dtype=torch.float64,
+                   clip_denoised=False, **options)
+    monkeypatch.undo()
+    return out[0].item(), (out[1:] - out[0]).pow(2).sum().sqrt().item()
+
+
+@pytest.mark.parametrize("eta", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("sampler", ["dpm++2m-sde", "dpm++3m-sde"])
+def test_sde_solvers_sample_the_model_better_as_steps_grow(sampler, eta, monkeypatch):
+    """For every noise amount η in (0, 1] the SDE family has the model's marginals, so the output's law
+    converges to that of x̂_0 at the exact x_{t_0} (the denoise-only last step returns E[x_0 | x_{t_0}]):
+    N(m, (α_0 s²)² / v_0), v_0 = α_0² s² + σ_0². Its exact law (:func:`exact_law`) on 20, 40, 80, 160
+    logsnr steps: the mean is m to rounding; the std's error falls at every doubling, roughly as h² (fitted
+    slopes 1.67 to 1.91) to at most 3.0e-4 at 160 (2M, η = 1). (At 10 steps and below, and on ``trailing``,
+    whose last steps are long in λ, the error is not monotone: the third order's std error at 10 steps is
+    0.18 at η = 1, 7.2e-3 at 20.)"""
+    d, model = linear_process()
+    a0 = d.alphas_cumprod[0].item()
+    target = math.sqrt(a0) * S * S / math.sqrt(a0 * S * S + 1 - a0)
+    Ks = (20, 40, 80, 160)
+    laws = [exact_law(d, model, sampler, K, monkeypatch, spacing="logsnr", eta=eta) for K in Ks]
+    assert all(abs(mean - M) < 1e-12 for mean, _ in laws), laws
+    errors = np.array([abs(std - target) for _, std in laws])
+    assert (np.diff(errors) < 0).all() and errors[-1] < 5e-4, errors
+    assert fitted_order(errors, Ks) > 1.5, errors
 
 
 @pytest.mark.parametrize("steps", [10, 20])
@@ -264,6 +529,32 @@ def test_default_spacings_are_registered():
     assert seen == [750, 500, 250, 0]
 
 
+@pytest.mark.parametrize("spacing", list(SPACINGS))
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m-sde", "unipc"])
+def test_sigma_min_lands_on_timestep_0(sampler, spacing):
+    """``final_step="sigma-min"`` spends its ``steps`` evaluations above timestep 0 and lands there: a
+    spacing that keeps 0 is taken for one point more and its 0 dropped, one that does not (``trailing``)
+    is kept as it is; the chain is then the one that lands at ᾱ_0 (``final_alpha_cumprod``, float64) from
+    those timesteps, and ``after_step`` hears it reach timestep 0."""
+    d = GaussianDiffusion(linear_betas(1000))
+    for K in (1, 5, 10):
+        plain = samplers.kept_timesteps(d, sampler, K, spacing)
+        kept = samplers.chain_timesteps(d, sampler, K, spacing, final_step="sigma-min")
+        assert kept == (samplers.kept_timesteps(d, sampler, K + 1, spacing)[1:] if plain[0] == 0 else plain)
+        assert len(kept) == K and kept[0] > 0
+        stats, reached = {}, []
+
+        def heard(x, t, reached=reached):
+            reached.append(t)
+            return x
+
+        landed = d.sample(wiggly_model, (2, 1, 2, 2), sampler=sampler, steps=K, spacing=spacing, final_step="sigma-min",
+                          generator=torch.Generator().manual_seed(17), stats=stats, after_step=heard)
+        given = d.sample(wiggly_model, (2, 1, 2, 2), sampler=sampler, timesteps=kept,
+                         final_alpha_cumprod=d.alphas_cumprod[0].item(), generator=torch.Generator().manual_seed(17))
+        assert torch.equal(landed, given) and stats["nfe"] == K and reached[-1] == 0
+
+
 @pytest.mark.parametrize("sampler", NEW_SOLVERS)
 def test_cosine_respaced_and_learned_variance(sampler):
     """The solvers run on a cosine schedule and on an already respaced process, and ignore learned
@@ -335,7 +626,13 @@ def test_clip_denoised_clips_the_data_prediction():
 def test_bad_arguments_are_user_errors():
     d = GaussianDiffusion(linear_betas(100))
     for kwargs in [{"sampler": "euler"}, {"sampler": "dpm++2m", "spacing": "cubic"}, {"sampler": "unipc", "steps": 0},
-                   {"sampler": "heun", "steps": 101}, {"sampler": "dpm++2m", "eta": 0.5}]:
+                   {"sampler": "heun", "steps": 101}, {"sampler": "dpm++2m", "eta": 0.5},
+                   {"sampler": "dpm++2m-sde", "eta": 1.5}, {"sampler": "unipc-bh1", "eta": 0.5},
+                   {"sampler": "dpm++2m", "order": 3}, {"sampler": "unipc", "order": 4},
+                   {"sampler": "heun", "lower_order_final": False}, {"sampler": "unipc", "lower_order_final": "no"},
+                   {"sampler": "heun", "final_step": "sigma-min"}, {"sampler": "unipc", "final_step": "sigma-max"},
+                   {"sampler": "ddim", "final_step": "sigma-min", "final_alpha_cumprod": 0.99},
+                   {"sampler": "dpm++2m", "final_step": "sigma-min", "timesteps": [0]}]:
         with pytest.raises(UserError):
             d.sample(wiggly_model, (1, 1, 2, 2), **kwargs)
 
@@ -398,7 +695,7 @@ def spacing_errors(sampler, spacing, nfe, schedule, s, m=M, n=4000):
     x_T = torch.randn(n, 1, generator=g, dtype=torch.float64)
     x = d.sample(gaussian_model(d.alphas_cumprod, m=m, s=s), x_T.shape, sampler=sampler, steps=nfe, spacing=spacing,
                  noise=x_T, dtype=torch.float64, clip_denoised=False, generator=g)
-    if sampler == "dpm++2m-sde":
+    if sampler.endswith("-sde"):
         return math.hypot(x.mean().item() - m, x.std().item() - s)
     return ((x - (m + s * z_of(x_T, d.alphas_cumprod[-1].item(), m, s))) ** 2).mean().sqrt().item()
 

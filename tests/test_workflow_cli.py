@@ -189,3 +189,23 @@ def test_sample_prints_the_network_evaluations(run, tmp_path, capsys):
     assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--num-images", "3", "--sampler", "ddim",
                  "--steps", "4", "--quiet"]) == 0
     assert "4 network evaluations each" in capsys.readouterr().out
+
+
+def test_steps_pick_the_sampler_and_the_solver_options_reach_it(run, tmp_path, capsys, monkeypatch):
+    """Without --sampler, --steps N takes the sampler of DEFAULT_SAMPLER_BY_NFE for N; --eta, --order,
+    --final-step and --no-lower-order-final reach the solver (the same images as the library's call)."""
+    from ddpm import samplers
+    from ddpm.generate import SamplerSettings, generate
+    from ddpm.loading import load_model
+
+    monkeypatch.setattr(samplers, "DEFAULT_SAMPLER_BY_NFE", {3: "ddim", 20: samplers.DEFAULT_SAMPLER})
+    assert main(["sample", str(run), "--out", str(tmp_path / "a"), "--num-images", "2", "--steps", "4", "--quiet"]) == 0
+    assert "2 images with ddim: 4 network evaluations each" in capsys.readouterr().out
+    options = ["--sampler", "unipc-bh1", "--order", "2", "--final-step", "sigma-min", "--no-lower-order-final"]
+    assert main(["sample", str(run), "--out", str(tmp_path / "b"), "--num-images", "2", "--steps", "4", "--npz",
+                 "--no-grid", "--quiet", *options]) == 0
+    loaded = load_model(run)
+    settings = SamplerSettings("unipc-bh1", 4, order=2, final_step="sigma-min", lower_order_final=False)
+    expected = generate(loaded.model, loaded.diffusion.build(), 2, settings, progress=False).uint8()
+    with np.load(tmp_path / "b" / "samples.npz") as f:
+        assert np.array_equal(f["arr_0"], expected.permute(0, 2, 3, 1).numpy())

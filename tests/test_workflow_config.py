@@ -71,6 +71,38 @@ def test_every_field_is_documented(section):
     assert not missing
 
 
+def test_the_nfe_picks_the_default_sampler(monkeypatch):
+    """Without a sampler, SamplerSettings, GaussianDiffusion.sample and ``ddpm sample --steps N`` take the
+    entry of DEFAULT_SAMPLER_BY_NFE with the largest NFE not above N (below them all, the smallest's); a
+    sampler given wins."""
+    import torch
+
+    from ddpm import samplers
+    from ddpm.cli import build_parser
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.generate import SamplerSettings
+    from ddpm.schedules import linear_betas
+
+    default = samplers.DEFAULT_SAMPLER
+    monkeypatch.setattr(samplers, "DEFAULT_SAMPLER_BY_NFE", {5: "unipc", 10: "dpm++2m", 20: default})
+    expected = {3: "unipc", 5: "unipc", 7: "unipc", 10: "dpm++2m", 15: "dpm++2m", 20: default, 50: default,
+                None: default}
+    for nfe, name in expected.items():
+        steps = [] if nfe is None else ["--steps", str(nfe)]
+        args = build_parser().parse_args(["sample", "run", "--out", "o", *steps])
+        assert SamplerSettings(steps=nfe).sampler == SamplerSettings(args.sampler, args.steps).sampler == name, nfe
+    assert SamplerSettings("ddim", 5).sampler == "ddim" and SamplerSettings(timesteps=(0, 500, 999)).sampler == "unipc"
+    d = GaussianDiffusion(linear_betas(100))
+
+    def model(x, t):
+        return torch.tanh(x + 0.01 * t.reshape(-1, 1).to(x.dtype))
+
+    for nfe, name in ((7, "unipc"), (12, "dpm++2m")):
+        picked = d.sample(model, (3, 1), steps=nfe, generator=torch.Generator().manual_seed(0))
+        named = d.sample(model, (3, 1), sampler=name, steps=nfe, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(picked, named)
+
+
 def test_one_default_sampler_everywhere():
     """The previews, SamplerSettings, GaussianDiffusion.sample and the command line all default to
     ddpm.samplers.DEFAULT_SAMPLER at its default NFE (the others through DEFAULT_SAMPLER_BY_NFE, whose entry
@@ -99,7 +131,8 @@ def test_one_default_sampler_everywhere():
         return torch.tanh(x + 0.01 * t.reshape(-1, 1).to(x.dtype))
 
     plain = d.sample(model, (3, 1), generator=torch.Generator().manual_seed(0))
-    told = d.sample(model, (3, 1), sampler=DEFAULT_SAMPLER, steps=DEFAULT_NFE, generator=torch.Generator().manual_seed(0))
+    told = d.sample(model, (3, 1), sampler=DEFAULT_SAMPLER, steps=DEFAULT_NFE,
+                    generator=torch.Generator().manual_seed(0))
     assert torch.equal(plain, told)  # GaussianDiffusion.sample and samplers.sample
     for name in ("mnist", "digits", "mnist-latent", "cifar10"):
         assert get_config(name).train.sample_steps == DEFAULT_NFE, name
