@@ -7,19 +7,30 @@ classifier of :mod:`bench.mnist_fd` (the floor: as many training images). diffus
 run at their defaults (given the model's linear β schedule) and drive the same network's ε:
 ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M), ``UniPCMultistepScheduler`` and ``DDIMScheduler``.
 
+A method of ours is ``NAME[:SPACING][:OPTION=VALUE]...`` (``eta``, ``order``, ``final_step``,
+``lower_order_final``: :class:`ddpm.generate.SamplerSettings`' fields), e.g. ``unipc:trailing:order=2``;
+``--spacings``, ``--etas``, ``--orders``, ``--final-steps`` and ``--lower-order-final`` cross every
+method with those values where they apply (``default``: the solver's own). A value equal to the
+solver's default is left out of a point's name, so the plain name is the default point.
+
 Results go to ``--out``/solvers.json as they come (a rerun skips the points already there), then
-to a plot (``--plot``) and, with ``--append``, to bench/RESULTS.md.
+to a plot (``--plot``; the default points) and, with ``--append``, to bench/RESULTS.md. ``--list``
+prints the points and stops.
 
     python -m bench.solvers runs/mnist --data mnist.npz --samples 1000 --append
+    python -m bench.solvers runs/mnist --data mnist.npz --nfe 5,7,10,15 --methods dpm++2m-sde,dpm++3m-sde \\
+        --spacings default,logsnr --etas 0.25,0.5,0.75,1 --final-steps denoise,sigma-min --list
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +39,9 @@ from bench import common
 from bench.mnist_fd import FeatureSpace
 from ddpm.generate import SamplerSettings, generate, image_generators
 from ddpm.loading import load_model
+from ddpm.samplers import DEFAULT_ETA, DEFAULT_SPACING, FINAL_STEP_SAMPLERS, MULTISTEP, ORDERS
 
-OURS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "heun")
+OURS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "unipc-bh1", "heun")
 THEIRS = ("diffusers-dpm++2m", "diffusers-unipc", "diffusers-ddim")
 #: The sample count of the small-sample FDs every point also records (the first 250 images, etc.).
 QUARTER = 250
@@ -45,7 +57,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nfe", default="5,10,20,50", help="NFEs for the solvers and diffusers (default 5,10,20,50)")
     p.add_argument("--ddim-nfe", default="10,20,50,100,1000", help="NFEs for our DDIM")
     p.add_argument("--methods", default=",".join((*OURS, "ddim", "ddpm", *THEIRS)),
-                   help="which methods; NAME:SPACING runs one of ours with another spacing")
+                   help="which methods; NAME[:SPACING][:OPTION=VALUE]... runs one of ours with another spacing or "
+                        "options (eta, order, final_step, lower_order_final)")
+    p.add_argument("--spacings", default="default", help="spacings to cross our methods with (default: their own)")
+    p.add_argument("--etas", default="default", help="etas for ddim and the SDE solvers (e.g. 0,0.5,1)")
+    p.add_argument("--orders", default="default", help="UniPC's orders (e.g. 1,2,3)")
+    p.add_argument("--final-steps", default="default", help="final steps of ddim and the multistep solvers "
+                                                             "(denoise,sigma-min)")
+    p.add_argument("--lower-order-final", default="default", help="the multistep solvers' lower-order last steps "
+                                                                   "(on,off; off only where it changes the chain)")
+    p.add_argument("--list", action="store_true", help="print the points (method@NFE) and stop")
     p.add_argument("--batch", type=int, default=250, help="images per network call")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -81,18 +102,82 @@ def diffusers_sample(kind: str, model: nn.Module, n: int, nfe: int, seed: int, b
     return torch.cat(out), calls / len(out)
 
 
+#: The options a method name may carry, read from their text.
+OPTIONS: dict[str, Any] = {"eta": float, "order": int, "final_step": str,
+                           "lower_order_final": lambda v: {"true": True, "on": True, "false": False, "off": False}[v]}
+#: The options' defaults where the solver takes them (UniPC's order: ddpm.samplers.UniPC).
+DEFAULTS: dict[str, Any] = {"eta": DEFAULT_ETA.get, "order": lambda name: 3, "final_step": lambda name: "denoise",
+                            "lower_order_final": lambda name: True}
+#: Which of our solvers take each axis of the sweep.
+TAKES = {"spacing": lambda name: name != "dpm-adaptive", "eta": lambda name: name in DEFAULT_ETA and name != "ddpm",
+         "order": lambda name: name in ORDERS, "final_step": lambda name: name in FINAL_STEP_SAMPLERS,
+         "lower_order_final": lambda name: name in MULTISTEP}
+
+
+def parse_method(method: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[:SPACING][:OPTION=VALUE]...`` as the sampler's name and its :class:`SamplerSettings` fields."""
+    name, *parts = method.split(":")
+    fields: dict[str, Any] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq:
+            fields["spacing"] = key
+        elif key in OPTIONS:
+            fields[key] = OPTIONS[key](value)
+        else:
+            raise SystemExit(f"bench.solvers: unknown option {key!r} in {method!r}; choose from {', '.join(OPTIONS)}")
+    return name, fields
+
+
+def method_name(name: str, fields: dict[str, Any]) -> str:
+    """The point's name: ``name`` with the spacing and the options that are not the solver's defaults."""
+    spacing = fields.get("spacing")
+    parts = [name] + ([spacing] if spacing not in (None, DEFAULT_SPACING.get(name)) else [])
+    for key in OPTIONS:
+        value = fields.get(key)
+        if value is not None and value != DEFAULTS[key](name):
+            parts.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return ":".join(parts)
+
+
+def lower_order_final_matters(name: str, fields: dict[str, Any]) -> bool:
+    """Whether turning the lower-order final steps off changes the chain: with an order of 3, or of 2 with a
+    last step to σ_min (a last step to the data is first order anyway; see ddpm.samplers.Multistep)."""
+    order = 2 if name.startswith("dpm++2m") else 3 if name.startswith("dpm++3m") else fields.get("order") or 3
+    return order >= 3 or (order == 2 and fields.get("final_step") == "sigma-min")
+
+
+def expand(methods: Sequence[str], args: argparse.Namespace) -> list[str]:
+    """Every method crossed with the sweep's axes that apply to it and that its name does not fix."""
+    axes = {"spacing": args.spacings, "eta": args.etas, "order": args.orders, "final_step": args.final_steps,
+            "lower_order_final": args.lower_order_final}
+    out = []
+    for method in methods:
+        name, given = parse_method(method)
+        if name in ("ddpm", "dpm-adaptive") or name.startswith("diffusers"):
+            out.append(method)
+            continue
+        values = {key: [None if v == "default" else (OPTIONS[key](v) if key in OPTIONS else v) for v in text.split(",")]
+                  for key, text in axes.items() if key not in given and TAKES[key](name)}
+        for combination in itertools.product(*values.values()):
+            fields = {**given, **{key: value for key, value in zip(values, combination) if value is not None}}
+            if fields.get("lower_order_final") is False and not lower_order_final_matters(name, fields):
+                continue
+            out.append(method_name(name, fields))
+    return list(dict.fromkeys(out))
+
+
 def settings(method: str, nfe: int) -> SamplerSettings:
-    """Our sampler ``NAME`` or ``NAME:SPACING`` (a spacing other than the solver's default) at ``nfe``."""
-    name, _, spacing = method.partition(":")
-    return SamplerSettings(name, nfe, spacing=spacing or None)
+    """Our sampler ``NAME[:SPACING][:OPTION=VALUE]...`` at ``nfe``."""
+    name, fields = parse_method(method)
+    return SamplerSettings(name, nfe, **fields)
 
 
 def points(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     """(method, NFE, samples) for every point of the sweep, cheapest first."""
     nfes = [int(v) for v in args.nfe.split(",")]
-    methods = args.methods.split(",")
     todo = []
-    for method in methods:
+    for method in expand(args.methods.split(","), args):
         if method == "ddim":
             todo += [(method, k, args.ddim1000_samples or args.samples if k == 1000 else args.samples)
                      for k in map(int, args.ddim_nfe.split(","))]
@@ -147,6 +232,13 @@ def comparison_grid(args: argparse.Namespace, loaded: object, diffusion: object)
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    todo = points(args)
+    if args.list:
+        for method, nfe, n in todo:
+            print(f"{method}@{nfe} ({n} samples)")
+        print(f"{len(todo)} points, {sum(n for _, _, n in todo):,} images, {sum(nfe * n for _, nfe, n in todo):,} "
+              "network evaluations of one image")
+        return {f"{method}@{nfe}": {"method": method, "nfe": nfe, "samples": n} for method, nfe, n in todo}
     data = common.mnist_path(args.data)
     threads = common.set_threads(args.threads)
     out = Path(args.out)
@@ -158,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     space = FeatureSpace(data, seed=args.seed)
     floor = space.floor(args.samples)
     common.say(f"classifier test accuracy {space.accuracy:.4f}; floor FD {floor:.2f} ({args.samples} training images)")
-    for method, nfe, n in points(args):
+    for method, nfe, n in todo:
         key = f"{method}@{nfe}"
         if key in results and results[key]["samples"] == n:
             continue

@@ -118,17 +118,29 @@ def mnist_run(tmp_path, fake_mnist):
 def test_solvers_sweep_runs_and_resumes(tmp_path, fake_mnist, mnist_run):
     pytest.importorskip("matplotlib", reason="the sweep draws a plot")
     pytest.importorskip("diffusers", reason="the sweep drives diffusers' schedulers")
-    from bench.solvers import main
+    from bench.solvers import main, settings
+    from ddpm.generate import SamplerSettings
 
     argv = [str(mnist_run), "--data", str(fake_mnist), "--samples", "12", "--ddpm-samples", "2", "--nfe", "2",
-            "--ddim-nfe", "3", "--methods", "ddim,diffusers-dpm++2m,diffusers-unipc,diffusers-ddim",
-            "--batch", "5", "--out", str(tmp_path / "s"), "--plot", str(tmp_path / "s" / "p.png"),
-            "--grid", str(tmp_path / "s" / "grid.png"), "--grid-nfe", "2", "--grid-count", "3"]
+            "--ddim-nfe", "3", "--methods", "ddim,dpm++2m-sde,unipc-bh1:order=2,diffusers-dpm++2m,diffusers-unipc,"
+            "diffusers-ddim", "--etas", "default,0.5", "--final-steps", "denoise,sigma-min",
+            "--lower-order-final", "on,off", "--batch", "5", "--out", str(tmp_path / "s"),
+            "--plot", str(tmp_path / "s" / "p.png"), "--grid", str(tmp_path / "s" / "grid.png"), "--grid-nfe", "2",
+            "--grid-count", "3"]
+    variants = {f"{name}:{options}@2" for name in ("ddim", "dpm++2m-sde")
+                for options in ("eta=0.5", "final_step=sigma-min", "eta=0.5:final_step=sigma-min")}
+    expected = {"ddim@3", "dpm++2m-sde@2", *variants, "unipc-bh1:order=2@2", "unipc-bh1:order=2:final_step=sigma-min@2",
+                "unipc-bh1:order=2:final_step=sigma-min:lower_order_final=false@2", "dpm++2m-sde:final_step=sigma-min:"
+                "lower_order_final=false@2", "dpm++2m-sde:eta=0.5:final_step=sigma-min:lower_order_final=false@2",
+                "diffusers-dpm++2m@2", "diffusers-unipc@2", "diffusers-ddim@2"}
+    assert set(main([*argv, "--list"])) == expected  # lower_order_final=false only where it changes the chain
     results = main(argv)
-    assert set(results) == {"ddim@3", "diffusers-dpm++2m@2", "diffusers-unipc@2", "diffusers-ddim@2"}
+    assert set(results) == expected
     assert all(r["nfe_used"] == r["nfe"] and r["samples"] == 12 for r in results.values())
     assert (tmp_path / "s" / "p.png").is_file() and (tmp_path / "s" / "grid.png").is_file()
     assert main(argv) == results  # a rerun finds every point done
+    assert settings("unipc:trailing:order=2:final_step=sigma-min:lower_order_final=false", 7) == SamplerSettings(
+        "unipc", 7, spacing="trailing", order=2, final_step="sigma-min", lower_order_final=False)
 
 
 @pytest.mark.slow
