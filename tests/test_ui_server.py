@@ -42,6 +42,7 @@ from ddpm.img2img import img2img, results_grid  # noqa: E402
 from ddpm.inpaint import inpaint, masked_preview, read_mask  # noqa: E402
 from ddpm.loading import LoadedModel  # noqa: E402
 from ddpm.models import UNet, get_preset  # noqa: E402
+from ddpm.models.diffusers_io import DDIMOptions  # noqa: E402
 from ddpm.tokenizer import WordTokenizer  # noqa: E402
 from ddpm.ui import forward as forward_view  # noqa: E402
 from ddpm.ui.forward import MAX_UPLOAD_BYTES, ImageStore  # noqa: E402
@@ -255,6 +256,23 @@ def test_a_text_model_takes_the_prompts(client):
     assert not torch.equal(images_in(other)[0], images[0])
     assert got[-1][1]["prompts"] == ["a red square"] * 2
     assert "--prompt 'a red square' --negative-prompt blur" in got[-1][1]["command"]
+
+
+def test_a_diffusers_models_ddim_is_its_schedulers_in_both_views():
+    """A diffusers scheduler config's DDIM (steps_offset, set_alpha_to_one) is what ddpm sample and the image
+    verbs use for --sampler ddim (LoadedModel.sampler_settings): the page's images are those."""
+    sd_like = LoadedModel(tiny_unet(), DIFFUSION, "sd-like", ddim=DDIMOptions(steps_offset=1, set_alpha_to_one=False))
+    settings = sd_like.sampler_settings(SamplerSettings("ddim", 5))
+    assert settings.timesteps is not None and settings != SamplerSettings("ddim", 5)
+    with TestClient(create_app(UI([ModelSlot(0, "sd", sd_like)])), base_url=BASE) as client:
+        got = draw(client, model=0, sampler="ddim", steps=5, num_images=2, batch_size=2)
+        expected = generate(sd_like.model, DIFFUSION.build(), 2, settings, batch_size=2, progress=False)
+        assert torch.equal(images_in(got), expected.uint8())
+        key = edit_input(client, 0, content=gradient_png())
+        edited = run_edit(client, model=0, input=key["input"], method="img2img", strength=0.8, sampler="ddim", steps=5)
+        image = png_tensor(client.get(key["url"]).content)
+        expected = img2img(sd_like.model, DIFFUSION.build(), image[None], 0.8, settings, progress=False)
+        assert torch.equal(images_in(edited), expected.uint8())
 
 
 def test_the_trajectory_is_thinned_to_at_most_a_hundred_frames():
