@@ -23,11 +23,9 @@ also accepts the attention names of diffusers before 0.14 (``query``, ``key``, `
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +34,7 @@ from torch import Tensor, nn
 from ddpm.errors import UserError, is_int
 from ddpm.losses import normal_kl, sum_flat
 from ddpm.models.diffusers_io import AUTOENCODER_KL
-from ddpm.models.io import SavedModel, config_from_dict
+from ddpm.models.io import ModelConfig, SavedModel
 from ddpm.models.layers import Downsample, ResnetBlock2D, Upsample, conv3x3, group_norm, norm_silu
 
 # diffusers (after the LDM code) clamps the log-variance so that exp() neither overflows nor
@@ -45,7 +43,7 @@ LOGVAR_RANGE = (-30.0, 20.0)
 
 
 @dataclass(frozen=True)
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(ModelConfig):
     """The shape of an :class:`AutoencoderKL`, with diffusers' field names. The defaults are
     Stable Diffusion's KL-f8 autoencoder; :data:`PRESETS` names the others.
 
@@ -59,6 +57,8 @@ class AutoencoderKLConfig:
             section 4.3.2 and appendix D.1: one over the latents' standard deviation).
         sample_size: side of the training images, or ``(height, width)`` (informational, as in diffusers).
     """
+
+    KIND: ClassVar[str] = "autoencoder"
 
     in_channels: int = 3
     out_channels: int = 3
@@ -108,21 +108,8 @@ class AutoencoderKLConfig:
         size = self.sample_size
         return (size, size) if isinstance(size, int) else size
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary."""
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> AutoencoderKLConfig:
-        """The config from :meth:`to_dict`'s output; an unknown key raises :class:`UserError`."""
-        return config_from_dict(cls, values, "autoencoder")
 
-    @classmethod
-    def preset(cls, name: str) -> AutoencoderKLConfig:
-        """The config in :data:`PRESETS` called ``name``; an unknown name raises :class:`UserError`."""
-        if name not in PRESETS:
-            raise UserError(f"unknown autoencoder preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return PRESETS[name]
 
 
 PRESETS: dict[str, AutoencoderKLConfig] = {
@@ -156,6 +143,7 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
         norm_num_groups=4, scaling_factor=1.0, sample_size=8,
     ),
 }
+AutoencoderKLConfig.PRESETS = PRESETS
 
 
 class DiagonalGaussian:

@@ -40,6 +40,31 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], what: str) -> C:
     return cls(**values)
 
 
+class ModelConfig:
+    """What every network's config dataclass shares: JSON in and out, and named presets."""
+
+    #: What the config describes, in messages ("U-Net", "autoencoder").
+    KIND: ClassVar[str] = "model"
+    #: Its named configs, set after the class (``XConfig.PRESETS = PRESETS``).
+    PRESETS: ClassVar[dict[str, Any]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary (tuples become lists on dumping)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Any:
+        """The config from :meth:`to_dict`'s output; an unknown key raises :class:`UserError`."""
+        return config_from_dict(cls, values, cls.KIND)
+
+    @classmethod
+    def preset(cls, name: str) -> Any:
+        """The config in ``PRESETS`` called ``name``; an unknown name raises :class:`UserError`."""
+        if name not in cls.PRESETS:
+            raise UserError(f"unknown {cls.KIND} preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return cls.PRESETS[name]
+
+
 def load_matching_weights(module: nn.Module, state_dict: Mapping[str, Tensor], source: str | Path, what: str) -> None:
     """Copy ``state_dict`` into ``module`` (a ``what``), or raise :class:`UserError` naming
     ``source`` and the missing, unexpected and wrongly shaped keys when it does not fit."""

@@ -31,18 +31,17 @@ and ``tokenizer.json``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddpm.errors import UserError, is_int
-from ddpm.models.io import SavedModel, config_from_dict
+from ddpm.models.io import ModelConfig, SavedModel
 from ddpm.models.text_encoder import TextEmbedding, TextEncoder, TokenBatch
 from ddpm.tokenizer import WordTokenizer
 
@@ -50,7 +49,7 @@ TOKENIZER_NAME = "tokenizer.json"
 
 
 @dataclass(frozen=True)
-class TextTransformerConfig:
+class TextTransformerConfig(ModelConfig):
     """The shape of a :class:`TextTransformer` (the vocabulary is the tokenizer's). The defaults
     are the small GLIDE released (openai/glide-text2im: ``xf_width``, ``xf_layers``, ``xf_heads``,
     ``text_ctx``); :data:`PRESETS` names the others.
@@ -61,6 +60,8 @@ class TextTransformerConfig:
         heads: attention heads; must divide ``width``.
         context_length: tokens per prompt, ``<start>`` and ``<end>`` included.
     """
+
+    KIND: ClassVar[str] = "text transformer"
 
     width: int = 512
     layers: int = 16
@@ -78,21 +79,8 @@ class TextTransformerConfig:
             raise UserError(f"TextTransformerConfig.context_length must be >= 2 (<start> and <end>), "
                             f"got {self.context_length}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary."""
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TextTransformerConfig:
-        """The config from :meth:`to_dict`'s output; an unknown key raises :class:`UserError`."""
-        return config_from_dict(cls, values, "text transformer")
 
-    @classmethod
-    def preset(cls, name: str) -> TextTransformerConfig:
-        """The config in :data:`PRESETS` called ``name``; an unknown name raises :class:`UserError`."""
-        if name not in PRESETS:
-            raise UserError(f"unknown text transformer preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return PRESETS[name]
 
 
 PRESETS: dict[str, TextTransformerConfig] = {
@@ -109,6 +97,7 @@ PRESETS: dict[str, TextTransformerConfig] = {
     # For tests.
     "tiny": TextTransformerConfig(width=32, layers=2, heads=2, context_length=16),
 }
+TextTransformerConfig.PRESETS = PRESETS
 
 
 class MultiheadAttention(nn.Module):

@@ -24,10 +24,9 @@ embedded like a timestep and added to the time embedding; see :mod:`ddpm.superre
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 
 from ddpm.errors import UserError, is_int
 from ddpm.models.diffusers_io import UNET2D
-from ddpm.models.io import SavedModel, config_from_dict
+from ddpm.models.io import ModelConfig, SavedModel
 from ddpm.models.layers import (
     GROUPS,
     Downsample,
@@ -56,7 +55,7 @@ NOISE_LEVEL_SCALE = 1000.0
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ModelConfig):
     """The shape of a :class:`UNet`; presets are in :mod:`ddpm.models.presets`.
 
     The defaults are the paper's CIFAR-10 model (Ho et al. 2020, appendix B).
@@ -85,6 +84,8 @@ class UNetConfig:
             ``NOISE_LEVEL_SCALE * level`` by a second sinusoidal embedding and MLP and added to the
             time embedding (diffusers' ``class_embed_type="timestep"``).
     """
+
+    KIND: ClassVar[str] = "U-Net"
 
     #: The run configuration's name for this kind of network (``model.arch`` in config.json).
     ARCH: ClassVar[str] = "unet"
@@ -185,14 +186,7 @@ class UNetConfig:
         attended = [c for c, a in zip(self.level_channels, self.attention_levels) if a]
         return (*attended, self.level_channels[-1])
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary (tuples become lists on dumping)."""
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> UNetConfig:
-        """The config from :meth:`to_dict`'s output; an unknown key raises :class:`UserError`."""
-        return config_from_dict(cls, values, "U-Net")
 
 
 class ResBlock(nn.Module):

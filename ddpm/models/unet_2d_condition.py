@@ -29,11 +29,9 @@ processors, LoRA, FreeU, gradient checkpointing) is left out.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +39,7 @@ from torch import Tensor, nn
 
 from ddpm.errors import UserError, is_int
 from ddpm.models.diffusers_io import UNET2D_CONDITION
-from ddpm.models.io import SavedModel, config_from_dict
+from ddpm.models.io import ModelConfig, SavedModel
 from ddpm.models.layers import (
     NORM_EPS,
     Downsample,
@@ -65,7 +63,7 @@ LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, the transformer blocks' in the 
 
 
 @dataclass(frozen=True)
-class ConditionalUNetConfig:
+class ConditionalUNetConfig(ModelConfig):
     """The shape of a :class:`ConditionalUNet`, with the field names of diffusers'
     ``UNet2DConditionModel``. The defaults are Stable Diffusion 1.5's; :data:`PRESETS` names others.
 
@@ -108,6 +106,8 @@ class ConditionalUNetConfig:
             row ``N - 1`` is the null label (label ``-1`` or ``class_labels=None``) for
             classifier-free guidance, as :class:`ddpm.models.unet.UNet` reserves it.
     """
+
+    KIND: ClassVar[str] = "conditional U-Net"
 
     #: The run configuration's name for this kind of network (``model.arch`` in config.json).
     ARCH: ClassVar[str] = "unet2d_condition"
@@ -259,21 +259,8 @@ class ConditionalUNetConfig:
         """Width of the time embedding, ``4 * block_out_channels[0]``."""
         return 4 * self.block_out_channels[0]
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary (tuples become lists on dumping)."""
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ConditionalUNetConfig:
-        """The config from :meth:`to_dict`'s output; an unknown key raises :class:`UserError`."""
-        return config_from_dict(cls, values, "conditional U-Net")
 
-    @classmethod
-    def preset(cls, name: str) -> ConditionalUNetConfig:
-        """The config in :data:`PRESETS` called ``name``; an unknown name raises :class:`UserError`."""
-        if name not in PRESETS:
-            raise UserError(f"unknown conditional U-Net preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return PRESETS[name]
 
 
 def _positive(value: object) -> bool:
@@ -324,6 +311,7 @@ PRESETS: dict[str, ConditionalUNetConfig] = {
         cross_attention_dim=16, attention_head_dim=2,
     ),
 }
+ConditionalUNetConfig.PRESETS = PRESETS
 
 
 # ---------------------------------------------------------------------------- embeddings

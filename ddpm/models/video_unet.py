@@ -53,6 +53,7 @@ class VideoUNetConfig(UNetConfig):
     """
 
     ARCH: ClassVar[str] = "video_unet"
+    KIND: ClassVar[str] = "video U-Net"
 
     frames: int = 8
     num_buckets: int = 32
@@ -275,8 +276,9 @@ VIDEO_PRESETS: dict[str, VideoUNetConfig] = {
 }
 
 
+VideoUNetConfig.PRESETS = VIDEO_PRESETS
+
+
 def get_video_preset(name: str) -> VideoUNetConfig:
     """The :class:`VideoUNetConfig` called ``name``; an unknown name raises :class:`UserError`."""
-    if name not in VIDEO_PRESETS:
-        raise UserError(f"unknown video U-Net preset {name!r}; choose one of {', '.join(VIDEO_PRESETS)}")
-    return VIDEO_PRESETS[name]
+    return VideoUNetConfig.preset(name)
