@@ -1169,8 +1169,10 @@ def _add_ui(sub: Any, common: argparse.ArgumentParser) -> None:
         "ui", parents=[common], help="a local web page: sample, watch the reverse process, explore the forward one",
         description="Serve a page on this machine to draw samples from the models given (any sampler, NFE, seed, "
                     "class or prompt, images streaming in), scrub through the reverse process (x_t and the "
-                    "predicted x_0 at every kept step) and explore the forward process q(x_t | x_0) with the "
-                    "schedule's alpha-bar, SNR and posterior variance. Works offline; needs the 'ui' extra.",
+                    "predicted x_0 at every kept step), explore the forward process q(x_t | x_0) with the "
+                    "schedule's alpha-bar, SNR and posterior variance, and edit an image: inpaint under a mask drawn "
+                    "with the mouse (RePaint or replacement) or img2img with a strength slider. Works offline; needs "
+                    "the 'ui' extra.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent(f"""\
             examples:
@@ -1180,13 +1182,14 @@ def _add_ui(sub: Any, common: argparse.ArgumentParser) -> None:
               ddpm ui runs/mnist --listen                 # reachable from other machines (no password)
 
             It listens on 127.0.0.1:{DEFAULT_PORT} unless told otherwise and answers only its own page
-            (Host and Origin are checked). The page shows the 'ddpm sample' command that draws the
-            same images. Ctrl-C stops it."""))
+            (Host and Origin are checked). The page shows the 'ddpm sample', 'ddpm inpaint' or
+            'ddpm img2img' command that draws the same images. Ctrl-C stops it."""))
     p.add_argument("models", nargs="*", metavar="RUN_OR_MODEL",
                    help="run, checkpoint, saved-model or diffusers directories to sample from")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw training weights")
     p.add_argument("--data", default=None,
-                   help="images for the forward-process view (folder, .npz, torchvision name or digits; the first 100)")
+                   help="images for the forward-process and edit views (folder, .npz, torchvision name or digits; "
+                        "the first 100)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free one)")
     p.add_argument("--listen", nargs="?", const="0.0.0.0", default=None, metavar="ADDRESS",
                    help="accept other machines: bind ADDRESS (default 0.0.0.0) instead of 127.0.0.1; anyone who "

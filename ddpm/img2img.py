@@ -15,11 +15,12 @@ x at its first kept step, where (for every spacing that starts at T) only √ᾱ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from ddpm.diffusion import GaussianDiffusion
@@ -94,14 +95,15 @@ def img2img(
     bf16: bool | None = None,
     progress: bool = True,
     autoencoder: AutoencoderKL | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> Samples:
     """SDEdit (the module docstring): ``num_samples`` edits of each of ``images`` [N, C, H, W] (uint8 or
     [-1, 1]) at ``strength``, image i's edit j at place i·num_samples + j (seeded by that place).
 
     Any sampler with a fixed chain; a class ``label``, or ``prompts``, ``negative_prompt`` and ``conditioning``
-    (a text-conditional model's), and ``guidance_scale``, as :func:`ddpm.generate.generate` takes them. A
-    latent model (``autoencoder``) edits the image's latents. At strength 0 the images come back as they
-    are (0 network evaluations).
+    (a text-conditional model's), ``guidance_scale`` and ``callback`` (each step and batch), as
+    :func:`ddpm.generate.generate` takes them. A latent model (``autoencoder``) edits the image's latents.
+    At strength 0 the images come back as they are (0 network evaluations, and nothing for ``callback``).
     """
     settings = settings or SamplerSettings()
     check_images(images, pixel_shape(model, autoencoder))
@@ -120,7 +122,7 @@ def img2img(
     return generate(model, diffusion, len(x0), settings, seed=seed, label=label, guidance_scale=guidance_scale,
                     prompts=prompts, negative_prompt=negative_prompt, conditioning=conditioning,
                     batch_size=batch_size, device=device, bf16=bf16, progress=progress, autoencoder=autoencoder,
-                    prepare=prepare)
+                    prepare=prepare, callback=callback)
 
 
 def pixel_shape(model: nn.Module, autoencoder: AutoencoderKL | None) -> tuple[int, ...]:
@@ -132,16 +134,19 @@ def pixel_shape(model: nn.Module, autoencoder: AutoencoderKL | None) -> tuple[in
     return (autoencoder.config.out_channels, *(side * f for side in shape[1:]))
 
 
+def results_grid(inputs: Tensor, outputs: Tensor, num_samples: int = 1,
+                 shown: Sequence[tuple[Tensor, str]] = ()) -> Image.Image:
+    """The picture of ``grid.png``: a column per input, the input on top, then the rows of ``shown`` (e.g.
+    the masked input), then one row per sample."""
+    rows = [(inputs, "input"), *shown]
+    rows += [(outputs[j::num_samples], f"sample {j + 1}" if num_samples > 1 else "output") for j in range(num_samples)]
+    return labelled_rows(rows)
+
+
 def write_results(out_dir: str | Path, inputs: Tensor, outputs: Tensor, num_samples: int = 1,
                   shown: Sequence[tuple[Tensor, str]] = (), grid: bool = True, pngs: bool = True) -> list[Path]:
-    """Write ``grid.png`` (a column per input: the input on top, then the rows of ``shown``, e.g. the masked
-    input, then one row per sample) and every output as ``images/NNNNNN.png``; return the paths."""
+    """Write ``grid.png`` (:func:`results_grid`) and every output as ``images/NNNNNN.png``; return the paths."""
     out_dir = Path(out_dir)
-    written = []
-    if grid:
-        rows = [(inputs, "input"), *shown]
-        rows += [(outputs[j::num_samples], f"sample {j + 1}" if num_samples > 1 else "output")
-                 for j in range(num_samples)]
-        written.append(save_image(labelled_rows(rows), out_dir / "grid.png"))
+    written = [save_image(results_grid(inputs, outputs, num_samples, shown), out_dir / "grid.png")] if grid else []
     return written + (save_pngs(outputs, out_dir / "images") if pngs else [])
 

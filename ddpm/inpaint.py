@@ -23,7 +23,7 @@ chain of K kept steps this costs K + ⌊(K − 1)/j⌋·(r − 1)·j network eva
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -38,7 +38,7 @@ from ddpm.generate import Conditioning, SamplerSettings, Samples, generate
 from ddpm.images import PathLike, as_float_images, read_image, read_images
 from ddpm.img2img import check_images, pixel_shape, to_model_space
 from ddpm.models.autoencoder import AutoencoderKL
-from ddpm.samplers import DEFAULT_SAMPLER, AfterStep, Generators, chain_timesteps, ddpm_step, randn
+from ddpm.samplers import DEFAULT_SAMPLER, AfterStep, Generators, chain_timesteps, ddpm_step, heard, randn
 
 #: RePaint's defaults (Lugmayr et al. 2022, section 5): T = 250 kept steps, jumps of 10, 10 resamplings.
 REPAINT_STEPS = 250
@@ -128,6 +128,7 @@ def repaint_chain(
     dynamic_threshold: float | None = None,
     noise: Tensor | None = None,
     progress: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
     **sampler: Any,
 ) -> Tensor:
     """RePaint's Algorithm 1 with jumps (the module docstring) on ``steps`` kept steps of ``diffusion``.
@@ -138,6 +139,9 @@ def repaint_chain(
     N(√(ᾱ_b/ᾱ_a) x_a, (1 − ᾱ_b/ᾱ_a) I) in one go. Draws come from ``generator`` (one per sample for
     per-image draws): x_T, then per reverse step the unknown part's z and the known part's ε. ``sampler``
     takes what :func:`ddpm.samplers.sample` would (only ``sampler="ddpm"`` and ``eta=0`` make sense here).
+    ``callback`` hears each reverse step as :func:`ddpm.samplers.sample`'s does (:func:`ddpm.samplers.heard`,
+    ``"step"`` counting the reverse steps so far) with ``"reverse_steps"``, how many the chain takes in all
+    (the jumps send ``"k"`` back up); an exception it raises stops the chain.
     """
     if sampler.get("sampler", "ddpm") != "ddpm" or sampler.get("eta", 0.0) or sampler.get("return_trajectory"):
         raise UserError(_NOT_DDPM)
@@ -146,14 +150,18 @@ def repaint_chain(
     x = randn(shape, generator, device, dtype) if noise is None else noise.to(device or noise.device, dtype)
     known, mask = known.to(x.device, x.dtype), mask.to(x.device, x.dtype)
     schedule = repaint_schedule(d.num_timesteps, jump_length, resamples)
-    for a, b in tqdm(list(zip(schedule, schedule[1:])), desc="RePaint", unit="step", disable=not progress,
-                     leave=False):
+    pairs, n = list(zip(schedule, schedule[1:])), 0
+    reverse_steps = sum(b < a for a, b in pairs)
+    for a, b in tqdm(pairs, desc="RePaint", unit="step", disable=not progress, leave=False):
         ta = torch.full((x.shape[0],), a, device=x.device, dtype=torch.long)
         if b > a:  # jump up: q(x_b | x_a) of the respaced forward process
             ratio = d.coef("alphas_cumprod", ta + (b - a), x) / d.coef("alphas_cumprod", ta, x)
             x = ratio.sqrt() * x + (1 - ratio).sqrt() * randn(x.shape, generator, x.device, x.dtype)
             continue
         p = d.p_mean_variance(model, x, ta, clip_denoised, model_kwargs, dynamic_threshold)
+        if callback is not None:
+            callback({**heard(d, n, a, x, p["pred_x0"]), "reverse_steps": reverse_steps})
+        n += 1
         # z for the unknown part, then ε for the known (Algorithm 1 lists ε first; the order is the
         # replacement method's, so that one resample draws exactly what replacement with DDPM does).
         z = randn(x.shape, generator, x.device, x.dtype) if b >= 0 else torch.zeros_like(x)
@@ -206,6 +214,7 @@ def inpaint(
     bf16: bool | None = None,
     progress: bool = True,
     autoencoder: AutoencoderKL | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> Samples:
     """Fill in the ``mask`` = 0 pixels of ``images`` [N, C, H, W] (uint8 or [-1, 1]); ``mask`` [1 or N, 1, H, W].
 
@@ -214,7 +223,7 @@ def inpaint(
     completions of each image, image i's j-th at place i·num_samples + j. A latent model inpaints the
     latents with the mask shrunk (:func:`latent_mask`) and the known pixels are put back after decoding.
     ``label``, ``guidance_scale``, ``prompts``, ``negative_prompt`` and ``conditioning`` (a text-conditional
-    model's): as :func:`ddpm.generate.generate` takes them.
+    model's), and ``callback`` (each step and batch): as :func:`ddpm.generate.generate` takes them.
     The :class:`Samples`' ``nfe`` is what the method spent per image.
     """
     if method not in METHODS:
@@ -244,7 +253,7 @@ def inpaint(
     samples = generate(model, diffusion, len(known), settings, seed=seed, label=label, guidance_scale=guidance_scale,
                        prompts=prompts, negative_prompt=negative_prompt, conditioning=conditioning,
                        batch_size=batch_size, device=device, bf16=bf16, progress=progress, autoencoder=autoencoder,
-                       prepare=prepare, chain=chain)
+                       prepare=prepare, chain=chain, callback=callback)
     if autoencoder is not None:  # the decoder's known pixels are near the image's; the image's own are exact
         samples.images = pixel_mask * pixels + (1 - pixel_mask) * samples.images
     return samples

@@ -144,6 +144,27 @@ def test_the_jump_schedule_is_the_reference_codes_and_its_nfe():
     assert repaint_schedule(5, 10, 10) == [4, 3, 2, 1, 0, -1]  # a chain shorter than a jump: no jumps
 
 
+def test_repaint_tells_its_callback_every_reverse_step_and_stops_when_it_raises():
+    heard = []
+    chain = dict(known=X0.expand(8, 4), mask=MASK, steps=10, jump_length=3, resamples=2, dtype=torch.float64,
+                 clip_denoised=False)
+    x = repaint_chain(DIFFUSION, MODEL, (8, 4), generator=torch.Generator().manual_seed(1), callback=heard.append,
+                      **chain)
+    # Listening changes no draw; it hears the schedule's reverse steps in order, and how many there are.
+    assert torch.equal(x, repaint_chain(DIFFUSION, MODEL, (8, 4), generator=torch.Generator().manual_seed(1), **chain))
+    schedule = repaint_schedule(10, 3, 2)
+    assert [h["k"] for h in heard] == [a for a, b in zip(schedule, schedule[1:]) if b < a]
+    assert [h["step"] for h in heard] == list(range(19)) and {h["reverse_steps"] for h in heard} == {19}
+    assert heard[0]["pred_x0"].shape == (8, 4) and heard[-1]["timestep"] == 0
+
+    def stop(event):
+        if event["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        repaint_chain(DIFFUSION, MODEL, (8, 4), callback=stop, **chain)
+
+
 def test_masks_that_leave_nothing_to_do_or_do_not_fit_are_user_errors():
     images = torch.zeros(2, 3, 8, 8)
     with pytest.raises(UserError, match="must have one size"):

@@ -3,8 +3,10 @@ browser download), against the server started here on a free loopback port.
 
 The page samples 4 images from a tiny model and they are, bit for bit, what ``ddpm sample`` draws when
 run with the command line the page shows; the scrubber shows the chain's kept steps; the forward view
-noises a data-set image as q(x_t | x_0) says; another website's requests and a DNS-rebinding name are
-refused by the server. Where Chromium or Playwright is missing the tests skip with the reason.
+noises a data-set image as q(x_t | x_0) says; the Edit view inpaints an uploaded image under a mask drawn
+with the mouse as ``ddpm.inpaint.inpaint`` and ``ddpm inpaint`` do, and img2img at strength 0 gives the
+image back; another website's requests and a DNS-rebinding name are refused by the server. Where
+Chromium or Playwright is missing the tests skip with the reason.
 
 Screenshots of each view are taken every time (and kept under 100 KB); with ``DDPM_UI_SCREENSHOTS=DIR``
 they are saved there for docs/gallery.md. ``DDPM_UI_MODEL=RUN`` samples from that model instead of the
@@ -35,9 +37,12 @@ uvicorn = pytest.importorskip("uvicorn")
 from test_ui_server import Gate, decode, png_tensor, text_model  # noqa: E402
 
 from ddpm.cli import main  # noqa: E402
+from ddpm.data import Fit, prepare_image  # noqa: E402
 from ddpm.generate import SamplerSettings, generate  # noqa: E402
 from ddpm.images import make_grid  # noqa: E402
+from ddpm.inpaint import inpaint, read_mask  # noqa: E402
 from ddpm.models import UNet, get_preset  # noqa: E402
+from ddpm.ui.edit import as_pil  # noqa: E402
 from ddpm.ui.forward import noised  # noqa: E402
 from ddpm.ui.sampling import ModelSlot, png_bytes  # noqa: E402
 from ddpm.ui.server import UI, bind, create_app, load_ui  # noqa: E402
@@ -226,6 +231,95 @@ def test_the_forward_view_noises_a_data_image_and_plots_the_schedule(page, serve
     page.wait_for_function("() => document.getElementById('image-source').value.startsWith('u')")
     wait_for_image(page, "#x0-image", "image=u")
     assert png_tensor(fetched(page, page.get_attribute("#x0-image", "src")))[:, 0, 0].tolist() == [0, 128, 128]
+
+
+def stroke(page, selector: str, points: list[tuple[float, float]]) -> None:
+    """A mouse stroke through ``points`` (fractions of the element's width and height), button held."""
+    box = page.locator(selector).bounding_box()
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=5)
+    page.mouse.up()
+
+
+CANVAS_PIXELS = """() => { const c = document.getElementById('mask-canvas');
+  return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }"""
+
+
+def test_the_edit_view_inpaints_under_a_drawn_mask_as_the_library_and_the_command_do(page, server, tmp_path):
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready]")
+    page.click("#edit-tab")
+    page.wait_for_function("() => document.body.dataset.editInput")  # the data set's first image, to start with
+    first = page.evaluate("() => document.body.dataset.editInput")
+
+    # Upload a data-set image enlarged 5 times: the server makes it the model's size as the data loader would.
+    buffer = io.BytesIO()
+    digit = as_pil(server.ui.images.get("d3"))
+    digit.resize((digit.width * 5, digit.height * 5), Image.Resampling.NEAREST).save(buffer, format="PNG")
+    upload = buffer.getvalue()
+    page.set_input_files("#edit-upload", files=[{"name": "digit.png", "mimeType": "image/png", "buffer": upload}])
+    page.wait_for_function("(first) => document.body.dataset.editInput !== first", arg=first)
+    slot = server.ui.slots[0]
+    C, H, W = slot.loaded.image_shape
+    made, _ = prepare_image(Image.open(io.BytesIO(upload)), Fit((H, W), C, None, False))
+    assert "resized and centre-cropped" in page.text_content("#edit-note")
+
+    # A broad stroke across the lower part of the image: those pixels are generated, and shown tinted.
+    set_range(page, "#brush", float(page.eval_on_selector("#brush", "brush => brush.max")))
+    stroke(page, "#mask-canvas", [(0.02, 0.75), (0.5, 0.75), (0.98, 0.75)])
+    page.select_option("#edit-method", "repaint")
+    for selector, value in (("#edit-steps", "20"), ("#edit-jump", "5"), ("#edit-resamples", "3"),
+                            ("#edit-seed", "7"), ("#edit-samples", "4")):
+        page.fill(selector, value)
+    assert "50 network evaluations per result" in page.text_content("#edit-note")  # 20 + 3 jumps · 2 · 5
+    page.click("#edit-button")
+    page.wait_for_selector("body[data-edit=done]", timeout=120_000)
+    urls = page.eval_on_selector_all("#edit-images img.edited", "images => images.map(image => image.src)")
+    got = torch.stack([decode(url) for url in urls])
+
+    # The page's image.png is the upload made the model's size; its mask.png is the stroke.
+    image_png = fetched(page, page.get_attribute("#edit-download-image", "href"))
+    image = png_tensor(image_png)
+    assert torch.equal(image, torch.from_numpy(made.copy()).permute(2, 0, 1))
+    (tmp_path / "image.png").write_bytes(image_png)
+    (tmp_path / "mask.png").write_bytes(fetched(page, page.get_attribute("#edit-download-mask", "href")))
+    mask = read_mask(tmp_path / "mask.png")
+    generated = (mask[0, 0] == 0).nonzero()
+    radius = float(page.eval_on_selector("#brush", "brush => brush.value"))
+    assert len(set(generated[:, 1].tolist())) == W and (generated[:, 0] + 0.5 - 0.75 * H).abs().max() <= radius
+    shown = torch.tensor(page.evaluate(CANVAS_PIXELS), dtype=torch.uint8).reshape(H, W, 4)[..., :3].permute(2, 0, 1)
+    tinted = (shown != image.expand(3, -1, -1)).any(0)
+    assert torch.equal(tinted, mask[0, 0] == 0)
+
+    expected = inpaint(slot.loaded.model, slot.diffusion, image[None], mask, "repaint", SamplerSettings("ddpm", 20),
+                       jump_length=5, resamples=3, num_samples=4, seed=7, bf16=slot.bf16, progress=False)
+    assert torch.equal(got, expected.uint8())
+    assert torch.equal(got[:, :, mask[0, 0] == 1], image[None].expand(4, -1, -1, -1)[:, :, mask[0, 0] == 1])
+
+    # The command the page shows, reading the image.png and mask.png saved from it, draws the same images.
+    command = shlex.split(page.text_content("#edit-command"))
+    assert command[:2] == ["ddpm", "inpaint"] and command[command.index("--mask") + 1] == "mask.png"
+    for option, path in (("--image", "image.png"), ("--mask", "mask.png"), ("--out", "edit")):
+        command[command.index(option) + 1] = str(tmp_path / path)
+    assert main([*command[1:], "--quiet"]) == 0
+    cli = torch.stack([png_tensor(p.read_bytes()) for p in sorted((tmp_path / "edit" / "images").glob("*.png"))])
+    assert torch.equal(cli, got)
+    assert fetched(page, page.get_attribute("#edit-images a", "href"))[:8] == b"\x89PNG\r\n\x1a\n"
+    screenshot(page, "ui_edit.png")
+
+    # img2img at strength 0 runs no step: the image comes back (within 8-bit rounding).
+    page.select_option("#edit-method", "img2img")
+    set_range(page, "#edit-strength", 0)
+    page.fill("#edit-samples", "1")
+    page.click("#edit-button")
+    page.wait_for_function("() => document.body.dataset.edit === 'done' && "
+                           "document.getElementById('edit-command').textContent.includes('--strength 0.0')")
+    back = decode(page.get_attribute("#edit-images img.edited", "src"))
+    assert (back.int() - image.int()).abs().max() <= 1
+    assert page.text_content("#edit-status") == "1 result, 0 network evaluations each"
 
 
 class ForeignSite(http.server.BaseHTTPRequestHandler):

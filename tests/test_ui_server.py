@@ -11,9 +11,11 @@ import http.client
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -33,13 +35,16 @@ from starlette.testclient import TestClient  # noqa: E402
 from ddpm.cli import main  # noqa: E402
 from ddpm.conditioning import prompts_of, run_network  # noqa: E402
 from ddpm.config import DiffusionConfig, get_config  # noqa: E402
+from ddpm.data import Fit, prepare_image  # noqa: E402
 from ddpm.generate import SamplerSettings, generate, grid_image  # noqa: E402
 from ddpm.images import make_grid, to_uint8  # noqa: E402
+from ddpm.img2img import img2img, results_grid  # noqa: E402
+from ddpm.inpaint import inpaint, masked_preview, read_mask  # noqa: E402
 from ddpm.loading import LoadedModel  # noqa: E402
 from ddpm.models import UNet, get_preset  # noqa: E402
+from ddpm.models.diffusers_io import DDIMOptions  # noqa: E402
 from ddpm.tokenizer import WordTokenizer  # noqa: E402
 from ddpm.ui import forward as forward_view  # noqa: E402
-from ddpm.ui.edit import edit_functions  # noqa: E402
 from ddpm.ui.forward import MAX_UPLOAD_BYTES, ImageStore  # noqa: E402
 from ddpm.ui.sampling import ModelSlot, SampleRequest, command_line, png_bytes, trajectory_every  # noqa: E402
 from ddpm.ui.security import host_name, refusal  # noqa: E402
@@ -77,6 +82,9 @@ def text_model() -> LoadedModel:
 def loaded(kind: str = "plain") -> LoadedModel:
     if kind == "text":
         return text_model()
+    if kind == "grey":
+        torch.manual_seed(0)
+        return LoadedModel(UNet(dataclasses.replace(get_preset("tiny"), in_channels=1)).eval(), DIFFUSION, "grey")
     return LoadedModel(tiny_unet(3 if kind == "classes" else 0), DIFFUSION, f"a {kind} model")
 
 
@@ -136,29 +144,15 @@ def test_the_page_is_served_with_its_scripts_and_a_strict_policy(client):
     assert "innerHTML" not in client.get("/static/app.js").text  # user text only ever as textContent
 
 
-def test_the_state_names_the_models_and_turns_the_edit_tab_on(client):
+def test_the_state_names_the_models_and_the_edit_views_choices(client):
     state = client.get("/api/state").json()
     assert [(m["name"], m["num_classes"], m["text"]) for m in state["models"]] == [
         ("plain", 0, False), ("classes", 3, False), ("text", 0, True)]
     assert state["models"][0]["default_steps"]["ddpm"] == 100 and state["models"][0]["default_steps"]["ddim"] == 20
-    # Issue 21's functions are in the library: the tab says so.
-    assert state["edit"] == {"available": True, "functions": ["img2img", "inpaint"],
-                             "module": "ddpm.inpaint, ddpm.img2img"}
+    assert state["edit"]["methods"] == ["repaint", "replacement", "img2img"]
+    assert state["edit"]["repaint"] == {"steps": 250, "jump_length": 10, "resamples": 10}  # Lugmayr et al.'s
     assert state["images"] == {"data": 2, "source": "bars"}
     assert state["processes"][0] == "plain: linear, T = 100" and len(state["processes"]) == 6
-
-
-def test_the_edit_tab_turns_on_when_the_library_has_the_functions(monkeypatch):
-    assert sorted(edit_functions()) == ["img2img", "inpaint"]  # issue 21's, in ddpm.inpaint and ddpm.img2img
-    assert edit_functions(("no_such_module",)) == {}
-    module = type(sys)("fake_edit")
-    exec("def inpaint(*args):\n    pass", module.__dict__)
-    monkeypatch.setitem(sys.modules, "fake_edit", module)
-    found = edit_functions(("no_such_module", "fake_edit"))
-    assert list(found) == ["inpaint"]
-    with TestClient(create_app(make_ui(edit=found)), base_url=BASE) as c:
-        assert c.get("/api/state").json()["edit"] == {"available": True, "functions": ["inpaint"],
-                                                      "module": "fake_edit"}
 
 
 # ---------------------------------------------------------------------------- who may ask
@@ -262,6 +256,23 @@ def test_a_text_model_takes_the_prompts(client):
     assert not torch.equal(images_in(other)[0], images[0])
     assert got[-1][1]["prompts"] == ["a red square"] * 2
     assert "--prompt 'a red square' --negative-prompt blur" in got[-1][1]["command"]
+
+
+def test_a_diffusers_models_ddim_is_its_schedulers_in_both_views():
+    """A diffusers scheduler config's DDIM (steps_offset, set_alpha_to_one) is what ddpm sample and the image
+    verbs use for --sampler ddim (LoadedModel.sampler_settings): the page's images are those."""
+    sd_like = LoadedModel(tiny_unet(), DIFFUSION, "sd-like", ddim=DDIMOptions(steps_offset=1, set_alpha_to_one=False))
+    settings = sd_like.sampler_settings(SamplerSettings("ddim", 5))
+    assert settings.timesteps is not None and settings != SamplerSettings("ddim", 5)
+    with TestClient(create_app(UI([ModelSlot(0, "sd", sd_like)])), base_url=BASE) as client:
+        got = draw(client, model=0, sampler="ddim", steps=5, num_images=2, batch_size=2)
+        expected = generate(sd_like.model, DIFFUSION.build(), 2, settings, batch_size=2, progress=False)
+        assert torch.equal(images_in(got), expected.uint8())
+        key = edit_input(client, 0, content=gradient_png())
+        edited = run_edit(client, model=0, input=key["input"], method="img2img", strength=0.8, sampler="ddim", steps=5)
+        image = png_tensor(client.get(key["url"]).content)
+        expected = img2img(sd_like.model, DIFFUSION.build(), image[None], 0.8, settings, progress=False)
+        assert torch.equal(images_in(edited), expected.uint8())
 
 
 def test_the_trajectory_is_thinned_to_at_most_a_hundred_frames():
@@ -455,6 +466,231 @@ def test_uploads_are_shrunk_and_only_the_last_ones_kept():
         store.add(png_upload())
     with pytest.raises(forward_view.NotFound):
         store.get(first["image"])
+
+
+# ---------------------------------------------------------------------------- the Edit view
+
+
+def bitmap(keep: torch.Tensor) -> str:
+    """The page's mask: [H, W] of 1 (keep) and 0 (generate), one bit per pixel row by row, in base64."""
+    return base64.b64encode(np.packbits(keep.numpy().astype(np.uint8).ravel()).tobytes()).decode("ascii")
+
+
+#: The left three columns and a 2x2 square are generated.
+KEEP = torch.ones(8, 8)
+KEEP[:, :3] = 0
+KEEP[5:7, 5:7] = 0
+
+
+def edit_input(client, model=0, **upload) -> dict:
+    if "image" in upload:
+        response = client.post(f"/api/edit/inputs?model={model}&image={upload['image']}", headers=ORIGIN)
+    else:
+        response = client.post(f"/api/edit/inputs?model={model}", content=upload.get("content", png_upload((40, 30))),
+                               headers=ORIGIN)
+    assert response.status_code == 200, response.json()
+    return response.json()
+
+
+def run_edit(client, **request):
+    with client.stream("POST", "/api/edit", json=request, headers=ORIGIN) as response:
+        assert response.status_code == 200, response.read()
+        return list(events(response))
+
+
+def gradient_png(size=(40, 30)) -> bytes:
+    """An RGB image with something in every pixel: a ramp in red, the other in green, a block of blue."""
+    w, h = size
+    array = np.zeros((h, w, 3), np.uint8)
+    array[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None]
+    array[..., 1] = np.linspace(255, 0, h, dtype=np.uint8)[:, None]
+    array[h // 4:h // 2, w // 4:w // 2, 2] = 200
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_to_edit_is_made_the_models_size_as_the_data_loader_makes_it(client):
+    upload = gradient_png((40, 30))
+    got = edit_input(client, 0, content=upload)
+    assert (got["width"], got["height"], got["channels"], got["source_size"]) == (8, 8, 3, [40, 30])
+    shown = png_tensor(client.get(got["url"]).content)
+    expected, _ = prepare_image(Image.open(io.BytesIO(upload)), Fit((8, 8), 3, None, False))  # resize, centre crop
+    assert torch.equal(shown, torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    # A grey data-set image for a colour model: the loader's conversion (grey copied to R, G and B).
+    data = edit_input(client, 0, image="d1")
+    assert torch.equal(png_tensor(client.get(data["url"]).content), (torch.arange(64, 128).reshape(1, 8, 8) * 2)
+                       .to(torch.uint8).expand(3, -1, -1))
+    assert client.post("/api/edit/inputs?model=0&image=d9", headers=ORIGIN).status_code == 404
+    assert client.post("/api/edit/inputs?model=0&image=../etc/passwd", headers=ORIGIN).status_code == 404
+    assert client.post("/api/edit/inputs?model=5", content=upload, headers=ORIGIN).status_code == 404
+    big = client.post("/api/edit/inputs?model=0", content=b"\0" * (MAX_UPLOAD_BYTES + 1), headers=ORIGIN)
+    assert big.status_code == 413 and "8 MiB" in big.json()["error"]
+    bomb = client.post("/api/edit/inputs?model=0", content=png_upload((5000, 5000), "1"), headers=ORIGIN)
+    assert bomb.status_code == 413
+    broken = client.post("/api/edit/inputs?model=0", content=b"<svg onload=alert(1)>", headers=ORIGIN)
+    assert broken.status_code == 400 and broken.json()["error"].startswith("not an image Pillow can read")
+    assert client.get("/api/edit/inputs/enope/image.png").status_code == 404
+
+
+@pytest.mark.parametrize("method,options,settings", [
+    ("repaint", {"steps": 10, "jump_length": 3, "resamples": 2}, SamplerSettings("ddpm", 10)),
+    ("replacement", {"sampler": "ddim", "steps": 6}, SamplerSettings("ddim", 6)),
+])
+def test_inpainting_is_the_librarys_and_the_downloads_are_what_the_command_reads(client, method, options, settings):
+    key = edit_input(client, 1, content=gradient_png())
+    got = run_edit(client, model=1, input=key["input"], method=method, mask=bitmap(KEEP), seed=4, num_samples=3,
+                   label=2, guidance_scale=2.0, **options)
+    names = [name for name, _ in got]
+    assert names[0] == "started" and names[-1] == "done" and names.count("images") == 1 and "progress" in names
+    image = png_tensor(client.get(key["url"]).content)
+    repaint = {"jump_length": 3, "resamples": 2} if method == "repaint" else {}
+    expected = inpaint(loaded("classes").model, DIFFUSION.build(), image[None], KEEP[None, None], method, settings,
+                       num_samples=3, seed=4, label=2, guidance_scale=2.0, progress=False, **repaint)
+    assert torch.equal(images_in(got), expected.uint8())
+    done = got[-1][1]
+    assert done["nfe"] == expected.nfe == (19 if method == "repaint" else 6) and done["count"] == 3
+    for i, url in enumerate(done["outputs"]):
+        assert torch.equal(png_tensor(client.get(url).content), expected.uint8()[i])
+    # What the command reads: image.png as shown, mask.png as ddpm inpaint's read_mask reads it.
+    assert torch.equal(png_tensor(client.get(done["image"]).content), image)
+    mask_png = client.get(done["mask"]).content
+    assert torch.equal(png_tensor(mask_png)[0], (KEEP * 255).to(torch.uint8))
+    assert torch.equal(read_mask_bytes(mask_png), KEEP[None, None])
+    shown = [(masked_preview(image[None], KEEP[None, None]), "masked")]
+    assert client.get(done["grid"]).content == png_bytes(results_grid(image[None], expected.images, 3, shown))
+    tail = "--seed 4 --num-samples 3 --label 2 --guidance-scale 2.0 --bf16 false"
+    assert done["command"] == {
+        "repaint": f"ddpm inpaint runs/classes --image image.png --mask mask.png --method repaint --out edit "
+                   f"--steps 10 --jump-length 3 --resamples 2 {tail}",
+        "replacement": f"ddpm inpaint runs/classes --image image.png --mask mask.png --method replacement --out edit "
+                       f"--sampler ddim --steps 6 {tail}"}[method]
+
+
+def read_mask_bytes(data: bytes) -> torch.Tensor:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "mask.png").write_bytes(data)
+        return read_mask(Path(tmp) / "mask.png")
+
+
+def test_img2img_is_the_librarys_and_strength_zero_gives_the_image_back(client):
+    key = edit_input(client, 2, content=gradient_png())
+    image = png_tensor(client.get(key["url"]).content)
+    request = {"model": 2, "input": key["input"], "method": "img2img", "strength": 0.5, "sampler": "ddim", "steps": 8,
+               "seed": 9, "num_samples": 2, "prompt": "a red square", "guidance_scale": 3}
+    got = run_edit(client, **request)
+    text = text_model()
+    expected = img2img(text.model, text.diffusion.build(), image[None], 0.5, SamplerSettings("ddim", 8), num_samples=2,
+                       seed=9, prompts=["a red square"], guidance_scale=3.0, conditioning=text.conditioning,
+                       progress=False)
+    assert torch.equal(images_in(got), expected.uint8()) and got[-1][1]["nfe"] == 4 and got[-1][1]["mask"] is None
+    assert got[-1][1]["command"] == ("ddpm img2img runs/text --image image.png --strength 0.5 --out edit "
+                                     "--sampler ddim --steps 8 --seed 9 --num-samples 2 --guidance-scale 3.0 "
+                                     "--prompt 'a red square' --bf16 false")
+    zero = run_edit(client, **{**request, "strength": 0})
+    assert torch.equal(images_in(zero), image[None].expand(2, -1, -1, -1)) and zero[-1][1]["nfe"] == 0
+
+
+def test_the_command_line_draws_the_pages_edits_again(tmp_path, capsys, monkeypatch):
+    """The page's image.png and mask.png, given to the command it shows, give the same images (both verbs)."""
+    tiny_unet().save_pretrained(tmp_path / "tiny")
+    ui = load_ui([str(tmp_path / "tiny")], device="cpu")
+    with TestClient(create_app(ui), base_url=BASE) as client:
+        key = edit_input(client, 0, content=gradient_png((12, 20)))
+        for request in ({"method": "replacement", "sampler": "dpm++2m", "steps": 5, "mask": bitmap(KEEP)},
+                        {"method": "img2img", "strength": 0.6, "steps": 10}):
+            done = run_edit(client, model=0, input=key["input"], seed=3, num_samples=2, **request)[-1][1]
+            out = tmp_path / request["method"]
+            out.mkdir()
+            for name in ("image", "mask"):
+                if done[name]:
+                    (out / f"{name}.png").write_bytes(client.get(done[name]).content)
+            monkeypatch.chdir(out)  # where the page's files were saved: the command names them image.png and mask.png
+            command = shlex.split(done["command"])
+            assert "--device" in command and main([*command[1:], "--quiet"]) == 0, capsys.readouterr().err
+            cli = sorted((out / "edit" / "images").glob("*.png"))
+            page = [png_tensor(client.get(url).content) for url in done["outputs"]]
+            assert len(cli) == 2 and all(torch.equal(png_tensor(p.read_bytes()), x) for p, x in zip(cli, page))
+
+
+def test_a_text_model_and_a_class_model_get_their_conditions_checked(client):
+    key = edit_input(client, 0)["input"]
+    for body, message in (({"label": 1}, "needs a class-conditional model"), ({"prompt": "a cat"}, "text-conditional")):
+        response = client.post("/api/edit", json={"model": 0, "input": key, "method": "img2img", **body},
+                               headers=ORIGIN)
+        assert response.status_code == 400 and message in response.json()["error"]
+
+
+ALL_KEEP, NONE_KEPT = torch.ones(8, 8), torch.zeros(8, 8)
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"mask": bitmap(torch.ones(8, 7))}, 400, "the mask has 7 bytes; a 8x8 image's has 8"),
+    ({"mask": bitmap(ALL_KEEP)}, 400, "nothing to inpaint"),
+    ({"mask": bitmap(NONE_KEPT)}, 400, "keeps no pixel"),
+    ({"mask": "@@not base64@@"}, 400, "the mask is not base64"),
+    ({"mask": None}, 400, "inpainting needs a mask"),
+    ({"mask": 7}, 400, "mask must be a string"),
+    ({"method": "img2img", "strength": 1.5}, 400, "must lie in [0, 1]"),
+    ({"method": "img2img", "strength": -0.1}, 400, "must lie in [0, 1]"),
+    ({"method": "img2img", "strength": "half"}, 400, "strength must be a number"),
+    ({"method": "img2img", "sampler": "dpm-adaptive", "steps": None}, 400, "dpm-adaptive picks its own steps"),
+    ({"method": "img2img", "mask": bitmap(KEEP)}, 400, "img2img takes no mask"),
+    ({"method": "outpaint"}, 400, "unknown method 'outpaint'"),
+    ({"sampler": "ddim"}, 400, "RePaint's steps are DDPM's"),
+    ({"steps": 101}, 400, "between 1 and T=100"),
+    ({"jump_length": 0}, 400, "between 1 and 1000"),
+    ({"num_samples": 17}, 400, "between 1 and 16"),
+    ({"input": "enope"}, 404, "no image 'enope' to edit"),
+    ({"model": 3}, 400, "the image is a colour (RGB) image; the model draws grey 8x8 images"),
+    ({"path": "/etc/passwd"}, 400, "unknown field 'path'"),
+])
+def test_bad_edits_get_one_line_of_json(body, status, message):
+    with TestClient(create_app(make_ui("plain", "classes", "text", "grey")), base_url=BASE) as client:
+        key = edit_input(client, 0)["input"]  # made for model 0: 3 channels
+        mask = None if body.get("method") == "img2img" else bitmap(KEEP)
+        request = {"model": 0, "input": key, "method": "repaint", "mask": mask, "steps": 5, **body}
+        response = client.post("/api/edit", json=request, headers=ORIGIN)
+        assert response.status_code == status and response.headers["content-type"] == "application/json"
+        error = response.json()["error"]
+        assert message in error and "\n" not in error and set(response.json()) == {"error"}
+        assert not client.get("/api/state").json()["models"][0]["busy"]
+
+
+def test_an_edit_body_past_its_limit_is_refused(client):
+    response = client.post("/api/edit", content=b" " * (300 * 1024),
+                           headers={**ORIGIN, "Content-Type": "application/json"})
+    assert response.status_code == 413 and "256 KiB" in response.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/api/edit", "/api/edit/inputs?model=0"])
+@pytest.mark.parametrize("headers", [{"Host": "evil.example:8765"}, {"Origin": "http://evil.example"},
+                                     {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}])
+def test_another_website_cannot_edit(client, path, headers):
+    response = client.post(path, content=gradient_png(), headers=headers)
+    assert response.status_code == 403 and set(response.json()) == {"error"}
+
+
+def test_an_edit_holds_the_model_as_a_sample_does_and_cancelling_stops_it():
+    ui = make_ui("plain")
+    gate = Gate(ui.slots[0].loaded.model)
+    with TestClient(create_app(ui), base_url=BASE) as client:
+        key = edit_input(client, 0)["input"]
+        request = {"model": 0, "input": key, "method": "repaint", "mask": bitmap(KEEP), "steps": 100}
+        with client.stream("POST", "/api/edit", json=request, headers=ORIGIN) as response:
+            stream = events(response)
+            assert next(stream)[0] == "started"
+            for busy in (client.post("/api/edit", json=request, headers=ORIGIN),
+                         client.post("/api/sample", json={"model": 0}, headers=ORIGIN)):
+                assert busy.status_code == 409 and "busy with another request" in busy.json()["error"]
+            assert client.post("/api/cancel", json={"model": 0}, headers=ORIGIN).json() == {"cancelled": True}
+            gate.open.set()
+            assert [name for name, _ in stream][-1] == "cancelled"
+        assert gate.calls <= 2 and ui.slots[0].edited is None  # of RePaint's 1,000 steps: it stopped at the next
+        again = run_edit(client, **{**request, "steps": 2, "resamples": 1})
+        assert again[-1][0] == "done" and ui.slots[0].edited is not None
+        assert client.get("/api/edit/results/nope/grid.png").status_code == 404
+        assert client.get(f"/api/edit/results/{again[-1][1]['result']}/secret.png").status_code == 404
 
 
 # ---------------------------------------------------------------------------- the command and the core

@@ -6,8 +6,9 @@ so it works offline); the server (:mod:`ddpm.ui.server`) is Starlette on uvicorn
 page won over gradio on what it brings: about 7 packages against about 52, and no analytics to turn
 off. The work behind the page knows nothing of HTTP: :mod:`ddpm.ui.sampling` (one request at a time
 per model, drawn by :func:`ddpm.generate.generate` as ``ddpm sample`` draws), :mod:`ddpm.ui.forward`
-(q(x_t | x_0) and the schedule's curves) and :mod:`ddpm.ui.security` (what a request must be to be
-served: the Host and Origin checks against DNS rebinding and cross-site requests).
+(q(x_t | x_0) and the schedule's curves), :mod:`ddpm.ui.edit` (inpainting under a drawn mask and
+img2img, as ``ddpm inpaint`` and ``ddpm img2img`` draw them) and :mod:`ddpm.ui.security` (what a request
+must be to be served: the Host and Origin checks against DNS rebinding and cross-site requests).
 
 Nothing else in the library imports this package; ``ddpm ui`` imports it when it runs.
 """

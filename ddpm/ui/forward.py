@@ -96,9 +96,9 @@ def pattern(size: int = 32) -> Tensor:
     return to_uint8(rgb)
 
 
-def decode_upload(data: bytes) -> Tensor:
-    """An uploaded image as uint8 [C, H, W] (grey or RGB, shrunk to :data:`UPLOAD_SIDE`), or a one-line
-    :class:`RequestError`. The size is checked from the header before any pixel is decoded."""
+def open_upload(data: bytes, draft: int | None = None) -> Image.Image:
+    """An uploaded image, decoded (in its own mode; a JPEG at a reduced size of at least ``draft`` a side if
+    given), or a one-line :class:`RequestError`. The size is checked from the header before any pixel is decoded."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise TooLarge(f"the image is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
     try:
@@ -109,10 +109,22 @@ def decode_upload(data: bytes) -> Tensor:
                 raise RequestError(f"upload a {', '.join(UPLOAD_FORMATS)} image, not {image.format}")
             if image.width * image.height > MAX_UPLOAD_PIXELS:
                 raise TooLarge(f"the image has {image.width}x{image.height} pixels; at most {MAX_UPLOAD_PIXELS:,}")
-            image.draft(image.mode, (UPLOAD_SIDE, UPLOAD_SIDE))  # JPEG decodes at a reduced size
-            image = image.convert("L" if image.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
+            if draft is not None:
+                image.draft(image.mode, (draft, draft))
+            image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as e:
+        raise RequestError(f"not an image Pillow can read ({type(e).__name__})") from None
+    return image
+
+
+def decode_upload(data: bytes) -> Tensor:
+    """An uploaded image as uint8 [C, H, W] (grey or RGB, shrunk to :data:`UPLOAD_SIDE`), or a one-line
+    :class:`RequestError` (:func:`open_upload`)."""
+    image = open_upload(data, UPLOAD_SIDE)
+    try:
+        image = image.convert("L" if image.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
+    except (OSError, ValueError) as e:
         raise RequestError(f"not an image Pillow can read ({type(e).__name__})") from None
     image.thumbnail((UPLOAD_SIDE, UPLOAD_SIDE))
     array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ddpm.errors import is_int
 from ddpm.generate import Condition, SamplerSettings, Samples, generate, grid_image
-from ddpm.images import make_grid, to_uint8
+from ddpm.images import as_uint8_images, make_grid
 from ddpm.loading import LoadedModel, describe_run
 from ddpm.samplers import DEFAULT_SAMPLER, SAMPLERS, check_sampler_arguments, default_steps, kept_timesteps
 from ddpm.ui import Busy, NotFound, RequestError
@@ -71,36 +71,52 @@ class SampleRequest:
     @classmethod
     def parse(cls, body: Any) -> SampleRequest:
         """The request in a JSON object; a missing field takes its default, a wrong one is a :class:`RequestError`."""
-        if not isinstance(body, dict):
-            raise RequestError("the request must be a JSON object")
-        unknown = sorted(set(body) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise RequestError(f"unknown field {unknown[0]!r}")
-        values = {name: body.get(name, f.default) for name, f in cls.__dataclass_fields__.items()}
-        for name in ("model", "seed", "num_images", "batch_size", "steps", "label"):
-            _check_int(name, values[name], optional=name in ("steps", "label"))
-        for name in ("prompt", "negative_prompt", "sampler"):
-            value = values[name]
-            if value is not None and not (isinstance(value, str) and len(value) <= MAX_PROMPT):
-                raise RequestError(f"{name} must be a string of at most {MAX_PROMPT} characters")
-        scale = values["guidance_scale"]
-        if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                                      and math.isfinite(scale)):
-            raise RequestError("guidance_scale must be a number")
-        values["guidance_scale"] = None if scale is None else float(scale)
-        values["prompt"] = values["prompt"] or None
-        values["negative_prompt"] = values["negative_prompt"] or None
-        request = cls(**values)
+        request = cls(**parse_fields(cls, body, ints=("model", "seed", "num_images", "batch_size", "steps", "label"),
+                                     strings=("sampler", "prompt", "negative_prompt"), numbers=("guidance_scale",),
+                                     optional=("steps", "label", "prompt", "negative_prompt", "guidance_scale")))
         if not 1 <= request.num_images <= MAX_IMAGES or not 1 <= request.batch_size <= MAX_IMAGES:
             raise RequestError(f"num_images and batch_size must be between 1 and {MAX_IMAGES}")
-        if not 0 <= request.seed < 2**63:
-            raise RequestError("seed must be between 0 and 2^63 - 1")
+        check_seed(request.seed)
         return request
 
 
-def _check_int(name: str, value: Any, optional: bool) -> None:
-    if not (is_int(value) or optional and value is None):
-        raise RequestError(f"{name} must be an integer{' or null' if optional else ''}, got {value!r}")
+def parse_fields(cls: type, body: Any, ints: tuple[str, ...] = (), strings: tuple[str, ...] = (),
+                 numbers: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of the dataclass ``cls`` in the JSON object ``body``, each checked for its kind (``ints``,
+    ``strings`` of at most :data:`MAX_PROMPT` characters, finite ``numbers`` as floats; ``optional`` ones may be
+    null): a missing field takes its default, an unknown or wrong one is a :class:`RequestError`. An empty
+    ``prompt`` or ``negative_prompt`` is none."""
+    if not isinstance(body, dict):
+        raise RequestError("the request must be a JSON object")
+    fields = cls.__dataclass_fields__
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise RequestError(f"unknown field {unknown[0]!r}")
+    values = {name: body.get(name, f.default) for name, f in fields.items()}
+    for name in ints:
+        if not (is_int(values[name]) or name in optional and values[name] is None):
+            raise RequestError(f"{name} must be an integer{' or null' if name in optional else ''}, "
+                               f"got {values[name]!r}")
+    for name in strings:
+        value = values[name]
+        if not (isinstance(value, str) and len(value) <= MAX_PROMPT or name in optional and value is None):
+            raise RequestError(f"{name} must be a string of at most {MAX_PROMPT} characters")
+    for name in numbers:
+        value = values[name]
+        if value is None and name in optional:
+            continue
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise RequestError(f"{name} must be a number")
+        values[name] = float(value)
+    for name in ("prompt", "negative_prompt"):
+        if name in values:
+            values[name] = values[name] or None
+    return values
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:
+        raise RequestError("seed must be between 0 and 2^63 - 1")
 
 
 @dataclass
@@ -156,6 +172,8 @@ class ModelSlot:
     device: str = "auto"
     bf16: bool = False
     result: SampleResult | None = None
+    #: The latest edit (an :class:`ddpm.ui.edit.EditResult`).
+    edited: Any = None
 
     def __post_init__(self) -> None:
         self.diffusion = self.loaded.diffusion.build()
@@ -202,19 +220,27 @@ class ModelSlot:
 def check_request(slot: ModelSlot, request: SampleRequest) -> None:
     """The :class:`UserError` that :func:`generate` would raise, before anything starts."""
     check_sampler_arguments(slot.diffusion.num_timesteps, request.sampler, request.steps, 0.0)
-    prompts = None if request.prompt is None else [request.prompt]
-    Condition(request.label, prompts, request.negative_prompt, request.guidance_scale).check(
+    check_condition(slot, request)
+
+
+def check_condition(slot: ModelSlot, request: Any) -> None:
+    """The :class:`UserError` for a ``label``, ``prompt``, ``negative_prompt`` or ``guidance_scale`` the model
+    cannot take (``request``: a :class:`SampleRequest` or an edit's)."""
+    Condition(request.label, prompts_of(request), request.negative_prompt, request.guidance_scale).check(
         slot.loaded.num_classes, slot.conditioning)
+
+
+def prompts_of(request: Any) -> list[str] | None:
+    return None if request.prompt is None else [request.prompt]
 
 
 def run_sample(slot: ModelSlot, request: SampleRequest, emit: Emit, cancel: threading.Event,
                device: str | torch.device = "cpu") -> SampleResult:
     """Draw the request as ``ddpm sample`` would, telling ``emit`` the progress and each batch's images."""
     loaded = slot.loaded
-    settings = SamplerSettings(request.sampler, request.steps)
+    settings = loaded.sampler_settings(SamplerSettings(request.sampler, request.steps))  # as ddpm sample's
     samples = generate(loaded.model, slot.diffusion, request.num_images, settings, seed=request.seed,
-                       label=request.label, guidance_scale=request.guidance_scale,
-                       prompts=None if request.prompt is None else [request.prompt],
+                       label=request.label, guidance_scale=request.guidance_scale, prompts=prompts_of(request),
                        negative_prompt=request.negative_prompt, conditioning=slot.conditioning,
                        batch_size=request.batch_size, device=device, bf16=slot.bf16, progress=False,
                        autoencoder=loaded.autoencoder,
@@ -239,29 +265,31 @@ def trajectory_every(slot: ModelSlot, settings: SamplerSettings, batch_size: int
 
 class Progress:
     """:func:`generate`'s callback: raises :class:`Cancelled` once the flag is set, else tells ``emit`` the
-    progress (with x̂_0 of the batch, for a pixel model) at most every :data:`PROGRESS_INTERVAL` and
-    each finished batch's images, as PNG data URLs at their own size."""
+    progress (with x̂_0 of the batch, for a pixel model) at most every :data:`PROGRESS_INTERVAL` and, with
+    ``images``, each finished batch's images, as PNG data URLs at their own size (:func:`images_event`)."""
 
-    def __init__(self, num_images: int, emit: Emit, cancel: threading.Event, preview: bool = True) -> None:
+    def __init__(self, num_images: int, emit: Emit, cancel: threading.Event, preview: bool = True,
+                 images: bool = True) -> None:
         self.num_images, self.emit, self.cancel, self.preview = num_images, emit, cancel, preview
-        self.last = 0.0
+        self.images, self.last = images, 0.0
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.cancel.is_set():
             raise Cancelled
         first, n = event["first"], event["batch"]
         if event["event"] == "batch":
-            images = to_uint8(event["images"])
-            self.emit("images", {"first": first, "images": [data_url(make_grid(image[None], padding=0))
-                                                            for image in images]})
+            if self.images:
+                self.emit("images", images_event(first, event["images"]))
             self.emit("progress", {"fraction": (first + n) / self.num_images})
             return
         now = time.monotonic()
         if now - self.last < PROGRESS_INTERVAL:
             return
         self.last = now
-        done = event["total"] - event["k"]
-        data = {"fraction": (first + n * done / event["total"]) / self.num_images, "step": event["step"] + 1,
+        # RePaint's chain goes back up (k rises again): it counts its reverse steps instead.
+        done, total = ((event["step"] + 1, event["reverse_steps"]) if "reverse_steps" in event
+                       else (event["total"] - event["k"], event["total"]))
+        data = {"fraction": (first + n * done / total) / self.num_images, "step": event["step"] + 1,
                 "t": event["timestep"] + 1, "first": first, "batch": n}
         if self.preview:
             x0 = event["pred_x0"][:PREVIEW_IMAGES].float().clamp(-1, 1).cpu()
@@ -276,14 +304,22 @@ def command_line(slot: ModelSlot, request: SampleRequest, out: str = "samples") 
         args += ["--steps", str(request.steps)]
     args += ["--seed", str(request.seed), "--num-images", str(request.num_images),
              "--batch-size", str(request.batch_size)]
+    return shell_line(args + condition_arguments(slot, request))
+
+
+def condition_arguments(slot: ModelSlot, request: Any) -> list[str]:
+    """The options every drawing command ends with: the condition of ``request`` and how the model was loaded."""
     options = (("--label", request.label), ("--guidance-scale", request.guidance_scale),
                ("--prompt", request.prompt), ("--negative-prompt", request.negative_prompt))
-    args += [item for flag, value in options if value is not None for item in (flag, str(value))]
+    args = [item for flag, value in options if value is not None for item in (flag, str(value))]
     if slot.weights != "ema":
         args += ["--weights", slot.weights]
     if slot.device != "auto":
         args += ["--device", slot.device]
-    args += ["--bf16", "true" if slot.bf16 else "false"]
+    return args + ["--bf16", "true" if slot.bf16 else "false"]
+
+
+def shell_line(args: list[str]) -> str:
     return " ".join(shlex.quote(arg) for arg in args)
 
 
@@ -300,4 +336,10 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def images_event(first: int, images: torch.Tensor) -> dict[str, Any]:
+    """The ``images`` event of images ``first, ...`` ([N, C, H, W] in [-1, 1] or uint8), each as a PNG at its size."""
+    return {"first": first, "images": [data_url(make_grid(image[None], padding=0))
+                                       for image in as_uint8_images(images)]}
 

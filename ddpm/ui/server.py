@@ -1,11 +1,12 @@
-"""The ``ddpm ui`` server: Starlette routes over :mod:`ddpm.ui.sampling` and :mod:`ddpm.ui.forward`,
-behind :class:`ddpm.ui.security.LocalOnly`, on uvicorn.
+"""The ``ddpm ui`` server: Starlette routes over :mod:`ddpm.ui.sampling`, :mod:`ddpm.ui.forward` and
+:mod:`ddpm.ui.edit`, behind :class:`ddpm.ui.security.LocalOnly`, on uvicorn.
 
 Every answer the page did not ask for as a file is JSON; a refused request is one line,
 ``{"error": "..."}``, with its status (400 bad input, 403 refused, 404 unknown, 409 busy, 413 too
-large). A sampling request is answered with server-sent events (``started``, ``progress``, ``images``,
-then one of ``done``, ``cancelled`` or ``error``) read by the page with ``fetch``; the drawing runs in
-a thread of its own and stops at its next step once the request is cancelled or its reader has gone.
+large). A sampling or editing request is answered with server-sent events (``started``, ``progress``,
+``images``, then one of ``done``, ``cancelled`` or ``error``) read by the page with ``fetch``; the drawing
+runs in a thread of its own and stops at its next step once the request is cancelled or its reader has gone.
+A model serves one request at a time, a sample or an edit.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ddpm.loading import describe_run, load_model
 from ddpm.runtime import resolve_bf16, resolve_device
 from ddpm.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ddpm.ui import DEFAULT_PORT, NotFound, RequestError, TooLarge
-from ddpm.ui.edit import edit_functions, edit_info
+from ddpm.ui.edit import MAX_EDIT_BYTES, EditInputs, EditRequest, as_pil, check_edit, edit_info, run_edit
 from ddpm.ui.forward import (
     MAX_DATA_IMAGES,
     MAX_UPLOAD_BYTES,
@@ -42,6 +43,7 @@ from ddpm.ui.forward import (
     ImageStore,
     curves,
     noised,
+    open_upload,
     processes,
     theory_section,
 )
@@ -67,12 +69,11 @@ log = logging.getLogger("ddpm.ui")
 class UI:
     """What the server holds: the models, the image store, the processes and the device."""
 
-    def __init__(self, slots: Sequence[ModelSlot], images: ImageStore | None = None, device: Any = "cpu",
-                 edit: dict[str, Any] | None = None) -> None:
+    def __init__(self, slots: Sequence[ModelSlot], images: ImageStore | None = None, device: Any = "cpu") -> None:
         self.slots, self.images, self.device = list(slots), images or ImageStore(), device
         self.processes = processes([(s.name, s.loaded.diffusion) for s in self.slots])
         self._diffusions: dict[int, Any] = {}
-        self.edit = edit_info(edit_functions() if edit is None else edit)
+        self.inputs = EditInputs()
         self.workers: set[threading.Thread] = set()
 
     def slot(self, index: Any) -> ModelSlot:
@@ -92,7 +93,7 @@ class UI:
         """What the page needs to draw its controls."""
         return {"models": [s.info() for s in self.slots], "samplers": list(SAMPLERS),
                 "default_sampler": DEFAULT_SAMPLER, "max_images": MAX_IMAGES, "max_upload_bytes": MAX_UPLOAD_BYTES,
-                "images": self.images.info(), "processes": [p.label for p in self.processes], "edit": self.edit}
+                "images": self.images.info(), "processes": [p.label for p in self.processes], "edit": edit_info()}
 
     def start(self, worker: threading.Thread) -> None:
         self.workers = {w for w in self.workers if w.is_alive()} | {worker}
@@ -124,11 +125,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_json(request: Request) -> Any:
+async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> Any:
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise RequestError("send JSON (Content-Type: application/json)", 415)
     try:
-        return json.loads(await read_body(request, MAX_JSON_BYTES))
+        return json.loads(await read_body(request, limit))
     except (ValueError, UnicodeDecodeError):
         raise RequestError("the request body is not valid JSON") from None
 
@@ -163,6 +164,21 @@ async def sample(request: Request) -> Response:
     body = SampleRequest.parse(await read_json(request))
     slot = ui.slot(body.model)
     check_request(slot, body)
+    return stream(ui, slot, "sample", lambda emit, cancel: run_sample(slot, body, emit, cancel, ui.device))
+
+
+async def edit(request: Request) -> Response:
+    ui: UI = request.app.state.ui
+    body = EditRequest.parse(await read_json(request, MAX_EDIT_BYTES))
+    slot = ui.slot(body.model)
+    image = ui.inputs.get(body.input)
+    mask = check_edit(slot, body, image)
+    return stream(ui, slot, "edit", lambda emit, cancel: run_edit(slot, body, image, mask, emit, cancel, ui.device))
+
+
+def stream(ui: UI, slot: ModelSlot, what: str, run: Any) -> Response:
+    """Take the model and answer with the events of ``run(emit, cancel)`` (a result with a ``summary()``),
+    which draws in a thread of its own."""
     cancel = slot.begin()
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -172,16 +188,16 @@ async def sample(request: Request) -> Response:
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             cancel.set()
 
-    ui.start(threading.Thread(target=work, args=(ui, slot, body, emit, cancel), daemon=True,
-                              name=f"ddpm-ui-sample-{slot.index}"))
+    ui.start(threading.Thread(target=work, args=(slot, run, emit, cancel), daemon=True,
+                              name=f"ddpm-ui-{what}-{slot.index}"))
     return StreamingResponse(events(queue, cancel, slot), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-def work(ui: UI, slot: ModelSlot, body: SampleRequest, emit: Any, cancel: threading.Event) -> None:
+def work(slot: ModelSlot, run: Any, emit: Any, cancel: threading.Event) -> None:
     """Draw in this thread; the model is free again before the last event is sent."""
     try:
-        final = ("done", run_sample(slot, body, emit, cancel, ui.device).summary())
+        final = ("done", run(emit, cancel).summary())
     except Cancelled:
         final = ("cancelled", {"message": "cancelled"})
     except UserError as e:
@@ -243,6 +259,35 @@ async def result_frame(request: Request) -> Response:
     return png(result_of(request).frame_png(frame["k"], frame["which"]))
 
 
+async def edit_input(request: Request) -> Response:
+    """An image to edit, made model ``model``'s size and channels: the body's upload, or ``image`` of the store."""
+    ui: UI = request.app.state.ui
+    slot = ui.slot(query_int(request, "model", 0))
+    key = request.query_params.get("image")
+    image = as_pil(ui.images.get(key)) if key is not None else open_upload(await read_body(request, MAX_UPLOAD_BYTES))
+    return JSONResponse(ui.inputs.add(image, slot.loaded.image_shape))
+
+
+async def edit_input_png(request: Request) -> Response:
+    return png(png_bytes(as_pil(request.app.state.ui.inputs.get(request.path_params["key"]))))
+
+
+def edited_of(request: Request) -> Any:
+    wanted = request.path_params["result"]
+    for slot in request.app.state.ui.slots:
+        if slot.edited is not None and slot.edited.id == wanted:
+            return slot.edited
+    raise NotFound("no such edit (each model keeps its latest only)")
+
+
+async def edit_file(request: Request) -> Response:
+    return png(edited_of(request).png(request.path_params["name"]))
+
+
+async def edit_output(request: Request) -> Response:
+    return png(edited_of(request).output_png(request.path_params["i"]))
+
+
 async def upload(request: Request) -> Response:
     data = await read_body(request, MAX_UPLOAD_BYTES)
     return JSONResponse(request.app.state.ui.images.add(data))
@@ -293,6 +338,11 @@ ROUTES = [
     Route("/api/results/{result}/trajectory.gif", result_gif),
     Route("/api/results/{result}/frames/{k:int}/{which}.png", result_frame),
     Route("/api/images", upload, methods=["POST"]),
+    Route("/api/edit", edit, methods=["POST"]),
+    Route("/api/edit/inputs", edit_input, methods=["POST"]),
+    Route("/api/edit/inputs/{key}/image.png", edit_input_png),
+    Route("/api/edit/results/{result}/{name}.png", edit_file),
+    Route("/api/edit/results/{result}/outputs/{i:int}.png", edit_output),
     Route("/api/forward.png", forward),
     Route("/api/process/{index:int}", process),
     Route("/api/theory/{key}", theory),
