@@ -119,6 +119,7 @@ def test_sample_moments_match_the_distribution():
 # --- the model against diffusers ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mnist-f4", "cifar10-f4", "cifar10-f2"])  # sd: below.
 def test_parameter_counts_equal_diffusers(diffusers, name):
     config = PRESETS[name]

@@ -198,12 +198,14 @@ def lpips_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.rand(3, 3, 32, 32, generator=generator) * 2 - 1 for _ in range(2))
 
 
+@pytest.mark.slow
 def test_lpips_equals_the_lpips_package(lpips_file):
     with torch.no_grad():
         distances = LPIPS.from_file(lpips_file[0])(*lpips_inputs())
     torch.testing.assert_close(distances, torch.tensor(LPIPS_PACKAGE_DISTANCES), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_lpips_names_and_mechanism(lpips_file):
     path, state = lpips_file
     assert sorted(LPIPS().state_dict()) == sorted(LPIPS_NAMES)
@@ -239,6 +241,7 @@ def test_perceptual_term_counts_once_per_pixel(lpips_file):
 # --- faults -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lpips_files_that_do_not_fit_are_user_errors(lpips_file, tmp_path):
     path, state = lpips_file
     with pytest.raises(UserError, match="nowhere.safetensors: no such file"):

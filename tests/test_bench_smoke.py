@@ -248,6 +248,7 @@ def test_data_stream_runs_on_tiny_data(tmp_path, capsys):
     assert "| streamed shards |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_inversion_bench_scores_every_sampler_and_step_count(tmp_path, fake_mnist, mnist_run):
     import json
 

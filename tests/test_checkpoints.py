@@ -186,6 +186,7 @@ def test_missing_and_unexpected_keys_are_counted(saved_unet, tmp_path):
         model.load_weights(state, source="x")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, message",
     [

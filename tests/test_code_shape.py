@@ -21,12 +21,14 @@ def functions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
     return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
 
 
+@pytest.mark.slow
 def test_no_function_in_the_library_is_longer_than_a_screen():
     long = [f"{p.relative_to(ROOT)}:{f.lineno} {f.name} ({f.end_lineno - f.lineno + 1} lines)"
             for p in modules("ddpm") for f in functions(p) if f.end_lineno - f.lineno + 1 > LONGEST]
     assert not long, long
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["ddpm", "bench", "tests"])
 def test_no_private_name_is_imported_from_another_module(folder):
     found = []
@@ -39,6 +41,7 @@ def test_no_private_name_is_imported_from_another_module(folder):
     assert not found, found
 
 
+@pytest.mark.slow
 def test_the_library_imports_its_own_modules_at_the_top():
     # The command line (cli.py) imports each verb's code when the verb runs, so that `ddpm --help`
     # stays fast; anywhere else an import inside a function would only hide an import cycle.

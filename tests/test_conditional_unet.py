@@ -122,6 +122,7 @@ def assert_same_outputs(ours: ConditionalUNet, theirs, mask=None, atol=ATOL, dty
 # --- the model against diffusers ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, expected", [("sd15", 859_520_964), ("sd2", 865_910_724)])
 def test_stable_diffusion_parameter_counts_and_names_equal_diffusers(diffusers, name, expected):
     config = PRESETS[name]
@@ -132,6 +133,7 @@ def test_stable_diffusion_parameter_counts_and_names_equal_diffusers(diffusers, 
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_equal_outputs_with_strict_loading_both_ways(diffusers, jitter, name):
     config = CONFIGS[name]
@@ -383,6 +385,7 @@ def test_small_preset_parameter_counts_equal_diffusers(diffusers, name):
 # --- our format ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trip(jitter, tmp_path):
     model = jitter(ConditionalUNet(CONFIGS["projection"]))
     model.save_pretrained(tmp_path)

@@ -677,6 +677,7 @@ def test_batches_larger_than_the_data_are_a_user_error():
 # Real data, where this machine has it
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "mnist_pairs.tar.gz").exists() or shutil.which("tar") is None,
                     reason="no shared captioned MNIST pairs (or no tar) here")
 def test_real_captioned_mnist_pairs(tmp_path):

@@ -212,6 +212,7 @@ def test_damaged_diffusers_dirs_raise_user_errors(small_dir, damage, message):
 # --- against diffusers --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cifar10_parameter_count_equals_diffusers(diffusers):
     theirs = diffusers.UNet2DModel.from_config(GOOGLE_CIFAR10)
     count = sum(p.numel() for p in theirs.parameters())

@@ -114,6 +114,7 @@ def test_no_line_links(page):
     assert not stale, f"{page}: link by symbol (file.py#Class.name), not by line: {stale}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "page,text,target,fragment", [pytest.param(*link, id=f"{link[0]}:{link[3]}") for link in symbol_links()]
 )

@@ -194,6 +194,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,message", BAD_INPUTS, ids=[f"{i:02d}" for i in range(len(BAD_INPUTS))])
 def test_bad_input_costs_one_line_and_writes_nothing(command, message, files, tmp_path, capsys):
     import re
@@ -237,6 +238,7 @@ WRITERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc for a directory that cannot be made")
 @pytest.mark.parametrize("command", WRITERS, ids=[c.split(" {")[0].split(" --")[0] for c in WRITERS])
 def test_an_out_that_cannot_be_created_costs_one_line(command, files, capsys):
@@ -329,6 +331,7 @@ def _poison(monkeypatch, bad_steps: set[int]) -> None:
     monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("timestep_sampler", ["uniform", "loss-aware"])
 def test_isolated_nan_steps_are_skipped_and_counted(files, tmp_path, monkeypatch, timestep_sampler):
     # With T = 10 the loss-aware sampler's history (10 losses per t) is full after about 20 steps
@@ -346,6 +349,7 @@ def test_isolated_nan_steps_are_skipped_and_counted(files, tmp_path, monkeypatch
     assert all(torch.isfinite(v).all() for v in ckpt.group("model").values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", ["false", "true"])
 def test_consecutive_nans_stop_the_run_with_the_last_good_state(files, tmp_path, monkeypatch, bf16):
     _poison(monkeypatch, set(range(4, 100)))
@@ -386,6 +390,7 @@ def _finite(ckpt) -> bool:
     return all(torch.isfinite(v).all() for group in ("model", "disc") for v in ckpt.group(group).values())
 
 
+@pytest.mark.slow
 def test_a_nan_in_the_autoencoders_gan_phase_is_skipped_not_saved(files, tmp_path, monkeypatch):
     _poison_discriminator(monkeypatch, {2, 5})
     run = tmp_path / "run"

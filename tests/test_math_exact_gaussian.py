@@ -105,6 +105,7 @@ def test_recursions_are_near_the_data_distribution():
     assert m == pytest.approx(M, abs=1e-3) and math.sqrt(v) == pytest.approx(S, rel=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
 def test_ddpm_sampler_with_exact_model(mean_type):
     d = GaussianDiffusion(linear_betas(T), mean_type=mean_type, var_type="fixed_small")
@@ -113,6 +114,7 @@ def test_ddpm_sampler_with_exact_model(mean_type):
     assert_gaussian_moments(x, *ddpm_moments())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("K", [50, 1000])
 def test_ddim_sampler_with_exact_model(K):
     d = GaussianDiffusion(linear_betas(T))
@@ -176,6 +178,7 @@ def assert_matches_expectation(estimates, expected):
     assert abs(residual.mean()) < Z * residual.std(ddof=1) / math.sqrt(len(residual)) + 1e-12
 
 
+@pytest.mark.slow
 def test_bits_per_dim_with_exact_model_matches_the_analytic_bound():
     """The Monte-Carlo bound equals its exact expectation, term by term, lies above the data's
     true NLL, and a wrong model scores far worse."""

@@ -59,6 +59,7 @@ def edit(value: float, strength: float, images: int = 16, seed: int = 0) -> torc
                    batch_size=images).images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value, strength", [(0.8, 1.0), (-0.6, 1.0), (0.8, 0.5), (-0.6, 0.3)])
 def test_ddpm_edits_have_the_moments_of_the_chain_from_q(value, strength):
     """40,000 pixels: mean and variance within Z standard errors of the recursion's."""

@@ -105,6 +105,7 @@ def test_the_known_part_is_exact_and_one_resample_is_the_replacement_method():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_the_replacement_method_is_biased_and_resampling_narrows_the_gap():
     """On a 100-step chain: replacement misses the conditional mean by many standard errors whichever
     the sampler; RePaint's resampling (jumps of 10) shrinks the error, r = 1 > 2 > 5 (measured 0.24, 0.12,

@@ -206,6 +206,7 @@ def _guided_ddim_moments(acp, kept, m, s, w):
     return shift, scale * scale
 
 
+@pytest.mark.slow
 def test_guidance_on_gaussians_is_the_affine_recursion_and_it_sharpens_and_narrows():
     """Guided DDIM on exact Gaussian models equals the closed-form recursion; w > 1 moves the
     samples beyond the condition's mean, away from the unconditional model's, and shrinks their

@@ -436,6 +436,7 @@ def test_dpmpp_2m_is_at_least_as_accurate_as_diffusers_defaults(steps):
 # ---------------------------------------------------------------------------- distributions
 
 
+@pytest.mark.slow
 def test_sde_solver_samples_the_data_distribution():
     """dpm++2m-sde on the exact model: mean and standard deviation within Z standard errors of
     (m, s). At 100 steps uniform in λ its discretisation bias (≈ 1e-4 here) is far below the

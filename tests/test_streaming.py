@@ -78,6 +78,7 @@ def same(a: list[Batch], b: list[Batch]) -> bool:
 # ---------------------------------------------------------------------------- folders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_streamed_folder_gives_the_in_memory_batches_bit_for_bit(folder, workers):
     memory = load_images(folder, 8, 3)
@@ -176,6 +177,7 @@ def test_a_pattern_takes_its_counts_from_the_index_beside_it(shards, monkeypatch
 # ---------------------------------------------------------------------------- the shard stream's promises
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_shard_stream_resumes_exactly_from_its_saved_place(shards, workers):
     stream = open_shards(str(shards), FIT, workers=workers, window=3)
@@ -299,6 +301,7 @@ def test_a_refused_connection_is_a_one_line_error():
 # ---------------------------------------------------------------------------- caches
 
 
+@pytest.mark.slow
 def test_a_streamed_sets_latents_are_cached_once_memory_mapped_and_keyed(tmp_path, monkeypatch):
     folder = write_folder(tmp_path / "grey", classes="ab", per_class=5, size=(8, 8), mode="L")
     fit = make_fit("x", 8, 1)

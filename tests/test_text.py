@@ -325,6 +325,7 @@ def test_missing_transformers_is_one_user_error(clip_dir, monkeypatch):
         load_text_encoder(clip_dir)
 
 
+@pytest.mark.slow
 def test_the_package_and_the_text_transformer_work_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import ddpm, ddpm.cli, ddpm.text\n"

@@ -222,6 +222,7 @@ def test_the_images_are_generates_for_the_same_arguments_and_the_command_says_so
     assert progress == sorted(progress) and progress[-1] == 1
 
 
+@pytest.mark.slow
 def test_the_downloads_and_the_scrubber_frames_are_the_chains(client):
     done = draw(client, model=0, sampler="ddpm", steps=25, seed=3, num_images=4, batch_size=4)[-1][1]
     expected = generate(loaded().model, DIFFUSION.build(), 4, SamplerSettings("ddpm", 25), seed=3, batch_size=4,
@@ -591,6 +592,7 @@ def test_img2img_is_the_librarys_and_strength_zero_gives_the_image_back(client):
     assert torch.equal(images_in(zero), image[None].expand(2, -1, -1, -1)) and zero[-1][1]["nfe"] == 0
 
 
+@pytest.mark.slow
 def test_the_command_line_draws_the_pages_edits_again(tmp_path, capsys, monkeypatch):
     """The page's image.png and mask.png, given to the command it shows, give the same images (both verbs)."""
     tiny_unet().save_pretrained(tmp_path / "tiny")
@@ -624,6 +626,7 @@ def test_a_text_model_and_a_class_model_get_their_conditions_checked(client):
 ALL_KEEP, NONE_KEPT = torch.ones(8, 8), torch.zeros(8, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body,status,message", [
     ({"mask": bitmap(torch.ones(8, 7))}, 400, "the mask has 7 bytes; a 8x8 image's has 8"),
     ({"mask": bitmap(ALL_KEEP)}, 400, "nothing to inpaint"),
@@ -717,6 +720,7 @@ def test_a_model_path_that_is_not_there_is_one_line(capsys):
     assert "no/such/run: no such run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_core_never_imports_the_server():
     """Only ddpm/ui/ imports the web framework, and only cli.py's ui verb imports ddpm.ui.server."""
     found = []

@@ -86,6 +86,7 @@ def count_ddpm_parameters(c: UNetConfig) -> int:
 # --- parameter counts ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cifar10_has_the_papers_35_7m_parameters(preset_model):
     assert num_parameters(preset_model("cifar10")) == 35_746_307
 
@@ -103,6 +104,7 @@ def preset_model(jitter):
     return build
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_preset_parameter_counts(name, preset_model):
     model = preset_model(name)
@@ -124,6 +126,7 @@ SIDES = {"cifar10": 32, "celebahq256": 32, "lsun256": 32, "mnist": 28, "digits":
          "cifar10-latent": 8, "tiny-latent": 4, "mnist-14": 14, "mnist-sr": 28, "cifar10-16": 16, "cifar10-sr": 32}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_presets_shapes_and_determinism(name, preset_model):
     model = preset_model(name)

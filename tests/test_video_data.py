@@ -90,6 +90,7 @@ def test_bad_videos_get_one_line(tmp_path):
         load_videos(tmp_path / "missing.npz")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_FFMPEG, reason="MP4 needs imageio and imageio-ffmpeg (pip install 'ddpm[video]')")
 def test_mp4_round_trip(tmp_path):
     from ddpm.images import save_mp4

@@ -168,6 +168,7 @@ def assert_png(path, min_size=(300, 200)):
         assert img.width >= min_size[0] and img.height >= min_size[1]
 
 
+@pytest.mark.slow
 def test_plot_schedules_writes_a_png_or_returns_a_figure(tmp_path):
     pyplot_before = "matplotlib.pyplot" in sys.modules
     path = viz.plot_schedules(T=100, path=tmp_path / "plots" / "schedules.png")

@@ -48,6 +48,7 @@ def test_every_verb_has_help(verb, capsys):
     assert "usage: ddpm" in text and len(text) > 300
 
 
+@pytest.mark.slow
 def test_train_help_lists_every_config_field(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -58,6 +59,7 @@ def test_train_help_lists_every_config_field(capsys):
     assert "Adam's learning rate" in text  # help text comes from the dataclass docstrings
 
 
+@pytest.mark.slow
 def test_train_prints_what_it_wrote(run, npz, capsys):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -84,6 +86,7 @@ def test_sampling_is_reproducible_from_the_command_line(run, tmp_path):
         assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
+@pytest.mark.slow
 def test_eval_writes_the_bound_report(run, npz, tmp_path, capsys):
     out = tmp_path / "e"
     assert main(["eval", str(run), "--data", str(npz), "--out", str(out), "--limit", "4", "--quiet"]) == 0
@@ -95,6 +98,7 @@ def test_eval_writes_the_bound_report(run, npz, tmp_path, capsys):
     assert "bits/dim" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_viz_pictures(run, npz, tmp_path):
     out = tmp_path / "v"
     assert main(["viz", "forward", "--data", str(npz), "--out", str(out), "--num-images", "3", "--quiet"]) == 0
@@ -123,6 +127,7 @@ def test_export_to_diffusers_and_back(run, tmp_path):
                  "--quiet"]) == 0
 
 
+@pytest.mark.slow
 def test_resume_from_the_command_line(run, npz, tmp_path):
     import shutil
 
@@ -133,6 +138,7 @@ def test_resume_from_the_command_line(run, npz, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_a_preset_given_with_resume_is_named_as_ignored(run, tmp_path, capsys):
     import shutil
 

@@ -71,6 +71,7 @@ def test_every_field_is_documented(section):
     assert not missing
 
 
+@pytest.mark.slow
 def test_the_nfe_picks_the_default_sampler(monkeypatch):
     """Without a sampler, SamplerSettings, GaussianDiffusion.sample and ``ddpm sample --steps N`` take the
     entry of DEFAULT_SAMPLER_BY_NFE with the largest NFE not above N (below them all, the smallest's); a

@@ -23,6 +23,7 @@ def tiny_model(num_classes: int = 0) -> UNet:
 DIFFUSION = GaussianDiffusion(linear_betas(100))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [SamplerSettings("ddpm", 8), SamplerSettings("ddim", 6, eta=0.5)])
 def test_a_seed_gives_the_same_images_whatever_the_batch_size(settings):
     whole = generate(tiny_model(), DIFFUSION, 5, settings, seed=3, batch_size=5, progress=False)

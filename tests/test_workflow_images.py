@@ -108,6 +108,7 @@ def test_img2img_at_strength_zero_writes_the_image_back_and_half_runs_half(files
     assert (tmp_path / "out" / "grid.png").is_file()
 
 
+@pytest.mark.slow
 def test_invert_writes_noise_that_sample_latents_decodes_to_the_reconstruction(files, tmp_path, capsys):
     code, out, err = run("invert {pixel} --image {a} {b} --steps 5 --label 0 --out {out}", files, tmp_path, capsys)
     assert code == 0, err
@@ -139,6 +140,7 @@ def test_interpolation_between_an_image_and_a_noise_writes_a_strip_and_a_gif(fil
     assert "--a: " in out and "4 frames decoded with ddim: 3 network evaluations each" in out
 
 
+@pytest.mark.slow
 def test_a_latent_model_inpaints_edits_and_inverts_through_its_autoencoder(files, tmp_path, capsys):
     for command in ("inpaint {latent} --image {grey} --mask {mask} --method replacement --steps 3 --out {out}",
                     "inpaint {latent} --image {grey} --mask {mask} --steps 3 --resamples 1 --out {out}",

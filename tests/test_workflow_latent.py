@@ -96,6 +96,7 @@ def test_an_autoencoder_run_writes_its_model_with_the_scale(ae_run, npz):
     assert load_autoencoder(ae_run / "autoencoder").config == model.config  # either path works
 
 
+@pytest.mark.slow
 def test_a_resumed_autoencoder_run_repeats_the_uninterrupted_one(tmp_path, npz):
     """With the discriminator on from step 2 (both optimizers, the adaptive weight) and an EMA."""
     config = tiny_ae(npz, **{"loss.disc_weight": "0.5", "loss.disc_start": "2", "loss.disc_layers": "1",
@@ -201,6 +202,7 @@ def test_latent_sampling_turns_off_x0_clipping_and_decodes(ae_run, monkeypatch):
     assert latent.trajectory["x_t"].shape[1:] == latent.trajectory["pred_x0"].shape[1:] == (2, 1, 8, 8)
 
 
+@pytest.mark.slow
 def test_latent_training_sampling_eval_and_export(ldm_run, ae_run, npz, tmp_path, capsys):
     config = json.loads((ldm_run / "config.json").read_text())
     assert config["data"]["autoencoder"] == str(ae_run.resolve())
@@ -247,6 +249,7 @@ def test_flips_happen_in_pixel_space_before_encoding(npz, ae_run):
     assert ((z - mean).abs() <= 6 * std).all() and not torch.equal(z, mean)
 
 
+@pytest.mark.slow
 def test_a_resumed_latent_run_repeats_the_uninterrupted_one(npz, ae_run, tmp_path):
     """The latents are drawn per step from (seed, step): nothing about them needs saving."""
     config = get_config("tiny", {"data.source": str(npz), "data.autoencoder": str(ae_run), "data.flip": "true",

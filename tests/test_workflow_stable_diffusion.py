@@ -111,6 +111,7 @@ def diffusers_images(libraries, directory: Path, latents, guidance_scale: float,
 # --- against diffusers ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance_scale,negative", [(1.0, None), (7.5, NEGATIVE)])
 @pytest.mark.parametrize("style,scheduler", [("sd1", "sd"), ("sd2", "sd"), pytest.param("sd1", "paper", marks=SLOW),
                                              pytest.param("sd2", "trailing", marks=SLOW)])
@@ -133,6 +134,7 @@ def test_our_images_equal_stable_diffusion_pipelines(libraries, pipelines, style
     assert np.abs(uint8.astype(int) - (theirs * 255).round().astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_the_scheduler_options_and_the_negative_prompt_change_the_images(pipelines):
     """The cases above could not all agree by accident: each option moves the images by far more than ATOL."""
     def images(scheduler: str, negative: str | None = None, guidance_scale: float = 1.0) -> np.ndarray:

@@ -60,6 +60,7 @@ def run(bars, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_text_run_keeps_its_vocabulary_and_labels_its_previews(run, bars):
     ckpt = latest_training_checkpoint(run / "checkpoints")[1]
     assert ckpt.meta["tokenizer"] == WordTokenizer.from_captions(CAPTIONS).tokens
@@ -99,6 +100,7 @@ def test_sampling_with_prompts_from_the_command_line(run, tmp_path, capsys):
     assert len(list((out / "images").glob("*.png"))) == 6 and (out / "grid.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_seed_gives_the_same_images_in_any_batch_and_guidance_changes_them(run):
     loaded = load_model(run)
     diffusion = loaded.diffusion.build()
@@ -177,6 +179,7 @@ def test_a_run_on_a_frozen_clip_caches_its_embeddings_and_samples(bars, clip_dir
 # ---------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,message", [
     (["train", "--preset", "tiny-text", "--data", "{npz}", "--out", "{tmp}/r"], "has no captions"),
     (["train", "--preset", "tiny", "--data", "{bars}", "--out", "{tmp}/r", "--text.width", "8"],

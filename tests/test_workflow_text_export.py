@@ -120,6 +120,7 @@ def test_a_frozen_clip_latent_run_exports_a_stable_diffusion_pipeline(libraries,
     assert np.abs(((drawn.images + 1) / 2).permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_a_stable_diffusion_directory_exports_to_one_diffusers_loads(libraries, tmp_path):
     """Load and export again: the same folders and options, and the same images."""
     _, diffusers = libraries

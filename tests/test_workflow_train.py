@@ -37,6 +37,7 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_writes_a_run(tmp_path, npz):
     run = tmp_path / "run"
     result = train(tiny(npz), run, **QUIET)
@@ -89,6 +90,7 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, npz, variant):
         assert all(torch.equal(a.tensors[group][k], b.tensors[group][k]) for k in a.tensors[group])
 
 
+@pytest.mark.slow
 def test_a_run_is_never_overwritten_without_asking(tmp_path, npz):
     run = tmp_path / "run"
     train(tiny(npz, **{"train.steps": "2"}), run, **QUIET)
@@ -102,6 +104,7 @@ def test_a_run_is_never_overwritten_without_asking(tmp_path, npz):
         train(tiny(npz), tmp_path / "elsewhere", resume=True, **QUIET)
 
 
+@pytest.mark.slow
 def test_resume_refuses_an_incompatible_config(tmp_path, npz):
     run = tmp_path / "run"
     train(tiny(npz, **{"train.steps": "2"}), run, **QUIET)
@@ -111,6 +114,7 @@ def test_resume_refuses_an_incompatible_config(tmp_path, npz):
         train(tiny(npz, **{"train.lr": "0.5"}), run, resume=True, explicit={"train.lr"}, **QUIET)
 
 
+@pytest.mark.slow
 def test_class_conditional_training_and_time_limit(tmp_path, npz):
     run = tmp_path / "cond"
     result = train(tiny(npz, **{"train.class_cond": "true", "train.steps": "1000", "train.time_limit": "0.002"}),

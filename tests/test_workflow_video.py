@@ -83,6 +83,7 @@ def test_a_seed_gives_the_same_clips_in_any_batch(video_model):
     assert one.nfe == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["replacement", "reconstruction"])
 def test_first_frames_are_kept_and_clips_extended(video_model, method):
     model = VideoUNet.from_pretrained(video_model)
@@ -99,6 +100,7 @@ def test_first_frames_are_kept_and_clips_extended(video_model, method):
     assert (other.videos[:, :, 2:] - out.videos[:, :, 2:]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_sample_and_viz_on_a_video_model(video_model, tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["sample", str(video_model), "--out", str(out), "--num-images", "2", "--sampler", "ddim",
