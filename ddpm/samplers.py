@@ -442,7 +442,10 @@ SAMPLERS: dict[str, Callable[..., Solver]] = {
 #: dpm++2m-sde is the exception: on a trained MNIST model (``python -m bench.solvers``, FD of 1,000
 #: samples, bench/RESULTS.md) ``trailing`` beat ``logsnr`` at 5 and 10 NFE (85.3 vs 142.9, 27.4 vs 38.3)
 #: and tied at 20 (25.0 vs 23.5); on the Gaussian toy its moments barely separate the two. dpm++3m-sde
-#: follows it until a measurement says otherwise.
+#: follows it. unipc-bh1, the default at 5 and 7 NFE (:data:`DEFAULT_SAMPLER_BY_NFE`), is ``trailing`` by
+#: the same kind of measurement (the 30-minute ``mnist`` model, FD of 500 samples, bench/RESULTS.md):
+#: trailing 26.8, 17.5, 16.5, 16.6 at 5, 7, 10, 15 NFE against logsnr's 151.6, 51.2, 34.9, 17.9. Trailing
+#: won for every ODE solver there; the others keep logsnr until they are measured at 20 NFE too.
 DEFAULT_SPACING: dict[str, str] = {
     "ddpm": "uniform",
     "ddim": "leading",
@@ -451,7 +454,7 @@ DEFAULT_SPACING: dict[str, str] = {
     "dpm++2m-sde": "trailing",
     "dpm++3m-sde": "trailing",
     "unipc": "logsnr",
-    "unipc-bh1": "logsnr",
+    "unipc-bh1": "trailing",
     "heun": "karras",  # at 20 NFE 0.11, 2.4x DDIM's 0.046; at 80 NFE 0.0047 (DDIM 0.012)
     "dpm-adaptive": "uniform",  # it keeps every timestep and picks its own steps among them
 }
@@ -485,14 +488,15 @@ DEFAULT_NFE = 20
 
 #: The solver for the NFE asked, when no sampler is given (:func:`default_sampler`; ``ddpm sample --steps N``,
 #: :func:`sample`, :class:`ddpm.generate.SamplerSettings`): the entry of the largest NFE here not above N
-#: (the smallest entry's below them). 20 NFE is :data:`DEFAULT_SAMPLER`, measured; the entries below 20 are
-#: today's default too until the lead sets them from issue 25's measurement (``python -m bench.solvers`` at
-#: 5, 7, 10 and 15 NFE, bench/RESULTS.md).
+#: (the smallest entry's below them). Measured by ``python -m bench.solvers`` on the 30-minute ``mnist``
+#: model (FD of 500 samples in the MNIST classifier's features; bench/RESULTS.md, 2026-12-02; DDPM-1000:
+#: 9.8): at 5 NFE unipc-bh1 (trailing) 26.8 against the best SDE solver's 33.3; at 7 they tie (17.5 and
+#: dpm++3m-sde's 17.6); at 10 and 15 the SDE solvers lead (dpm++3m-sde 10.5 and 14.0, dpm++2m-sde 13.2
+#: and 14.5, the best ODE solver 16.3 and 16.4). 20 NFE is :data:`DEFAULT_SAMPLER`, measured on the
+#: earlier 10,626-step model.
 DEFAULT_SAMPLER_BY_NFE: dict[int, str] = {
-    5: DEFAULT_SAMPLER,
-    7: DEFAULT_SAMPLER,
-    10: DEFAULT_SAMPLER,
-    15: DEFAULT_SAMPLER,
+    5: "unipc-bh1",
+    10: "dpm++3m-sde",
     DEFAULT_NFE: DEFAULT_SAMPLER,
 }
 

@@ -171,6 +171,7 @@ def test_the_gallery_stays_small():
     sizes = {src: (DOC.parent / src).resolve().stat().st_size for src in IMAGE.findall(text)}
     assert len(sizes) >= 3
     assert max(sizes.values()) < 100_000
-    # 600 KB: the figures of the runs, and ddpm ui's three screenshots (about 88 KB together).
-    assert sum(sizes.values()) < 600_000, f"the gallery's images total {sum(sizes.values()):,} bytes"
+    # 1 MB: the figures of the runs (one or two per feature, each under 100 KB) and ddpm ui's three
+    # screenshots (about 88 KB together); a clone should stay light.
+    assert sum(sizes.values()) < 1_000_000, f"the gallery's images total {sum(sizes.values()):,} bytes"
     assert "MNIST_SECTION" not in text and "PRESET_TABLE" not in (ROOT / "README.md").read_text(encoding="utf-8")
