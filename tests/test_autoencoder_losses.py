@@ -226,6 +226,7 @@ def test_lpips_names_and_mechanism(lpips_file):
         lpips(x[:, :, :8], y[:, :, :8])
 
 
+@pytest.mark.slow
 def test_perceptual_term_counts_once_per_pixel(lpips_file):
     path, _ = lpips_file
     config = AutoencoderLossConfig(perceptual_weight=0.25, lpips_path=str(path))

@@ -75,6 +75,7 @@ def test_turning_autocast_on_captures_again():
         assert graphed.captures == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 12), ("ddim", 5)])
 def test_sampling_through_the_wrapper_draws_the_same_images(sampler, steps):
     net = _net()

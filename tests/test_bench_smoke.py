@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.slow
 def test_unet_speed_runs_on_the_tiny_preset(capsys):
     os.environ["HF_HUB_OFFLINE"] = "1"
     pytest.importorskip("diffusers", reason="the benchmark compares against diffusers")

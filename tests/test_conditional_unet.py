@@ -150,6 +150,7 @@ def test_equal_outputs_with_strict_loading_both_ways(diffusers, jitter, name):
     assert_same_outputs(ours, theirs, mask=MASK)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd2-style", "projection"])
 def test_equal_outputs_in_float64(diffusers, jitter, name):
     # Also that upcast_attention computes in at least float32: it must not round float64 down.
@@ -159,6 +160,7 @@ def test_equal_outputs_in_float64(diffusers, jitter, name):
     assert_same_outputs(ours, theirs, mask=MASK, atol=ATOL_FLOAT64, dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_save_diffusers_loads_in_diffusers_without_missing_or_unexpected_keys(diffusers, jitter, tmp_path):
     config = CONFIGS["projection"]
     ours = jitter(ConditionalUNet(config))
@@ -169,6 +171,7 @@ def test_save_diffusers_loads_in_diffusers_without_missing_or_unexpected_keys(di
     assert_same_outputs(ours, theirs, mask=MASK)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_from_diffusers_reads_their_directory(diffusers, jitter, tmp_path, pipeline):
     # load_weights refuses any missing or unexpected key, so loading at all proves there are none.

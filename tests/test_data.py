@@ -405,6 +405,7 @@ def test_npz_and_folder_resize_the_same_way(tmp_path):
 # scikit-learn digits
 
 
+@pytest.mark.slow
 def test_digits_scale_exactly_and_split_1500_297():
     datasets = pytest.importorskip("sklearn.datasets")
     raw = datasets.load_digits()
@@ -693,6 +694,7 @@ def test_real_captioned_mnist_pairs(tmp_path):
     assert len(data) == 50 and data.size == (28, 56) and data.captions == [json.loads(x)["text"] for x in lines[:50]]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "mnist.npz").exists(), reason="no shared MNIST here")
 def test_real_mnist_npz():
     data = load_images(str(SHARED / "mnist.npz"), 28)

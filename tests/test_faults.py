@@ -400,6 +400,7 @@ def test_a_nan_in_the_autoencoders_gan_phase_is_skipped_not_saved(files, tmp_pat
     assert _finite(latest_training_checkpoint(run / "checkpoints")[1])
 
 
+@pytest.mark.slow
 def test_consecutive_nans_stop_the_autoencoder_with_the_last_good_state(files, tmp_path, monkeypatch):
     _poison_discriminator(monkeypatch, set(range(4, 100)))
     run = tmp_path / "run"
@@ -444,6 +445,7 @@ def test_a_malicious_pickle_is_never_executed(tmp_path, capsys):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_paths_in_a_checkpoint_cannot_leave_it(files, tmp_path):
     bad = tmp_path / "step_00000001"
     _copytree(list_training_checkpoints(files["run"] / "checkpoints")[-1], bad)

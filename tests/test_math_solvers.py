@@ -710,6 +710,7 @@ def mean_error(sampler, spacing, nfe):
     return math.exp(np.mean([math.log(spacing_errors(sampler, spacing, nfe, *setting)) for setting in SETTINGS]))
 
 
+@pytest.mark.slow
 def test_heun_at_its_default_spacing():
     """Heun at its default spacing on the measurement that chose it, against DDIM at its own.
 

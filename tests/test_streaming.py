@@ -275,6 +275,7 @@ def server(shards):
     httpd.server_close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["index", "pattern", "file"])
 def test_shards_stream_from_urls_as_from_files(shards, server, how):
     local = open_shards(str(shards), FIT, window=3)

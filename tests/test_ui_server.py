@@ -534,6 +534,7 @@ def test_an_image_to_edit_is_made_the_models_size_as_the_data_loader_makes_it(cl
     assert client.get("/api/edit/inputs/enope/image.png").status_code == 404
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options,settings", [
     ("repaint", {"steps": 10, "jump_length": 3, "resamples": 2}, SamplerSettings("ddpm", 10)),
     ("replacement", {"sampler": "ddim", "steps": 6}, SamplerSettings("ddim", 6)),
@@ -775,6 +776,7 @@ def test_a_video_model_is_refused_in_one_line(monkeypatch, capsys):
                                        "(sample it with 'ddpm sample')\n")
 
 
+@pytest.mark.slow
 def test_the_autocast_is_decided_once_and_named_in_the_command(tmp_path):
     """bf16 'auto' can differ between processes (measured on a CPU): the page draws with what the server
     decided at its start and its command line says so."""

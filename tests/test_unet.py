@@ -111,6 +111,7 @@ def test_preset_parameter_counts(name, preset_model):
     assert num_parameters(model) == PARAM_COUNTS[name] == count_ddpm_parameters(model.config)
 
 
+@pytest.mark.slow
 def test_parameter_count_with_options_matches_the_layer_by_layer_count():
     config = UNetConfig(image_size=16, in_channels=2, ch=64, ch_mult=(1, 2, 3),
                         num_res_blocks=3, attn_resolutions=(16, 4), learned_sigma=True,

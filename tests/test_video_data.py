@@ -128,6 +128,7 @@ def test_trajectories_move_at_constant_velocity_and_bounce():
     assert bounces > 50  # the walls are met often at this speed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["synthetic", "mnist"])
 def test_digits_are_drawn_where_the_trajectory_says_and_move_uniformly(source):
     if source == "mnist":

@@ -180,6 +180,7 @@ def test_plot_schedules_writes_a_png_or_returns_a_figure(tmp_path):
     assert ("matplotlib.pyplot" in sys.modules) == pyplot_before  # no pyplot, no global backend
 
 
+@pytest.mark.slow
 def test_plot_bound_terms_averages_a_batch_and_states_the_total(tmp_path):
     terms = torch.cat([torch.full((3, 1), 2.0), torch.full((3, 99), 1e-3)], dim=1)
     fig = viz.plot_bound_terms(terms, prior=0.001)

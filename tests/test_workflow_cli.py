@@ -78,6 +78,7 @@ def test_sample_writes_grid_pngs_and_npz(run, tmp_path, capsys):
         assert f["arr_0"].shape == (6, 8, 8, 3) and f["arr_0"].dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_from_the_command_line(run, tmp_path):
     for name in ("a", "b"):
         main(["sample", str(run), "--out", str(tmp_path / name), "--num-images", "3", "--steps", "4", "--npz",
@@ -197,6 +198,7 @@ def test_sample_prints_the_network_evaluations(run, tmp_path, capsys):
     assert "4 network evaluations each" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_steps_pick_the_sampler_and_the_solver_options_reach_it(run, tmp_path, capsys, monkeypatch):
     """Without --sampler, --steps N takes the sampler of DEFAULT_SAMPLER_BY_NFE for N; --eta, --order,
     --final-step and --no-lower-order-final reach the solver (the same images as the library's call)."""

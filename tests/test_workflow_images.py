@@ -78,6 +78,7 @@ def test_every_image_verb_has_help_with_examples(verb, capsys):
     assert "usage: ddpm" in text and "examples:" in text and f"ddpm {verb} runs/" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["replacement", "repaint"])
 def test_inpainting_keeps_the_known_pixels_exactly_and_names_every_file(method, files, tmp_path, capsys):
     code, out, err = run(f"inpaint {{pixel}} --image {{a}} {{b}} --mask {{mask}} --out {{out}} --method {method} "

@@ -133,6 +133,7 @@ def test_a_stable_diffusion_directory_exports_to_one_diffusers_loads(libraries, 
     same_images(source, out, prompt="a cat", guidance_scale=7.5, sampler="ddim", steps=3)
 
 
+@pytest.mark.slow
 def test_the_pipeline_draws_from_class_and_unconditional_models(jitter, tmp_path):
     torch.manual_seed(0)
     jitter(UNet(get_preset("tiny"))).save_pretrained(tmp_path / "unconditional")

@@ -130,6 +130,7 @@ def test_sample_and_viz_on_a_video_model(video_model, tmp_path, capsys):
     assert "video model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--frames", "0"], "--frames must be at least 1"),
     (["--frames", "9", "--context", "4"], "needs --context between 1 and 3"),
