@@ -492,8 +492,8 @@ DEFAULT_NFE = 20
 #: model (FD of 500 samples in the MNIST classifier's features; bench/RESULTS.md, 2026-12-02; DDPM-1000:
 #: 9.8): at 5 NFE unipc-bh1 (trailing) 26.8 against the best SDE solver's 33.3; at 7 they tie (17.5 and
 #: dpm++3m-sde's 17.6); at 10 and 15 the SDE solvers lead (dpm++3m-sde 10.5 and 14.0, dpm++2m-sde 13.2
-#: and 14.5, the best ODE solver 16.3 and 16.4). 20 NFE is :data:`DEFAULT_SAMPLER`, measured on the
-#: earlier 10,626-step model.
+#: and 14.5, the best ODE solver 16.3 and 16.4). 20 NFE is :data:`DEFAULT_SAMPLER`, chosen on the earlier
+#: 10,626-step model and confirmed on this one: 8.7 (dpm++3m-sde 8.7, the ODE solvers 16.5-16.8).
 DEFAULT_SAMPLER_BY_NFE: dict[int, str] = {
     5: "unipc-bh1",
     10: "dpm++3m-sde",

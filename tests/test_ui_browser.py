@@ -46,6 +46,7 @@ from ddpm.ui.edit import as_pil  # noqa: E402
 from ddpm.ui.forward import noised  # noqa: E402
 from ddpm.ui.sampling import ModelSlot, png_bytes  # noqa: E402
 from ddpm.ui.server import UI, bind, create_app, load_ui  # noqa: E402
+from ddpm.samplers import DEFAULT_SAMPLER  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -391,7 +392,8 @@ def test_a_text_model_gets_prompt_fields_and_a_busy_model_says_so(browser):
         first.wait_for_selector("body[data-sample=done]")
         urls = first.eval_on_selector_all("#images img.sample", "images => images.map(image => image.src)")
         again = text_model()
-        expected = generate(again.model, again.diffusion.build(), 4, SamplerSettings(steps=4), prompts=["a red square"],
+        expected = generate(again.model, again.diffusion.build(), 4, SamplerSettings(DEFAULT_SAMPLER, 4),  # the page's
+                            prompts=["a red square"],
                             conditioning=again.conditioning, batch_size=4, progress=False)
         assert torch.equal(torch.stack([decode(url) for url in urls]), expected.uint8())
         assert "--prompt 'a red square'" in first.text_content("#command")
