@@ -71,7 +71,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/solvers", help="where solvers.json goes")
-    p.add_argument("--plot", default="docs/img/solvers_mnist.png", help="the FD-vs-NFE plot")
+    p.add_argument("--plot", default=None, help="the FD-vs-NFE plot (default: plot.png in --out; a run that "
+                   "should replace a gallery figure names it)")
     p.add_argument("--append", action="store_true", help="append an entry to bench/RESULTS.md")
     p.add_argument("--grid", default=None, help="also draw the same seeds under every method at --grid-nfe (a PNG)")
     p.add_argument("--grid-nfe", type=int, default=10)
@@ -269,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "fd_quarters": [space.distance(x[i:i + QUARTER]) for i in range(0, n - QUARTER + 1, QUARTER)]}
         common.say(f"{key}: {json.dumps(results[key])}")
         results_path.write_text(json.dumps(results, indent=1))
-    path = plot(results, floor, Path(args.plot))
+    path = plot(results, floor, Path(args.plot) if args.plot else Path(args.out) / "plot.png")
     common.say(f"wrote {path} and {results_path}")
     if args.grid:
         common.say(f"wrote {comparison_grid(args, loaded, diffusion)}")
@@ -280,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "MNIST sample quality against NFE (our solvers vs diffusers' schedulers, one model)", "bench.solvers", argv,
             [f"model: {loaded.description}", f"{threads} threads; FD in the bench.mnist_fd classifier's features "
              f"(test accuracy {space.accuracy:.4f}); floor {floor:.2f} ({args.samples} training images)",
-             f"plot: {args.plot}"],
+             f"plot: {path}"],
             common.markdown_table(["method", "NFE", "NFE used", "samples", "FD", "confident", "img/s"], rows))
     return results
 
