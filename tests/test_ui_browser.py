@@ -42,11 +42,11 @@ from ddpm.generate import SamplerSettings, generate  # noqa: E402
 from ddpm.images import make_grid  # noqa: E402
 from ddpm.inpaint import inpaint, read_mask  # noqa: E402
 from ddpm.models import UNet, get_preset  # noqa: E402
+from ddpm.samplers import DEFAULT_SAMPLER  # noqa: E402
 from ddpm.ui.edit import as_pil  # noqa: E402
 from ddpm.ui.forward import noised  # noqa: E402
 from ddpm.ui.sampling import ModelSlot, png_bytes  # noqa: E402
 from ddpm.ui.server import UI, bind, create_app, load_ui  # noqa: E402
-from ddpm.samplers import DEFAULT_SAMPLER  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,7 @@ import torch
 
 from ddpm.errors import UserError
 from ddpm.models import PRESETS, UNet, UNetConfig, get_preset, timestep_embedding
+from ddpm.models.layers import UPSAMPLE_MIN_PIXELS
 from ddpm.models.unet import AttnBlock, Upsample
 from ddpm.runtime import num_parameters
 
@@ -245,10 +246,13 @@ def test_attention_matches_ddpm_formula_in_float64(heads, jitter):
     torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_upsample_equals_nearest_upsampling_then_conv_in_float64():
+@pytest.mark.parametrize("shape", [(2, 16, 5, 7), (6, 16, 19, 21)], ids=["upsampled", "four-kernels"])
+def test_upsample_equals_nearest_upsampling_then_conv_in_float64(shape):
+    # Below UPSAMPLE_MIN_PIXELS it upsamples and convolves; above it, the four 2x2 kernels must agree.
+    assert (shape[0] * shape[2] * shape[3] >= UPSAMPLE_MIN_PIXELS) == (shape[2] == 19)
     torch.manual_seed(0)
-    up = Upsample(64).double()
-    x = torch.randn(2, 64, 5, 7, dtype=torch.float64)
+    up = Upsample(16).double()
+    x = torch.randn(*shape, dtype=torch.float64)
     plain = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
     torch.testing.assert_close(up(x), plain, rtol=1e-12, atol=1e-12)
 

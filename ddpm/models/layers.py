@@ -93,6 +93,10 @@ class Downsample(nn.Module):
 _UPSAMPLE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 
+#: Input pixels (batch x height x width) from which :class:`Upsample` takes its four 2x2 kernels.
+UPSAMPLE_MIN_PIXELS = 2048
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour upsampling by 2, then a 3x3 convolution (DDPM's ``upsample``).
 
@@ -100,7 +104,12 @@ class Upsample(nn.Module):
     input pixels, so the layer is four 2x2 convolutions of the input, one per output-pixel parity,
     with kernels summed from the 3x3 one, interleaved. That is 16 instead of 36 multiply-adds per
     input pixel and channel pair (about 7% of a CIFAR-10 forward pass on CPU). The parameter is
-    still the 3x3 kernel, as in diffusers' ``Upsample2D``.
+    still the 3x3 kernel, as in diffusers' ``Upsample2D``. Building the four kernels costs about
+    16 c^2 per call whatever the input, so below :data:`UPSAMPLE_MIN_PIXELS` pixels in the batch it
+    upsamples and convolves instead. Measured without gradients, 2 threads (the four kernels against
+    upsampling): 1,280 channels, batch 1 at 8->16 280 against 51 ms, batch 2 at 16->32 468 against 242,
+    batch 4 at 16->32 467 against 393; 640 channels, batch 2 at 32->64 128 against 187; 256 channels,
+    batch 8 at 8->16 7.3 against 7.8, at 16->32 17.9 against 31.8 (bench/RESULTS.md, SD U-Net entry).
     """
 
     def __init__(self, channels: int) -> None:
@@ -111,6 +120,8 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
+        if b * h * w < UPSAMPLE_MIN_PIXELS:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         weight = self.conv.weight
         taps = self.taps.to(weight.dtype)
         # kernels[a, a', o, i, p, q]: the 2x2 kernel of output parity (a, a') in rows and columns.
