@@ -169,12 +169,9 @@ class ImageData:
     def describe(self) -> str:
         """One line for the console, e.g. ``folder /x: 1,234 images, 10 classes, 32x32x3 (3
         skipped)``."""
-        k = self.num_classes
-        classes = "unlabeled" if k == 0 else f"{k} class" + ("es" if k > 1 else "")
-        if self.captions is not None:
-            classes = "captioned" if k == 0 else f"{classes}, captioned"
         h, w = self.size
-        line = f"{self.source}: {len(self):,} images, {classes}, {h}x{w}x{self.channels}"
+        line = (f"{self.source}: {len(self):,} images, {labels_phrase(self.num_classes, self.captions)}, "
+                f"{h}x{w}x{self.channels}")
         return line + (f" ({self.skipped:,} skipped)" if self.skipped else "")
 
     def to_float(self, idx: Any) -> torch.Tensor:
@@ -239,6 +236,16 @@ def batch_order(n: int, batch_size: int, seed: int, *, rank: int = 0, world_size
             idx = order[rank + world_size * (j * batch_size + torch.arange(batch_size))]
             yield idx, flips[idx]
         epoch, first = epoch + 1, 0
+
+
+def labels_phrase(num_classes: int, captions: Sequence[str] | None) -> str:
+    """What a data set's console line says of its labels: ``unlabeled``, ``10 classes``, ``captioned``
+    or ``10 classes, captioned``."""
+    k = num_classes
+    classes = "unlabeled" if k == 0 else f"{k} class" + ("es" if k > 1 else "")
+    if captions is not None:
+        classes = "captioned" if k == 0 else f"{classes}, captioned"
+    return classes
 
 
 def epoch_shuffle(n: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,10 +54,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from ddpm.data import IMAGE_EXTENSIONS, Fit, epoch_shuffle, list_folder, one_line, open_image
+from ddpm.data import IMAGE_EXTENSIONS, Fit, epoch_shuffle, labels_phrase, list_folder, one_line, open_image
 from ddpm.errors import DataWarning, UserError
 from ddpm.runtime import derive_seed
-from ddpm.streaming import RawBatch, StreamedBatches, assemble, decode, image_from_bytes, loader
+from ddpm.streaming import FittedStream, RawBatch, StreamedBatches, assemble, decode, image_from_bytes, loader
 
 try:  # optional: only shards need it
     import webdataset as wds
@@ -319,7 +319,7 @@ class _InOrder(IterableDataset):
 # ---------------------------------------------------------------------------- the data set
 
 
-class ShardStream:
+class ShardStream(FittedStream):
     """WebDataset shards as a training set (see the module docstring).
 
     ``urls`` are the shards in order, ``counts`` their samples; ``captions`` one per sample in ``idx``
@@ -340,29 +340,14 @@ class ShardStream:
         return sum(self.counts)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def channels(self) -> int:
-        return self.fit.channels
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.fit.size
-
-    @property
     def streams(self) -> int:
         """How many streams a rank reads at once: one per worker (see the module docstring)."""
         return max(1, self.workers)
 
     def describe(self) -> str:
-        k = self.num_classes
-        classes = "unlabeled" if k == 0 else f"{k} class" + ("es" if k > 1 else "")
-        if self.captions is not None:
-            classes = "captioned" if k == 0 else f"{classes}, captioned"
         h, w = self.size
-        return (f"{self.source}: {len(self.urls):,} shard(s), {len(self):,} samples, {classes}, "
+        return (f"{self.source}: {len(self.urls):,} shard(s), {len(self):,} samples, "
+                f"{labels_phrase(self.num_classes, self.captions)}, "
                 f"{h}x{w}x{self.channels}, streamed by {self.workers or 'no'} worker(s)")
 
     def fingerprint(self) -> str:

@@ -43,6 +43,7 @@ from ddpm.data import (
     batch_order,
     first_size,
     flipped,
+    labels_phrase,
     one_line,
     open_image,
     prepare_image,
@@ -220,7 +221,28 @@ class _Indices:
             yield list(zip(idx.tolist(), flips.tolist()))
 
 
-class FolderStream:
+class FittedStream:
+    """What every streamed training set derives from its ``fit`` and ``class_names``: the number of
+    classes, the channels and the size its images are made to (:class:`FolderStream`,
+    :class:`ddpm.shards.ShardStream`)."""
+
+    fit: Fit
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.fit.channels
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.fit.size
+
+
+class FolderStream(FittedStream):
     """A folder of images read from disk as it is trained on (see the module docstring).
 
     ``listing`` is what :func:`ddpm.data.list_folder` found, ``fit`` the size and channels (None: the first
@@ -239,27 +261,11 @@ class FolderStream:
     def __len__(self) -> int:
         return len(self.listing.files)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def channels(self) -> int:
-        return self.fit.channels
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.fit.size
-
     def describe(self) -> str:
         """One line for the console, as :meth:`ImageData.describe`, saying that it streams."""
-        k = self.num_classes
-        classes = "unlabeled" if k == 0 else f"{k} class" + ("es" if k > 1 else "")
-        if self.captions is not None:
-            classes = "captioned" if k == 0 else f"{classes}, captioned"
         h, w = self.size
-        return (f"{self.source}: {len(self):,} images, {classes}, {h}x{w}x{self.channels}, streamed from disk by "
-                f"{self.workers or 'no'} worker(s)")
+        return (f"{self.source}: {len(self):,} images, {labels_phrase(self.num_classes, self.captions)}, "
+                f"{h}x{w}x{self.channels}, streamed from disk by {self.workers or 'no'} worker(s)")
 
     def fingerprint(self) -> str:
         """A key of what the images are: the files with their sizes and modification times, the labels,
