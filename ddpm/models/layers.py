@@ -106,10 +106,8 @@ class Upsample(nn.Module):
     input pixel and channel pair (about 7% of a CIFAR-10 forward pass on CPU). The parameter is
     still the 3x3 kernel, as in diffusers' ``Upsample2D``. Building the four kernels costs about
     16 c^2 per call whatever the input, so below :data:`UPSAMPLE_MIN_PIXELS` pixels in the batch it
-    upsamples and convolves instead. Measured without gradients, 2 threads (the four kernels against
-    upsampling): 1,280 channels, batch 1 at 8->16 280 against 51 ms, batch 2 at 16->32 468 against 242,
-    batch 4 at 16->32 467 against 393; 640 channels, batch 2 at 32->64 128 against 187; 256 channels,
-    batch 8 at 8->16 7.3 against 7.8, at 16->32 17.9 against 31.8 (bench/RESULTS.md, SD U-Net entry).
+    upsamples and convolves instead: at SD's 1,280 channels and batch 1-4 the kernels cost more than
+    they save (the layer's timings: bench/RESULTS.md, the second SD U-Net entry of 2026-12-02).
     """
 
     def __init__(self, channels: int) -> None:
