@@ -121,6 +121,8 @@ class TrainConfig:
         ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) at step n, so short runs get a useful EMA.
         loss_type: simple (L_simple), vlb (L_vlb) or hybrid (L_simple + 0.001 L_vlb, for learned variances).
         timestep_sampler: uniform, or loss-aware (Improved DDPM's importance sampling, for vlb).
+        snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5 in the paper): the
+            MSE weighted as the implied x_0's error times min(SNR_t, γ); 0: off, the paper's L_simple.
         class_cond: condition on the data's class labels (needs a labelled data set).
         label_dropout: the chance of dropping a class label to the null class, or a caption to the empty one, in
             a class- or text-conditional run (classifier-free guidance).
@@ -164,6 +166,7 @@ class TrainConfig:
     ema_warmup: bool = True
     loss_type: str = "simple"
     timestep_sampler: str = "uniform"
+    snr_gamma: float = 0.0
     class_cond: bool = False
     label_dropout: float = 0.1
     seed: int = 0
@@ -199,7 +202,7 @@ class TrainConfig:
         check_positive("train.low_res_factor", self.low_res_factor)
         if not 0 <= self.max_noise_level <= 1:
             raise UserError(f"train.max_noise_level must be in [0, 1], got {self.max_noise_level}")
-        for name in ("grad_clip", "weight_decay", "time_limit"):
+        for name in ("grad_clip", "weight_decay", "time_limit", "snr_gamma"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2", "ema_decay", "label_dropout"):

@@ -361,9 +361,10 @@ class GaussianDiffusion:
         loss_type: str = "simple",
         noise: Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        snr_gamma: float = 0.0,
     ) -> dict[str, Tensor]:
         """Per-example training losses at timesteps ``t``; see :func:`ddpm.losses.training_losses`."""
-        return losses.training_losses(self, model, x0, t, loss_type, noise, model_kwargs)
+        return losses.training_losses(self, model, x0, t, loss_type, noise, model_kwargs, snr_gamma)
 
     def bits_per_dim(
         self,

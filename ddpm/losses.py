@@ -107,6 +107,7 @@ def training_losses(
     loss_type: str = "simple",
     noise: Tensor | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    snr_gamma: float = 0.0,
 ) -> dict[str, Tensor]:
     """Per-example training losses at the 0-based timesteps ``t`` [B].
 
@@ -118,7 +119,15 @@ def training_losses(
     - ``"hybrid"``: L_simple + λ · T · L_t with λ = 0.001 and the mean prediction stopped in
       the L_t term, so the bound trains only the variance ([IDDPM] eq. 16).
 
-    Returns ``loss`` [B], ``mse`` [B] and, for vlb and hybrid, ``vb`` [B] (L_t in bits/dim).
+    ``snr_gamma`` > 0 weights the MSE by Min-SNR-γ (Hang et al. 2023, section 3.4): the error of
+    the implied x_0 weighted by min(SNR_t, γ), SNR_t = ᾱ_t / (1 − ᾱ_t), which
+    :func:`min_snr_weight` turns into a weight on the prediction's own MSE. It caps the weight
+    of the low-noise steps, which dominate L_simple but barely shape the image, so the high-noise
+    steps, where layout and content are decided, get more of each update; the paper reports
+    3.4x faster convergence on ImageNet 256 with γ = 5.
+
+    Returns ``loss`` [B], ``mse`` [B] (unweighted) and, for vlb and hybrid, ``vb`` [B] (L_t in
+    bits/dim).
     """
     if loss_type not in LOSS_TYPES:
         raise UserError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
@@ -134,16 +143,31 @@ def training_losses(
     C = x0.shape[1]
     target = diffusion.training_target(x0, noise, t)
     terms = {"mse": mean_flat((target - output[:, :C]) ** 2)}
+    weighted = terms["mse"] * min_snr_weight(diffusion, t, snr_gamma) if snr_gamma > 0 else terms["mse"]
     if loss_type == "simple":
-        terms["loss"] = terms["mse"]
+        terms["loss"] = weighted
         return terms
     if loss_type == "hybrid":
         # The bound sees a detached mean: L_vlb trains Σ_θ only ([IDDPM] section 3.1).
         output = torch.cat([output[:, :C].detach(), output[:, C:]], dim=1)
     terms["vb"] = vb_terms_from_output(diffusion, output, x0, x_t, t, clip_denoised=False)["output"]
     scaled_vb = diffusion.num_timesteps * terms["vb"]
-    terms["loss"] = scaled_vb if loss_type == "vlb" else terms["mse"] + HYBRID_LAMBDA * scaled_vb
+    terms["loss"] = scaled_vb if loss_type == "vlb" else weighted + HYBRID_LAMBDA * scaled_vb
     return terms
+
+
+def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor, gamma: float) -> Tensor:
+    """The weight [B] on the MSE of the model's own target that makes it min(SNR_t, γ) times the
+    MSE of the implied x_0 (Min-SNR-γ, Hang et al. 2023). x_0's error is the target's times
+    1 / SNR_t for ε and 1 / (SNR_t + 1) for v (and 1 for x_0 itself), hence
+    min(SNR, γ) / SNR, min(SNR, γ) / (SNR + 1) and min(SNR, γ)."""
+    if gamma <= 0:
+        raise UserError(f"the Min-SNR γ must be positive, got {gamma}")
+    alphas_cumprod = diffusion.alphas_cumprod[t.cpu()]  # float64, for SNR near t = 0
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    capped = snr.clamp(max=gamma)
+    scale = {"eps": snr, "v": snr + 1.0, "x0": torch.ones_like(snr)}[diffusion.mean_type]
+    return (capped / scale).to(t.device, torch.float32)
 
 
 def prior_bpd(diffusion: GaussianDiffusion, x0: Tensor) -> Tensor:

@@ -200,7 +200,8 @@ def train_step(state: TrainState, train_model: nn.Module, diffusion: GaussianDif
     model_kwargs = condition(batch, state.gen_t, device)
     noise = torch.randn(x.shape, generator=state.gen_noise, device=device, dtype=x.dtype)
     with autocast(device, bf16):
-        terms = diffusion.training_losses(train_model, x, t, cfg.loss_type, noise=noise, model_kwargs=model_kwargs)
+        terms = diffusion.training_losses(train_model, x, t, cfg.loss_type, noise=noise, model_kwargs=model_kwargs,
+                                          snr_gamma=cfg.snr_gamma)
     loss = (terms["loss"].float() * weights).mean()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -10,6 +10,7 @@ from scipy.stats import norm
 
 from ddpm import GaussianDiffusion, linear_betas
 from ddpm.errors import UserError
+import ddpm.losses as ddpm_losses
 from ddpm.losses import HYBRID_LAMBDA, discretized_gaussian_log_likelihood, normal_kl
 from ddpm.timestep_sampling import LossAwareSampler, UniformSampler, make_timestep_sampler
 
@@ -82,6 +83,32 @@ def test_simple_loss_is_the_mse_of_the_target():
         d = GaussianDiffusion(linear_betas(1000), mean_type=mean_type)
         out = d.training_losses(_constant_model(0.25), x0, t, "simple", noise=noise)
         assert torch.allclose(out["loss"], ((target - 0.25) ** 2).mean(dim=(1, 2, 3)), atol=1e-12)
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_min_snr_loss_is_the_x0_error_weighted_by_the_capped_snr(mean_type):
+    """Min-SNR-γ (Hang et al. 2023, eq. 7): the loss is min(SNR_t, γ) ‖x_0 − x̂_0‖², with x̂_0 the
+    x_0 the prediction implies, for every parameterisation; γ above every SNR leaves SNR_t ‖x_0 − x̂_0‖²."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(16, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(16, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.cat([torch.tensor([0, 1, 5, 999]), torch.randint(0, 1000, (12,), generator=g)])
+    acp = torch.cumprod(1 - linear_betas(1000), 0)[t]
+    snr = acp / (1 - acp)
+    d = GaussianDiffusion(linear_betas(1000), mean_type=mean_type)
+    x_t = acp.sqrt().reshape(-1, 1, 1, 1) * x0 + (1 - acp).sqrt().reshape(-1, 1, 1, 1) * noise
+    prediction = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    # x̂_0 from the prediction by the closed forms, not through the diffusion's own helpers.
+    a, s = acp.sqrt().reshape(-1, 1, 1, 1), (1 - acp).sqrt().reshape(-1, 1, 1, 1)
+    x0_hat = {"eps": (x_t - s * prediction) / a, "x0": prediction, "v": a * x_t - s * prediction}[mean_type]
+    x0_error = ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3))
+    for gamma, weight in ((5.0, snr.clamp(max=5.0)), (1e9, snr)):
+        out = d.training_losses(lambda x, tt: prediction, x0, t, "simple", noise=noise, snr_gamma=gamma)
+        assert torch.allclose(out["loss"].double(), weight * x0_error, rtol=1e-5)
+        unweighted = d.training_losses(lambda x, tt: prediction, x0, t, "simple", noise=noise)["loss"]
+        assert torch.allclose(out["mse"], unweighted)
+    with pytest.raises(UserError, match="γ must be positive"):
+        ddpm_losses.min_snr_weight(d, t, 0.0)
 
 
 def test_vlb_loss_at_t0_is_the_decoder_and_elsewhere_the_kl():
