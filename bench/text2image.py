@@ -178,16 +178,54 @@ def train_stage(args: argparse.Namespace, out: Path) -> dict:
 # ---------------------------------------------------------------------------- eval
 
 
+#: What ``score`` counts: both digits on the asked sides, each side alone, the two swapped, the pair in either order.
+SIDES = ("both", "left", "right", "swapped", "either order")
+
+
 @torch.no_grad()
-def score(space: FeatureSpace, images: torch.Tensor, left: int, right: int) -> tuple[float, np.ndarray]:
-    """The fraction of ``images`` [N, 1, 28, 56] whose halves the classifier reads as ``left``,
-    ``right``, and the halves' features."""
+def score(space: FeatureSpace, images: torch.Tensor, left: int, right: int) -> tuple[dict[str, float], np.ndarray]:
+    """The fractions of ``images`` [N, 1, 28, 56] whose halves the classifier reads as the asked
+    digits (:data:`SIDES`: ``both`` is the accuracy), and the halves' features."""
     x = (images.clamp(-1, 1) * 127.5 + 127.5).round() / 127.5 - 1  # 8 bits, as a PNG holds them
     halves = torch.cat([x[..., :28], x[..., 28:]])
     pred = torch.cat([space.classifier(halves[i:i + 500]).argmax(1) for i in range(0, len(halves), 500)])
     n = len(images)
-    right_both = (pred[:n] == left) & (pred[n:] == right)
-    return right_both.float().mean().item(), features(space.classifier, halves)
+    a, b = pred[:n], pred[n:]
+    both, swapped = (a == left) & (b == right), (a == right) & (b == left)
+    counts = {"both": both, "left": a == left, "right": b == right, "swapped": swapped, "either order": both | swapped}
+    return {k: v.float().mean().item() for k, v in counts.items()}, features(space.classifier, halves)
+
+
+@torch.no_grad()
+def text_probe(run: Path, pairs: Path, seed: int = 0) -> dict[str, float] | None:
+    """Linear probes of a trained text transformer: how well its pooled state (what the U-Net adds to
+    the time embedding) and its mean token state tell the left and the right digit. Fitted on the
+    test split's captions of seen pairs, scored on them and on the held-out pairs' captions: a
+    representation that composes "left"/"right" with the digits transfers to the held-out pairs
+    (chance 0.1). None for a model without its own text transformer."""
+    from sklearn.linear_model import LogisticRegression
+
+    encoder = getattr(load_model(run).model, "text_encoder", None)
+    if encoder is None or not getattr(encoder, "trainable", False):
+        return None
+    rows = captions(pairs / "test")
+    groups = {"seen": [r for r in rows if (r["left"], r["right"]) not in HELD_OUT][:4000],
+              "held_out": [r for r in rows if (r["left"], r["right"]) in HELD_OUT]}
+    states = {}
+    for name, group in groups.items():
+        tokens = encoder.tokenize([r["text"] for r in group])
+        embedding = encoder(tokens.input_ids, tokens.attention_mask)
+        mask = embedding.attention_mask.float()[..., None]
+        states[name] = {"pooled": embedding.pooled.float().numpy(),
+                        "mean token": ((embedding.hidden_states * mask).sum(1) / mask.sum(1)).float().numpy()}
+    out = {}
+    for kind in ("pooled", "mean token"):
+        for side in ("left", "right"):
+            fit = LogisticRegression(max_iter=2000, random_state=seed).fit(
+                states["seen"][kind], [r[side] for r in groups["seen"]])
+            for name, group in groups.items():
+                out[f"{kind}, {side}, {name}"] = float(fit.score(states[name][kind], [r[side] for r in group]))
+    return out
 
 
 def evaluate_model(args: argparse.Namespace, space: FeatureSpace, run: Path, asked: list[tuple], scales: list[float],
@@ -202,8 +240,9 @@ def evaluate_model(args: argparse.Namespace, space: FeatureSpace, run: Path, ask
             samples = generate(loaded.model, diffusion, args.samples, prompts=[text], seed=args.seed + k,
                                guidance_scale=None if w == 1 else w, conditioning=loaded.conditioning,
                                batch_size=args.batch_size, autoencoder=loaded.autoencoder, progress=False)
-            accuracy, f = score(space, samples.images, left, right)
-            rows.append({"prompt": text, "left": left, "right": right, "held_out": held_out, "accuracy": accuracy})
+            fractions, f = score(space, samples.images, left, right)
+            rows.append({"prompt": text, "left": left, "right": right, "held_out": held_out,
+                         "accuracy": fractions["both"], "sides": fractions})
             feats.append(f)
             if w == max(scales) and len(grid_rows) < 12 and k % 2 == 0:
                 grid_rows.append((samples.images[:8], f"{run.name}: {text}"))
@@ -212,6 +251,7 @@ def evaluate_model(args: argparse.Namespace, space: FeatureSpace, run: Path, ask
         results[f"{w:g}"] = {
             "seen_accuracy": float(np.mean(seen)), "held_out_accuracy": float(np.mean(held)) if held else None,
             "fd_halves": frechet_distance(np.concatenate(feats), space.test_features),
+            "sides": {k: float(np.mean([r["sides"][k] for r in rows])) for k in SIDES},
             "seconds": time.perf_counter() - start, "prompts": rows}
         common.say(f"{run.name} w={w:g}: seen {results[f'{w:g}']['seen_accuracy']:.3f}, held-out "
                    f"{results[f'{w:g}']['held_out_accuracy']}, FD {results[f'{w:g}']['fd_halves']:.2f}")
@@ -230,6 +270,11 @@ def eval_stage(args: argparse.Namespace, out: Path) -> dict:
             continue
         wanted = asked if name != "classes" else [(pair_token(l, r), l, r, h) for _, l, r, h in asked if not h]
         report["models"][name] = evaluate_model(args, space, out / name, wanted, scales, grid_rows)
+        if name != "classes":
+            probe = text_probe(out / name, args.pairs, args.seed)
+            if probe is not None:
+                report.setdefault("text_probe", {})[name] = probe
+                common.say(f"{name} text probe: " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     if args.grid and grid_rows:
         save_image(labelled_rows(grid_rows), Path(args.grid))
@@ -269,14 +314,20 @@ def append(args: argparse.Namespace, out: Path, report: dict) -> None:
         for w, r in results.items():
             held = "—" if r["held_out_accuracy"] is None else f"{r['held_out_accuracy']:.3f}"
             steps = budget.get(name, {}).get("summary", {}).get("step", "?")
-            rows.append([name, steps, w, f"{r['seen_accuracy']:.3f}", held, f"{r['fd_halves']:.2f}",
-                         f"{r['seconds'] / 60:.1f}"])
+            rows.append([name, steps, w, f"{r['seen_accuracy']:.3f}", held, f"{r['sides']['either order']:.3f}",
+                         f"{r['sides']['swapped']:.3f}", f"{r['fd_halves']:.2f}", f"{r['seconds'] / 60:.1f}"])
     facts = [f"budget: {budget.get('budget_min', '?')} CPU min per model, {budget.get('threads_each', '?')} thread "
              f"each; " + "; ".join(f"{k}: `{v['command']}`" for k, v in budget.items() if isinstance(v, dict)),
              f"{args.samples} samples per prompt, default sampler (dpm++2m-sde, 20 NFE); classifier test accuracy "
              f"{report['classifier_accuracy']:.4f}; FD floor {report['floor']:.2f}"]
     body = common.markdown_table(["model", "steps", "guidance", "seen: both right", "held-out: both right",
-                                  "FD of halves", "eval min"], rows)
+                                  "all 20: pair in either order", "all 20: swapped", "FD of halves", "eval min"], rows)
+    for name, probe in report.get("text_probe", {}).items():
+        body += (f"\n\nLinear probes of {name}'s text transformer (fitted on seen-pair test captions; chance 0.1):\n\n"
+                 + common.markdown_table(["state", "side", "seen captions", "held-out captions"],
+                                         [[kind, side, f"{probe[f'{kind}, {side}, seen']:.3f}",
+                                           f"{probe[f'{kind}, {side}, held_out']:.3f}"]
+                                          for kind in ("pooled", "mean token") for side in ("left", "right")]))
     common.append_entry("text-to-image on captioned MNIST pairs, equal CPU budget", "bench.text2image",
                         args.argv, facts, body)
 

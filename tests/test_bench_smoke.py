@@ -224,7 +224,10 @@ def test_text2image_bench_trains_the_three_models_and_scores_them(tmp_path, fake
                    "--guidance", "3", "--grid", str(tmp_path / "grid.png"), "--plot", str(tmp_path / "plot.png")])
     assert set(report["models"]) == {"pixel", "latent", "classes"}
     assert report["models"]["classes"]["3"]["held_out_accuracy"] is None  # no way to ask for a held-out pair
-    assert 0 <= report["models"]["pixel"]["3"]["seen_accuracy"] <= 1
+    pixel = report["models"]["pixel"]["3"]
+    assert 0 <= pixel["seen_accuracy"] <= 1 and pixel["sides"]["both"] <= pixel["sides"]["either order"]
+    assert set(report["text_probe"]) == {"pixel", "latent"}  # the classes model's tokens are not language
+    assert all(0 <= v <= 1 for v in report["text_probe"]["pixel"].values())
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "plot.png").is_file()
 
 
@@ -301,3 +304,30 @@ def test_cascade_bench_measures_trained_runs(tmp_path, fake_mnist, mnist_run, ji
     assert all(math.isfinite(results[k]) for k in ("pixel_fd", "cascade_fd", "bilinear_fd", "stage_on_real_fd"))
     assert set(results["levels"]) == {"0.1"} and results["speedup"]["median"] > 0
     assert (out / "samples_mnist_cascade.png").is_file() and (out / "eval.json").is_file()
+
+
+def test_text2image_score_counts_sides_against_hand_counts():
+    """Halves whose grey level names a digit: six images with known readings, counted by hand."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.text2image import score
+
+    class Reader(torch.nn.Module):  # reads a half's mean grey level v in [-1, 1] as digit round(4.5 (v + 1))
+        def forward(self, x):
+            return torch.nn.functional.one_hot((4.5 * (x.mean(dim=(1, 2, 3)) + 1)).round().long(), 10).float()
+
+        def features(self, x):
+            return x.mean(dim=(1, 2, 3))[:, None].repeat(1, 2)
+
+    def level(d):
+        return d / 4.5 - 1
+
+    read = [(3, 7), (3, 7), (7, 3), (3, 3), (1, 7), (2, 2)]  # asked: 3 left, 7 right
+    images = torch.stack([torch.cat([torch.full((1, 28, 28), level(a)), torch.full((1, 28, 28), level(b))], -1)
+                          for a, b in read])
+    fractions, feats = score(SimpleNamespace(classifier=Reader()), images, 3, 7)
+    assert fractions == pytest.approx({"both": 2 / 6, "left": 3 / 6, "right": 3 / 6, "swapped": 1 / 6,
+                                       "either order": 3 / 6})
+    assert feats.shape == (12, 2)

@@ -8,9 +8,9 @@ import torch
 from scipy import integrate
 from scipy.stats import norm
 
+import ddpm.losses as ddpm_losses
 from ddpm import GaussianDiffusion, linear_betas
 from ddpm.errors import UserError
-import ddpm.losses as ddpm_losses
 from ddpm.losses import HYBRID_LAMBDA, discretized_gaussian_log_likelihood, normal_kl
 from ddpm.timestep_sampling import LossAwareSampler, UniformSampler, make_timestep_sampler
 
