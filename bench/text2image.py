@@ -316,12 +316,13 @@ def append(args: argparse.Namespace, out: Path, report: dict) -> None:
             steps = budget.get(name, {}).get("summary", {}).get("step", "?")
             rows.append([name, steps, w, f"{r['seen_accuracy']:.3f}", held, f"{r['sides']['either order']:.3f}",
                          f"{r['sides']['swapped']:.3f}", f"{r['fd_halves']:.2f}", f"{r['seconds'] / 60:.1f}"])
-    facts = [f"budget: {budget.get('budget_min', '?')} CPU min per model, {budget.get('threads_each', '?')} thread "
+    facts = [f"budget: {budget.get('budget_min', '?')} CPU min per model, {budget.get('threads_each', '?')} thread(s) "
              f"each; " + "; ".join(f"{k}: `{v['command']}`" for k, v in budget.items() if isinstance(v, dict)),
              f"{args.samples} samples per prompt, default sampler (dpm++2m-sde, 20 NFE); classifier test accuracy "
              f"{report['classifier_accuracy']:.4f}; FD floor {report['floor']:.2f}"]
     body = common.markdown_table(["model", "steps", "guidance", "seen: both right", "held-out: both right",
-                                  "all 20: pair in either order", "all 20: swapped", "FD of halves", "eval min"], rows)
+                                  "every prompt: pair in either order", "every prompt: swapped", "FD of halves",
+                                  "eval min"], rows)
     for name, probe in report.get("text_probe", {}).items():
         body += (f"\n\nLinear probes of {name}'s text transformer (fitted on seen-pair test captions; chance 0.1):\n\n"
                  + common.markdown_table(["state", "side", "seen captions", "held-out captions"],
