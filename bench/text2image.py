@@ -44,7 +44,8 @@ from bench import common
 from bench.mnist_fd import FeatureSpace, features, frechet_distance
 from ddpm.generate import generate
 from ddpm.images import labelled_rows, save_image
-from ddpm.loading import load_model
+from ddpm.loading import LoadedModel, load_model
+from ddpm.text import masked_mean
 
 #: The pairs that never occur in the train split (the data set's README).
 HELD_OUT = ((0, 7), (1, 4), (2, 9), (3, 3), (4, 8), (5, 1), (6, 2), (7, 5), (8, 6), (9, 0))
@@ -197,7 +198,7 @@ def score(space: FeatureSpace, images: torch.Tensor, left: int, right: int) -> t
 
 
 @torch.no_grad()
-def text_probe(run: Path, pairs: Path, seed: int = 0) -> dict[str, float] | None:
+def text_probe(loaded: LoadedModel, pairs: Path, seed: int = 0) -> dict[str, float] | None:
     """Linear probes of a trained text transformer: how well its pooled state (what the U-Net adds to
     the time embedding) and its mean token state tell the left and the right digit. Fitted on the
     test split's captions of seen pairs, scored on them and on the held-out pairs' captions: a
@@ -205,7 +206,7 @@ def text_probe(run: Path, pairs: Path, seed: int = 0) -> dict[str, float] | None
     (chance 0.1). None for a model without its own text transformer."""
     from sklearn.linear_model import LogisticRegression
 
-    encoder = getattr(load_model(run).model, "text_encoder", None)
+    encoder = getattr(loaded.model, "text_encoder", None)
     if encoder is None or not getattr(encoder, "trainable", False):
         return None
     rows = captions(pairs / "test")
@@ -215,9 +216,8 @@ def text_probe(run: Path, pairs: Path, seed: int = 0) -> dict[str, float] | None
     for name, group in groups.items():
         tokens = encoder.tokenize([r["text"] for r in group])
         embedding = encoder(tokens.input_ids, tokens.attention_mask)
-        mask = embedding.attention_mask.float()[..., None]
         states[name] = {"pooled": embedding.pooled.float().numpy(),
-                        "mean token": ((embedding.hidden_states * mask).sum(1) / mask.sum(1)).float().numpy()}
+                        "mean token": masked_mean(embedding.hidden_states, embedding.attention_mask).float().numpy()}
     out = {}
     for kind in ("pooled", "mean token"):
         for side in ("left", "right"):
@@ -228,9 +228,8 @@ def text_probe(run: Path, pairs: Path, seed: int = 0) -> dict[str, float] | None
     return out
 
 
-def evaluate_model(args: argparse.Namespace, space: FeatureSpace, run: Path, asked: list[tuple], scales: list[float],
-                   grid_rows: list) -> dict:
-    loaded = load_model(run)
+def evaluate_model(args: argparse.Namespace, space: FeatureSpace, name: str, loaded: LoadedModel, asked: list[tuple],
+                   scales: list[float], grid_rows: list) -> dict:
     diffusion = loaded.diffusion.build()
     results = {}
     for w in scales:
@@ -245,7 +244,7 @@ def evaluate_model(args: argparse.Namespace, space: FeatureSpace, run: Path, ask
                          "accuracy": fractions["both"], "sides": fractions})
             feats.append(f)
             if w == max(scales) and len(grid_rows) < 12 and k % 2 == 0:
-                grid_rows.append((samples.images[:8], f"{run.name}: {text}"))
+                grid_rows.append((samples.images[:8], f"{name}: {text}"))
         seen = [r["accuracy"] for r in rows if not r["held_out"]]
         held = [r["accuracy"] for r in rows if r["held_out"]]
         results[f"{w:g}"] = {
@@ -253,7 +252,7 @@ def evaluate_model(args: argparse.Namespace, space: FeatureSpace, run: Path, ask
             "fd_halves": frechet_distance(np.concatenate(feats), space.test_features),
             "sides": {k: float(np.mean([r["sides"][k] for r in rows])) for k in SIDES},
             "seconds": time.perf_counter() - start, "prompts": rows}
-        common.say(f"{run.name} w={w:g}: seen {results[f'{w:g}']['seen_accuracy']:.3f}, held-out "
+        common.say(f"{name} w={w:g}: seen {results[f'{w:g}']['seen_accuracy']:.3f}, held-out "
                    f"{results[f'{w:g}']['held_out_accuracy']}, FD {results[f'{w:g}']['fd_halves']:.2f}")
     return results
 
@@ -269,9 +268,10 @@ def eval_stage(args: argparse.Namespace, out: Path) -> dict:
         if not (out / name).is_dir():
             continue
         wanted = asked if name != "classes" else [(pair_token(l, r), l, r, h) for _, l, r, h in asked if not h]
-        report["models"][name] = evaluate_model(args, space, out / name, wanted, scales, grid_rows)
+        loaded = load_model(out / name)
+        report["models"][name] = evaluate_model(args, space, name, loaded, wanted, scales, grid_rows)
         if name != "classes":
-            probe = text_probe(out / name, args.pairs, args.seed)
+            probe = text_probe(loaded, args.pairs, args.seed)
             if probe is not None:
                 report.setdefault("text_probe", {})[name] = probe
                 common.say(f"{name} text probe: " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))

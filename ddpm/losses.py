@@ -143,7 +143,7 @@ def training_losses(
     C = x0.shape[1]
     target = diffusion.training_target(x0, noise, t)
     terms = {"mse": mean_flat((target - output[:, :C]) ** 2)}
-    weighted = terms["mse"] * min_snr_weight(diffusion, t, snr_gamma) if snr_gamma > 0 else terms["mse"]
+    weighted = terms["mse"] * min_snr_weight(diffusion, t, snr_gamma, terms["mse"]) if snr_gamma > 0 else terms["mse"]
     if loss_type == "simple":
         terms["loss"] = weighted
         return terms
@@ -156,18 +156,18 @@ def training_losses(
     return terms
 
 
-def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor, gamma: float) -> Tensor:
-    """The weight [B] on the MSE of the model's own target that makes it min(SNR_t, γ) times the
-    MSE of the implied x_0 (Min-SNR-γ, Hang et al. 2023). x_0's error is the target's times
-    1 / SNR_t for ε and 1 / (SNR_t + 1) for v (and 1 for x_0 itself), hence
+def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor, gamma: float, like: Tensor) -> Tensor:
+    """The weight [B], on ``like``'s device, on the MSE of the model's own target that makes it
+    min(SNR_t, γ) times the MSE of the implied x_0 (Min-SNR-γ, Hang et al. 2023). x_0's error is
+    the target's times 1 / SNR_t for ε and 1 / (SNR_t + 1) for v (and 1 for x_0 itself), hence
     min(SNR, γ) / SNR, min(SNR, γ) / (SNR + 1) and min(SNR, γ)."""
     if gamma <= 0:
         raise UserError(f"the Min-SNR γ must be positive, got {gamma}")
-    alphas_cumprod = diffusion.alphas_cumprod[t.cpu()]  # float64, for SNR near t = 0
-    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    # ᾱ and 1 − ᾱ each from its own float64 buffer, so SNR stays accurate near t = 0 in float32.
+    snr = diffusion.coef("alphas_cumprod", t, like) / diffusion.coef("one_minus_alphas_cumprod", t, like)
     capped = snr.clamp(max=gamma)
     scale = {"eps": snr, "v": snr + 1.0, "x0": torch.ones_like(snr)}[diffusion.mean_type]
-    return (capped / scale).to(t.device, torch.float32)
+    return capped / scale
 
 
 def prior_bpd(diffusion: GaussianDiffusion, x0: Tensor) -> Tensor:

@@ -108,7 +108,7 @@ def test_min_snr_loss_is_the_x0_error_weighted_by_the_capped_snr(mean_type):
         unweighted = d.training_losses(lambda x, tt: prediction, x0, t, "simple", noise=noise)["loss"]
         assert torch.allclose(out["mse"], unweighted)
     with pytest.raises(UserError, match="γ must be positive"):
-        ddpm_losses.min_snr_weight(d, t, 0.0)
+        ddpm_losses.min_snr_weight(d, t, 0.0, x0)
 
 
 def test_vlb_loss_at_t0_is_the_decoder_and_elsewhere_the_kl():
