@@ -8,6 +8,7 @@ merges written here (one token per word), a T5 tokenizer.json built with the tok
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -430,6 +431,24 @@ def test_padding_changes_neither_the_real_tokens_nor_the_pooled_vector(model):
         assert torch.allclose(alone.pooled[0], out.pooled[i], atol=1e-5)
         assert torch.equal(out.pooled[i], out.hidden_states[i, n - 1])  # pooled at <end>
         assert not out.hidden_states[i, n:].any()  # the padding carries nothing
+
+
+def test_a_causal_transformers_states_depend_only_on_the_tokens_before_them(jitter):
+    # CLIP's mask: position i attends to positions <= i, so every prefix of a prompt, run alone, gives
+    # the prompt's first states; with GLIDE's full attention a later word changes the earlier states.
+    tokenizer = WordTokenizer.from_captions(CAPTIONS)
+    prompt = "a four on the left and a two on the right"
+    for causal in (True, False):
+        torch.manual_seed(0)
+        model = jitter(TextTransformer(dataclasses.replace(PRESETS["tiny"], causal=causal), tokenizer)).eval()
+        batch = model.tokenize([prompt])
+        n = int(batch.attention_mask.sum())
+        full = model(batch.input_ids[:, :n], batch.attention_mask[:, :n]).hidden_states[0]
+        for k in (1, 3, n - 1):
+            prefix = model(batch.input_ids[:, :k], batch.attention_mask[:, :k]).hidden_states[0]
+            assert torch.allclose(prefix, full[:k], atol=1e-5) == causal, (causal, k)
+    with pytest.raises(UserError, match=r"TextTransformerConfig.causal must be true or false"):
+        TextTransformerConfig(causal=1)
 
 
 def test_gradients_reach_every_parameter(model):
