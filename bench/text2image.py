@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,6 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ae-minutes", type=float, default=8.0, help="train: the autoencoder's share of the latent run")
     p.add_argument("--threads", type=int, default=1, help="train: CPU threads per run (pixel and latent side by side)")
     p.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(MODELS)} (default all)")
+    p.add_argument("--text-args", default="", help="train: more `ddpm train` options for the pixel and latent "
+                   "text models, e.g. \"--text.causal true\"")
     p.add_argument("--samples", type=int, default=100, help="eval: samples per prompt (default 100)")
     p.add_argument("--guidance", default="1,2,4,8", help="eval: guidance scales to sweep")
     p.add_argument("--batch-size", type=int, default=200, help="eval: images per sampling call")
@@ -142,7 +146,7 @@ def train_stage(args: argparse.Namespace, out: Path) -> dict:
     started: dict[str, tuple[subprocess.Popen, float, list[str]]] = {}
     if "pixel" in wanted:
         cmd = _command(args, "train", "--preset", "mnist-pairs", "--data", str(train), "--out", str(out / "pixel"),
-                       "--train.time_limit", budget)
+                       "--train.time_limit", budget, *shlex.split(args.text_args))
         started["pixel"] = (_run(cmd, out / "pixel.log", env), time.perf_counter(), cmd)
     if "latent" in wanted:
         start = time.perf_counter()
@@ -153,7 +157,8 @@ def train_stage(args: argparse.Namespace, out: Path) -> dict:
         if left <= 0:
             raise SystemExit(f"the autoencoder took all of the {args.budget:g} min budget: lower --ae-minutes")
         cmd = _command(args, "train", "--preset", "mnist-pairs-latent", "--data", str(train), "--autoencoder",
-                       str(out / "autoencoder"), "--out", str(out / "latent"), "--train.time_limit", f"{left:.3f}")
+                       str(out / "autoencoder"), "--out", str(out / "latent"), "--train.time_limit", f"{left:.3f}",
+                       *shlex.split(args.text_args))
         _wait(_run(cmd, out / "latent.log", env), out / "latent.log")
         runs["latent"] = {"command": " ".join(ae[1:]) + " && " + " ".join(cmd[1:]),
                           "seconds": time.perf_counter() - start}
@@ -181,6 +186,8 @@ def train_stage(args: argparse.Namespace, out: Path) -> dict:
 
 #: What ``score`` counts: both digits on the asked sides, each side alone, the two swapped, the pair in either order.
 SIDES = ("both", "left", "right", "swapped", "either order")
+#: What the text probe reads: the text transformer's states, and the word counts as the order-blind reference.
+PROBE_STATES = ("pooled", "mean token", "bag of words")
 
 
 @torch.no_grad()
@@ -203,7 +210,10 @@ def text_probe(loaded: LoadedModel, pairs: Path, seed: int = 0) -> dict[str, flo
     the time embedding) and its mean token state tell the left and the right digit. Fitted on the
     test split's captions of seen pairs, scored on them and on the held-out pairs' captions: a
     representation that composes "left"/"right" with the digits transfers to the held-out pairs
-    (chance 0.1). None for a model without its own text transformer."""
+    (chance 0.1). The same probe on the captions' word counts (``bag of words``) is the reference for
+    a state that ignores the order of the words: each held-out pair's mirror image is a seen pair,
+    so it reads held-out captions no better than chance. None for a model without its own text
+    transformer."""
     from sklearn.linear_model import LogisticRegression
 
     encoder = getattr(loaded.model, "text_encoder", None)
@@ -216,15 +226,68 @@ def text_probe(loaded: LoadedModel, pairs: Path, seed: int = 0) -> dict[str, flo
     for name, group in groups.items():
         tokens = encoder.tokenize([r["text"] for r in group])
         embedding = encoder(tokens.input_ids, tokens.attention_mask)
+        counts = np.zeros((len(group), len(encoder.tokenizer)), dtype=np.float32)
+        np.add.at(counts, (np.arange(len(group))[:, None].repeat(tokens.input_ids.shape[1], 1),
+                           tokens.input_ids.numpy()), tokens.attention_mask.float().numpy())
         states[name] = {"pooled": embedding.pooled.float().numpy(),
-                        "mean token": masked_mean(embedding.hidden_states, embedding.attention_mask).float().numpy()}
+                        "mean token": masked_mean(embedding.hidden_states, embedding.attention_mask).float().numpy(),
+                        "bag of words": counts}
     out = {}
-    for kind in ("pooled", "mean token"):
+    for kind in PROBE_STATES:
         for side in ("left", "right"):
             fit = LogisticRegression(max_iter=2000, random_state=seed).fit(
                 states["seen"][kind], [r[side] for r in groups["seen"]])
             for name, group in groups.items():
                 out[f"{kind}, {side}, {name}"] = float(fit.score(states[name][kind], [r[side] for r in group]))
+    return out
+
+
+_DIGIT_WORD = re.compile(r"\b(zero|one|two|three|four|five|six|seven|eight|nine|\d)\b")
+
+
+def swap_digits(text: str) -> str:
+    """``text`` with its two digit words exchanged, the phrasing kept: the caption of the mirrored pair."""
+    found = list(_DIGIT_WORD.finditer(text))
+    if len(found) != 2:
+        raise ValueError(f"expected two digit words in {text!r}")
+    a, b = found
+    return text[:a.start()] + b.group() + text[a.end():b.start()] + a.group() + text[b.end():]
+
+
+@torch.no_grad()
+def loss_probe(loaded: LoadedModel, pairs: Path, count: int = 256, seed: int = 0) -> dict[str, list[float]] | None:
+    """What the words are worth in the training loss: on ``count`` test images of two different digits,
+    at fixed noise, the mean increase of the ε-MSE when the caption is replaced by its digit-swapped
+    twin (``swap``: the model uses the order of the words) or by the empty caption (``empty``: it uses
+    the caption at all), with the standard error, for t in [50, 250), [250, 500) and [500, 750). None
+    for a model without its own text transformer."""
+    from PIL import Image
+
+    from ddpm.latent import encode_images
+
+    model = loaded.model
+    encoder = getattr(model, "text_encoder", None)
+    if encoder is None or not getattr(encoder, "trainable", False):
+        return None
+    diffusion = loaded.diffusion.build()
+    rows = [r for r in captions(pairs / "test") if r["left"] != r["right"]][:count]
+    x0 = torch.stack([torch.from_numpy(np.array(Image.open(pairs / "test" / r["file_name"]).convert("L")))[None]
+                      for r in rows]).float() / 127.5 - 1
+    if loaded.autoencoder is not None:
+        x0 = encode_images(loaded.autoencoder, x0)
+    texts = {"true": [r["text"] for r in rows], "swap": [swap_digits(r["text"]) for r in rows], "empty": [""] * len(rows)}
+    tokens = {k: encoder.tokenize(v) for k, v in texts.items()}
+    out = {}
+    for lo, hi in ((50, 250), (250, 500), (500, 750)):
+        g = torch.Generator().manual_seed(seed + lo)
+        t = torch.randint(lo, hi, (len(rows),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        x_t = diffusion.q_sample(x0, t, eps)
+        mse = {k: (model(x_t, t, b.input_ids, b.attention_mask).float() - eps).square().flatten(1).mean(1)
+               for k, b in tokens.items()}
+        for k in ("swap", "empty"):
+            d = mse[k] - mse["true"]
+            out[f"{k}, t in [{lo}, {hi})"] = [d.mean().item(), (d.std() / len(d) ** 0.5).item()]
     return out
 
 
@@ -275,6 +338,10 @@ def eval_stage(args: argparse.Namespace, out: Path) -> dict:
             if probe is not None:
                 report.setdefault("text_probe", {})[name] = probe
                 common.say(f"{name} text probe: " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
+            costs = loss_probe(loaded, args.pairs, seed=args.seed)
+            if costs is not None:
+                report.setdefault("loss_probe", {})[name] = costs
+                common.say(f"{name} loss probe: " + ", ".join(f"{k} {m:+.5f} ± {se:.5f}" for k, (m, se) in costs.items()))
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     if args.grid and grid_rows:
         save_image(labelled_rows(grid_rows), Path(args.grid))
@@ -324,11 +391,19 @@ def append(args: argparse.Namespace, out: Path, report: dict) -> None:
                                   "every prompt: pair in either order", "every prompt: swapped", "FD of halves",
                                   "eval min"], rows)
     for name, probe in report.get("text_probe", {}).items():
-        body += (f"\n\nLinear probes of {name}'s text transformer (fitted on seen-pair test captions; chance 0.1):\n\n"
+        body += (f"\n\nLinear probes of {name}'s text transformer (fitted on seen-pair test captions; chance 0.1; "
+                 f"'bag of words' is the captions' word counts, the order-blind reference):\n\n"
                  + common.markdown_table(["state", "side", "seen captions", "held-out captions"],
                                          [[kind, side, f"{probe[f'{kind}, {side}, seen']:.3f}",
                                            f"{probe[f'{kind}, {side}, held_out']:.3f}"]
-                                          for kind in ("pooled", "mean token") for side in ("left", "right")]))
+                                          for kind in PROBE_STATES for side in ("left", "right")
+                                          if f"{kind}, {side}, seen" in probe]))
+    for name, costs in report.get("loss_probe", {}).items():
+        body += (f"\n\nWhat the words are worth in {name}'s ε-MSE on 256 test images (caption replaced minus true, "
+                 f"± standard error):\n\n" + common.markdown_table(
+                     ["caption", *[k.split(", ", 1)[1] for k in costs if k.startswith("swap")]],
+                     [[kind, *[f"{m:+.5f} ± {se:.5f}" for k, (m, se) in costs.items() if k.startswith(kind)]]
+                      for kind in ("swap", "empty")]))
     common.append_entry("text-to-image on captioned MNIST pairs, equal CPU budget", "bench.text2image",
                         args.argv, facts, body)
 

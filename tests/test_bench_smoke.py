@@ -228,6 +228,8 @@ def test_text2image_bench_trains_the_three_models_and_scores_them(tmp_path, fake
     assert 0 <= pixel["seen_accuracy"] <= 1 and pixel["sides"]["both"] <= pixel["sides"]["either order"]
     assert set(report["text_probe"]) == {"pixel", "latent"}  # the classes model's tokens are not language
     assert all(0 <= v <= 1 for v in report["text_probe"]["pixel"].values())
+    assert set(report["loss_probe"]) == {"pixel", "latent"}
+    assert all(se >= 0 for _, se in report["loss_probe"]["latent"].values())
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "plot.png").is_file()
 
 
@@ -331,3 +333,14 @@ def test_text2image_score_counts_sides_against_hand_counts():
     assert fractions == pytest.approx({"both": 2 / 6, "left": 3 / 6, "right": 3 / 6, "swapped": 1 / 6,
                                        "either order": 3 / 6})
     assert feats.shape == (12, 2)
+
+
+def test_text2image_swaps_the_two_digit_words_of_every_phrasing():
+    from bench.text2image import swap_digits
+
+    assert swap_digits("a four on the left and a two on the right") == "a two on the left and a four on the right"
+    assert swap_digits("handwritten 0 next to a 9") == "handwritten 9 next to a 0"
+    assert swap_digits("a one to the right of a 7") == "a 7 to the right of a one"  # not "someone", "tone"
+    assert swap_digits("the digits three four") == "the digits four three"
+    with pytest.raises(ValueError, match="two digit words"):
+        swap_digits("seven")
