@@ -204,6 +204,12 @@ def score(space: FeatureSpace, images: torch.Tensor, left: int, right: int) -> t
     return {k: v.float().mean().item() for k, v in counts.items()}, features(space.classifier, halves)
 
 
+def own_text_encoder(loaded: LoadedModel) -> torch.nn.Module | None:
+    """The text transformer a model was trained with, or None (a frozen encoder or no text)."""
+    encoder = getattr(loaded.model, "text_encoder", None)
+    return encoder if getattr(encoder, "trainable", False) else None
+
+
 @torch.no_grad()
 def text_probe(loaded: LoadedModel, pairs: Path, seed: int = 0) -> dict[str, float] | None:
     """Linear probes of a trained text transformer: how well its pooled state (what the U-Net adds to
@@ -216,8 +222,8 @@ def text_probe(loaded: LoadedModel, pairs: Path, seed: int = 0) -> dict[str, flo
     transformer."""
     from sklearn.linear_model import LogisticRegression
 
-    encoder = getattr(loaded.model, "text_encoder", None)
-    if encoder is None or not getattr(encoder, "trainable", False):
+    encoder = own_text_encoder(loaded)
+    if encoder is None:
         return None
     rows = captions(pairs / "test")
     groups = {"seen": [r for r in rows if (r["left"], r["right"]) not in HELD_OUT][:4000],
@@ -226,12 +232,11 @@ def text_probe(loaded: LoadedModel, pairs: Path, seed: int = 0) -> dict[str, flo
     for name, group in groups.items():
         tokens = encoder.tokenize([r["text"] for r in group])
         embedding = encoder(tokens.input_ids, tokens.attention_mask)
-        counts = np.zeros((len(group), len(encoder.tokenizer)), dtype=np.float32)
-        np.add.at(counts, (np.arange(len(group))[:, None].repeat(tokens.input_ids.shape[1], 1),
-                           tokens.input_ids.numpy()), tokens.attention_mask.float().numpy())
+        counts = torch.zeros(len(group), len(encoder.tokenizer)).scatter_add_(
+            1, tokens.input_ids, tokens.attention_mask.float())
         states[name] = {"pooled": embedding.pooled.float().numpy(),
                         "mean token": masked_mean(embedding.hidden_states, embedding.attention_mask).float().numpy(),
-                        "bag of words": counts}
+                        "bag of words": counts.numpy()}
     out = {}
     for kind in PROBE_STATES:
         for side in ("left", "right"):
@@ -265,9 +270,8 @@ def loss_probe(loaded: LoadedModel, pairs: Path, count: int = 256, seed: int = 0
 
     from ddpm.latent import encode_images
 
-    model = loaded.model
-    encoder = getattr(model, "text_encoder", None)
-    if encoder is None or not getattr(encoder, "trainable", False):
+    model, encoder = loaded.model, own_text_encoder(loaded)
+    if encoder is None:
         return None
     diffusion = loaded.diffusion.build()
     rows = [r for r in captions(pairs / "test") if r["left"] != r["right"]][:count]
@@ -275,7 +279,8 @@ def loss_probe(loaded: LoadedModel, pairs: Path, count: int = 256, seed: int = 0
                       for r in rows]).float() / 127.5 - 1
     if loaded.autoencoder is not None:
         x0 = encode_images(loaded.autoencoder, x0)
-    texts = {"true": [r["text"] for r in rows], "swap": [swap_digits(r["text"]) for r in rows], "empty": [""] * len(rows)}
+    texts = {"true": [r["text"] for r in rows], "swap": [swap_digits(r["text"]) for r in rows],
+             "empty": [""] * len(rows)}
     tokens = {k: encoder.tokenize(v) for k, v in texts.items()}
     out = {}
     for lo, hi in ((50, 250), (250, 500), (500, 750)):
@@ -341,7 +346,8 @@ def eval_stage(args: argparse.Namespace, out: Path) -> dict:
             costs = loss_probe(loaded, args.pairs, seed=args.seed)
             if costs is not None:
                 report.setdefault("loss_probe", {})[name] = costs
-                common.say(f"{name} loss probe: " + ", ".join(f"{k} {m:+.5f} ± {se:.5f}" for k, (m, se) in costs.items()))
+                common.say(f"{name} loss probe: "
+                           + ", ".join(f"{k} {m:+.5f} ± {se:.5f}" for k, (m, se) in costs.items()))
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     if args.grid and grid_rows:
         save_image(labelled_rows(grid_rows), Path(args.grid))

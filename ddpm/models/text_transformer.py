@@ -113,24 +113,21 @@ TextTransformerConfig.PRESETS = PRESETS
 
 
 class MultiheadAttention(nn.Module):
-    """Self-attention over the real tokens: ``[B, L, width]`` and a key mask ``[B, L]`` -> ``[B, L, width]``."""
+    """Self-attention: ``[B, L, width]`` and a boolean mask of what each position may attend to
+    (``[B, 1, 1, L]`` or ``[B, 1, L, L]``, True = attend) -> ``[B, L, width]``."""
 
-    def __init__(self, width: int, heads: int, causal: bool = False) -> None:
+    def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.causal = causal
         self.c_qkv = nn.Linear(width, 3 * width)
         self.c_proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
         b, length, width = x.shape
         # GLIDE's layout: the fused output is, per head, that head's query, key and value.
         qkv = self.c_qkv(x).view(b, length, self.heads, 3 * width // self.heads).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)  # [B, heads, L, width / heads] each
-        # softmax(q k^T / sqrt(d)) v with the padding's keys left out (mask: True = attend).
-        attend = mask[:, None, None, :]
-        if self.causal:
-            attend = attend & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        # softmax(q k^T / sqrt(d)) v over the keys ``attend`` allows.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
         return self.c_proj(y.transpose(1, 2).reshape(b, length, width))
 
@@ -150,28 +147,28 @@ class MLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """``x + attn(ln_1(x))``, then ``+ mlp(ln_2(x))``: a pre-LayerNorm transformer block."""
 
-    def __init__(self, width: int, heads: int, causal: bool = False) -> None:
+    def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = MultiheadAttention(width, heads, causal)
+        self.attn = MultiheadAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attend)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
     """``layers`` :class:`ResidualAttentionBlock` in a row (GLIDE's ``transformer.resblocks``)."""
 
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False) -> None:
+    def __init__(self, width: int, layers: int, heads: int) -> None:
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, causal) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
         for block in self.resblocks:
-            x = block(x, mask)
+            x = block(x, attend)
         return x
 
 
@@ -197,7 +194,7 @@ class TextTransformer(SavedModel, TextEncoder):
         width = config.width
         self.token_embedding = nn.Embedding(len(tokenizer), width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
-        self.transformer = Transformer(width, config.layers, config.heads, config.causal)
+        self.transformer = Transformer(width, config.layers, config.heads)
         self.final_ln = nn.LayerNorm(width)
         self.reset_parameters()
 
@@ -240,8 +237,12 @@ class TextTransformer(SavedModel, TextEncoder):
         if input_ids.shape[1] > self.context_length:
             raise ValueError(f"{input_ids.shape[1]} tokens, more than the context of {self.context_length}")
         mask = attention_mask.bool()
-        x = self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
-        x = self.final_ln(self.transformer(x, mask)) * mask[..., None]
+        length = input_ids.shape[1]
+        attend = mask[:, None, None, :]  # the padding's keys are left out
+        if self.config.causal:  # and, with CLIP's mask, the keys after each query
+            attend = attend & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+        x = self.token_embedding(input_ids) + self.positional_embedding[:length]
+        x = self.final_ln(self.transformer(x, attend)) * mask[..., None]
         # The last real token: cumsum stops growing there, and argmax takes the first maximum.
         last = mask.long().cumsum(dim=1).argmax(dim=1)
         pooled = x[torch.arange(x.shape[0], device=x.device), last]
